@@ -1,0 +1,27 @@
+"""Shared fixtures: one tiny Qwen2.5-Omni checkpoint per test session, written by make-tiny."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # invariant 5: no network at test time
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from omnistream.checkpoints import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-omni"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """The tiny checkpoint loaded through the same path as Qwen/Qwen2.5-Omni-7B."""
+    from omnistream.checkpoints import load_omni
+
+    return load_omni(tiny_dir)
