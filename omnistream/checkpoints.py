@@ -199,7 +199,7 @@ def load_omni(
         vision = VisionPreprocessing.from_json(json.loads(Path(prep_file).read_text()))
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+    except Exception as e:  # safetensors, tokenizers and hub errors have no common base
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
     model.to(device).eval()
     if talker:
@@ -343,7 +343,7 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
         ),
         bigvgan_config=dict(
             mel_dim=80,
-            upsample_initial_channel=32,
+            upsample_initial_channel=128,  # 2 channels after 6 stride-2+ stages
             resblock_kernel_sizes=[3, 7, 11],
             resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
             upsample_rates=[5, 3, 2, 2, 2, 2],

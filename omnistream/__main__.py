@@ -1,0 +1,3 @@
+from omnistream.cli import main
+
+raise SystemExit(main())

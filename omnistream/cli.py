@@ -1,0 +1,130 @@
+"""The one command-line entry point: `omnistream <subcommand> --help` documents each one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_TINY = Path(".cache/tiny-omni")
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _cmd_make_tiny(args) -> int:
+    from omnistream.checkpoints import make_tiny
+
+    out = Path(args.dir)
+    if args.if_missing and (out / "config.json").exists():
+        print(f"{out} already holds a checkpoint; leaving it")
+        return 0
+    make_tiny(out, seed=args.seed, hidden=args.hidden, layers=args.layers)
+    print(f"wrote a tiny Qwen2.5-Omni checkpoint to {out} (load it with --model {out})")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from omnistream.chat import run_chat
+
+    return run_chat(args)
+
+
+def _cmd_demo(args) -> int:
+    """Everything `make demo` shows, on the embedded tiny checkpoint: no downloads."""
+    from omnistream.checkpoints import make_tiny
+    from omnistream.encoders.media import write_video
+    from omnistream.encoders.vision import synthetic_frames
+
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        print(f"writing the tiny checkpoint to {model} ...")
+        make_tiny(model)
+    video = Path(".cache/demo-video.mp4")
+    if not video.exists():
+        frames = (f for f, _ in synthetic_frames(105, 112, 140, fps=30, seed=0))  # 3.5 s
+        write_video(video, frames, fps=30)
+    chat_args = build_parser().parse_args(
+        ["chat", "--model", str(model), "--audio", str(ASSETS / "hello.flac"), "--video", str(video),
+         "--text", "Describe what you see and hear.", "--max-new-tokens", str(args.max_new_tokens)]
+    )
+    return _cmd_chat(chat_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="omnistream",
+        description="Streaming multimodal agent runtime: audio/video in, text (and speech) out.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    m = sub.add_parser(
+        "make-tiny",
+        help="write a tiny random Qwen2.5-Omni checkpoint in the real Hugging Face format",
+        description="Write config.json, model.safetensors, tokenizer, processor configs and spk_dict.pt "
+        "with seeded random weights; it loads through the same path as Qwen/Qwen2.5-Omni-7B.",
+    )
+    m.add_argument("dir", help="output directory")
+    m.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    m.add_argument("--hidden", type=int, default=64, help="hidden size of every part (default 64)")
+    m.add_argument("--layers", type=int, default=2, help="layers per transformer (default 2)")
+    m.add_argument("--if-missing", action="store_true", help="do nothing if DIR already holds a checkpoint")
+    m.set_defaults(func=_cmd_make_tiny)
+
+    c = sub.add_parser(
+        "chat",
+        help="stream audio/video/text into the Thinker and stream the reply",
+        description="Encode the inputs block by block as they would arrive live (2-s audio blocks, "
+        "2-frame video patches, TMRoPE positions), prefill them into the Thinker while 'the user is "
+        "still talking', then stream the text reply. Prints time-to-first-token and timings.",
+    )
+    c.add_argument("--model", default=str(DEFAULT_TINY), help="checkpoint directory or hub id "
+                   f"(default {DEFAULT_TINY}; write it with `omnistream make-tiny`)")
+    c.add_argument("--audio", help="speech input: any file PyAV decodes (wav, flac, mp3, ...)")
+    c.add_argument("--video", help="video input: a file or stream URL PyAV opens (mp4, rtsp://, ...)")
+    c.add_argument("--text", help="text typed by the user, after the audio/video")
+    c.add_argument("--system", default=None, help="system prompt (default: the Qwen2.5-Omni one)")
+    c.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit (default 64)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--realtime", action="store_true",
+                   help="pace the inputs at real time, as a live microphone/camera would deliver them")
+    c.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    c.set_defaults(func=_cmd_chat)
+
+    d = sub.add_parser(
+        "demo",
+        help="the `make demo` job: a speech clip and a generated video through the encoders into the Thinker",
+        description="Writes the tiny checkpoint and a short generated video if missing, then runs `chat` "
+        "with the bundled espeak-ng speech clip.",
+    )
+    d.add_argument("--model", default=str(DEFAULT_TINY), help=f"checkpoint (default {DEFAULT_TINY})")
+    d.add_argument("--max-new-tokens", type=int, default=24, help="reply length limit (default 24)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # user-facing errors: one line that says what to do
+        from omnistream.checkpoints import CheckpointError
+        from omnistream.encoders.media import MediaError
+
+        if isinstance(e, (CheckpointError, MediaError, ValueError)) and not args.verbose:
+            print(f"omnistream: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
