@@ -48,6 +48,7 @@ def _cmd_demo(args) -> int:
         ["chat", "--model", str(model), "--audio", str(ASSETS / "hello.flac"), "--video", str(video),
          "--text", "Describe what you see and hear.", "--max-new-tokens", str(args.max_new_tokens)]
     )
+    print("(the tiny checkpoint has random weights: expect noise for a reply, and real timings)")
     return _cmd_chat(chat_args)
 
 
