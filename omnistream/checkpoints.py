@@ -402,6 +402,7 @@ def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, la
     torch.manual_seed(seed)
     model = Qwen2_5OmniForConditionalGeneration(config).eval()
     _reinit(model, seed)
+    _only_valid_codes(model)
     model.generation_config = GenerationConfig(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
@@ -439,6 +440,22 @@ def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, la
     torch.save(spk, out / "spk_dict.pt")
     log.info("wrote tiny Qwen2.5-Omni checkpoint to %s", out)
     return out
+
+
+def _only_valid_codes(model) -> None:
+    """Make the random Talker emit only codes Token2Wav can decode (or a codec end token).
+
+    The real Talker's vocabulary (8448) holds 8192 speech codes and special tokens; a trained
+    codec head never predicts the specials mid-reply, a random one would, and the DiT cannot embed
+    them. Zero logits for those rows (the random rows of real codes reach far above zero).
+    """
+    cfg = model.config.talker_config
+    num_codes = model.config.token2wav_config.dit_config.num_embeds - 1  # 8192
+    keep = {cfg.tts_codec_end_token_id, cfg.tts_codec_pad_token_id}  # the Talker's eos ids
+    with torch.no_grad():
+        for row in range(num_codes, cfg.vocab_size):
+            if row not in keep:
+                model.talker.codec_head.weight[row].zero_()
 
 
 def _reinit(model: torch.nn.Module, seed: int) -> None:
