@@ -75,3 +75,18 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int = 30) -
 def _chain(first, rest):
     yield first
     yield from rest
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, rate: int = 24000) -> Path:
+    """Write mono float32 PCM in [-1, 1] as a 16-bit WAV (what players and `sox` read)."""
+    import wave
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((x * 32767.0).round().astype("<i2").tobytes())
+    return path

@@ -5,15 +5,33 @@
 (:mod:`omnistream.encoders.tmrope`). Encoded features take the place of the placeholder tokens'
 embeddings, exactly as the model's ``masked_scatter`` does for an offline forward. ``generate``
 decodes token by token (a generator), and ``truncate`` rolls the cache and positions back.
+
+For the Talker, ``record=True`` keeps, per appended token, its layer-0 input embedding (zeros at
+audio/image/video feature slots, as ``Qwen2_5OmniForConditionalGeneration.generate`` zeroes them)
+and its last hidden state (after the final norm: what ``output_hidden_states`` returns as its last
+entry). Both come out of the forward that runs anyway; with recording off (the default) nothing is
+kept. ``decode`` yields :class:`ThinkerStep` (token, embedding, hidden state) for a live Talker.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from omnistream.encoders.tmrope import AUDIO, IMAGE, VIDEO, Piece, TMRoPE
+
+
+@dataclass
+class ThinkerStep:
+    """One decoded text token with what the Talker reads of it: its input embedding and its
+    final-norm hidden state (both (D,), in the Thinker's dtype)."""
+
+    token: int
+    embed: torch.Tensor
+    hidden: torch.Tensor
 
 
 class StreamingThinker:
@@ -21,7 +39,7 @@ class StreamingThinker:
 
     KEEP_HIDDEN = 256  # cut points (ends of recent appends) whose logits truncate() can restore
 
-    def __init__(self, thinker, rope: TMRoPE | None = None, tokenizer=None):
+    def __init__(self, thinker, rope: TMRoPE | None = None, tokenizer=None, *, record: bool = False):
         from transformers import DynamicCache
 
         self.thinker = thinker
@@ -29,6 +47,7 @@ class StreamingThinker:
         self.embed = thinker.get_input_embeddings()
         self.rope = rope if rope is not None else TMRoPE.from_config(thinker.config, tokenizer)
         self._cache_cls = DynamicCache
+        self.record = record  # keep per-token (embed, hidden) for a Talker; see records()
         self.reset()
 
     def reset(self) -> None:
@@ -36,9 +55,13 @@ class StreamingThinker:
         self.cache = self._cache_cls(config=self.lm.config)
         self.rope.reset()
         self.last_hidden: torch.Tensor | None = None  # (D,) final-norm hidden state of the last token
+        self.last_embed: torch.Tensor | None = None  # (D,) layer-0 input of the last token
         self.last_logits: torch.Tensor | None = None  # (V,)
         self._hidden_at: dict[int, torch.Tensor] = {}  # token count -> last hidden (recent forwards)
         self._feats: dict[str, list[torch.Tensor]] = {}
+        # recorded chunks: starts[i] is the token index of chunk i's first row
+        self._rec_starts: list[int] = []
+        self._rec: list[tuple[torch.Tensor, torch.Tensor]] = []  # (embeds (n, D), hidden (n, D))
 
     @property
     def n_tokens(self) -> int:
@@ -54,16 +77,27 @@ class StreamingThinker:
 
     # ------------------------------------------------------------------ the forward
     @torch.inference_mode()
-    def _forward(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> None:
+    def _forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, feat_mask=None) -> None:
+        """``feat_mask`` (n,) bool marks feature rows, recorded as zero embeddings."""
         if embeds.shape[0] == 0:
             return
+        embeds = embeds.to(self.device, self.dtype)
+        start = self.n_tokens
         out = self.lm(
-            inputs_embeds=embeds[None].to(self.device, self.dtype),
+            inputs_embeds=embeds[None],
             position_ids=position_ids.to(self.device)[:, None, :],
             cache=self.cache,
             use_cache=True,
         )
-        self.last_hidden = out.last_hidden_state[0, -1]
+        hidden = out.last_hidden_state[0]
+        if self.record:
+            if self._rec and self._rec_end() != start:  # recording was off for a while: not contiguous
+                self._rec_starts, self._rec = [], []
+            rec_e = embeds if feat_mask is None else embeds.masked_fill(feat_mask.to(self.device)[:, None], 0)
+            self._rec_starts.append(start)
+            self._rec.append((rec_e, hidden))
+        self.last_embed = embeds[-1]
+        self.last_hidden = hidden[-1]
         self.last_logits = self.thinker.lm_head(self.last_hidden)
         self._hidden_at[self.n_tokens] = self.last_hidden
         if len(self._hidden_at) > self.KEEP_HIDDEN:
@@ -81,14 +115,17 @@ class StreamingThinker:
         """Embed the pieces (token ids or the open segment's features) and forward them at once."""
         if not pieces:
             return
-        parts = []
+        parts, is_feat = [], []
         for p in pieces:
             if p.kind in (AUDIO, IMAGE, VIDEO):
                 feats = self._stream(p.kind)
                 parts.append(feats[p.src : p.src + len(p.ids)].to(self.device, self.dtype))
             else:
                 parts.append(self.embed(torch.tensor(p.ids, device=self.device)))
-        self._forward(torch.cat(parts), torch.cat([p.pos for p in pieces], dim=1))
+            if self.record:
+                is_feat += [p.kind in (AUDIO, IMAGE, VIDEO)] * len(p.ids)
+        mask = torch.tensor(is_feat) if any(is_feat) else None
+        self._forward(torch.cat(parts), torch.cat([p.pos for p in pieces], dim=1), mask)
 
     def _stream(self, kind: str) -> torch.Tensor:
         chunks = self._feats.get(kind, [])
@@ -159,6 +196,48 @@ class StreamingThinker:
             self.append_video_patch(embeds[k * per : (k + 1) * per], grid_thw[1:])
         self.end_segment()
 
+    # ------------------------------------------------------------------ Talker records
+    @property
+    def records_start(self) -> int:
+        """First token index whose record is still held (``n_tokens`` when none are)."""
+        return self._rec_starts[0] if self._rec_starts else self.n_tokens
+
+    def records(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recorded (embeds (n, D), hidden (n, D)) of tokens ``start:end`` (``record=True`` only)."""
+        end = self.n_tokens if end is None else end
+        if not 0 <= start <= end <= self.n_tokens:
+            raise ValueError(f"records {start}:{end} outside 0:{self.n_tokens}")
+        if start == end:
+            z = torch.empty(0, self.embed.embedding_dim, device=self.device, dtype=self.dtype)
+            return z, z
+        if start < self.records_start or self._rec_end() < end:
+            raise RuntimeError(
+                f"tokens {start}:{end} were not recorded (records hold {self.records_start}:{self._rec_end()}); "
+                "construct the StreamingThinker with record=True before appending"
+            )
+        i = bisect.bisect_right(self._rec_starts, start) - 1
+        es, hs = [], []
+        while i < len(self._rec) and self._rec_starts[i] < end:
+            s0, (e, h) = self._rec_starts[i], self._rec[i]
+            a, b = max(start - s0, 0), min(end - s0, e.shape[0])
+            es.append(e[a:b])
+            hs.append(h[a:b])
+            i += 1
+        return torch.cat(es), torch.cat(hs)
+
+    def release_records(self, upto: int) -> None:
+        """Free the records of tokens before ``upto`` (a Talker that consumed them calls this)."""
+        while self._rec and self._rec_starts[0] + self._rec[0][0].shape[0] <= upto:
+            del self._rec_starts[0], self._rec[0]
+        if self._rec and self._rec_starts[0] < upto:
+            k = upto - self._rec_starts[0]
+            e, h = self._rec[0]
+            self._rec[0] = (e[k:], h[k:])
+            self._rec_starts[0] = upto
+
+    def _rec_end(self) -> int:
+        return self._rec_starts[-1] + self._rec[-1][0].shape[0] if self._rec else self.n_tokens
+
     # ------------------------------------------------------------------ decoding
     def next_token_logits(self) -> torch.Tensor:
         """Logits (V,) for the token after everything appended so far."""
@@ -177,15 +256,53 @@ class StreamingThinker:
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` token ids; each is appended to the cache before it is
         yielded (so the cache always holds every yielded token). Stops after a ``stop_ids`` token."""
+        steps = self.decode(
+            max_new_tokens, stop_ids, do_sample=temperature > 0, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed,
+        )
+        for step in steps:
+            yield step.token
+
+    def decode(
+        self,
+        max_new_tokens: int | None = None,
+        stop_ids: Sequence[int] | None = None,
+        *,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[ThinkerStep]:
+        """Like :meth:`generate`, yielding :class:`ThinkerStep` (token, input embedding, hidden
+        state) for a Talker. Unset arguments come from the checkpoint's ``generation_config``
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``max_new_tokens``;
+        1024 new tokens, as ``Qwen2_5OmniForConditionalGeneration.generate``, when it has none).
+        A repetition penalty in the generation config is not applied.
+        """
+        gc = self.thinker.generation_config
+        if max_new_tokens is None:
+            max_new_tokens = gc.max_new_tokens or 1024
+        if stop_ids is None:
+            eos = gc.eos_token_id
+            stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if do_sample is None:
+            do_sample = bool(gc.do_sample)
+        if do_sample:
+            temperature = temperature if temperature is not None else (gc.temperature or 1.0)
+            top_k = top_k if top_k is not None else gc.top_k
+            top_p = top_p if top_p is not None else gc.top_p
+        else:
+            temperature = 0.0
         gen = None
         if temperature > 0:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed if seed is not None else torch.seed())
+            gen.manual_seed(seed) if seed is not None else gen.seed()  # global RNG untouched
         stop = {int(s) for s in stop_ids}
         for _ in range(max_new_tokens):
             tok = sample(self.next_token_logits(), temperature, top_k, top_p, gen)
             self.append_text([tok])
-            yield tok
+            yield ThinkerStep(tok, self.last_embed, self.last_hidden)
             if tok in stop:
                 return
 
@@ -205,9 +322,19 @@ class StreamingThinker:
         elif removed:
             self.cache.crop(-removed)  # transformers 5: a negative count of tokens to drop
         self._feats = {}
+        self._truncate_records(n_tokens)
         self._hidden_at = {k: v for k, v in self._hidden_at.items() if k <= n_tokens}
         self.last_hidden = self._hidden_at.get(n_tokens)
+        self.last_embed = None
         self.last_logits = None if self.last_hidden is None else self.thinker.lm_head(self.last_hidden)
+
+    def _truncate_records(self, n_tokens: int) -> None:
+        while self._rec and self._rec_starts[-1] >= n_tokens:
+            del self._rec_starts[-1], self._rec[-1]
+        if self._rec:
+            e, h = self._rec[-1]
+            k = n_tokens - self._rec_starts[-1]
+            self._rec[-1] = (e[:k], h[:k])
 
 
 def sample(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> int:
