@@ -1,0 +1,271 @@
+"""Sink + sliding-window decode attention: Triton kernel vs torch baselines, as one JSON object.
+
+    python benchmarks/kernels.py --json                       # CUDA if present, else CPU reference
+    python benchmarks/kernels.py --json --peak-bw 3.35e12     # e.g. H100 SXM peak bandwidth
+    python benchmarks/kernels.py --json --contexts 2048,8192  # subset
+
+On CUDA, per context length N (cache slots = S sinks + W window), one decode step of one layer
+(default Qwen2.5-Omni-7B Thinker: 28 q heads, 4 kv heads, D = 128, bf16) is timed for
+
+* ``triton``: ``window_decode_attention`` (M-RoPE applied in-kernel to the un-rotated cache);
+* ``sdpa_rope``: torch: rotate the whole cache at its slot positions, then SDPA (what a torch
+  implementation of this cache layout has to do every step);
+* ``sdpa_prerotated``: SDPA alone on an already-rotated cache (lower bound for a rotated cache);
+* ``flex``: FlexAttention over a linear rotated history of length 2N with a sink + window block
+  mask (the "keep everything, mask it" alternative), compiled.
+
+Bandwidth counts the bytes each method must move at minimum: the un-rotated K and V of the valid
+slots plus slot_pos/valid metadata for triton, K and V for the SDPA/flex variants (the rotation
+pass of ``sdpa_rope`` additionally reads and writes K: counted in its own ``bytes``).
+``frac_peak`` = achieved bytes/s divided by ``--peak-bw`` (default 4.8e12 B/s, H200 HBM3e).
+On CPU only the torch reference (and SDPA) run, at small sizes, so the script is exercised.
+Any failing method is recorded under ``errors`` instead of aborting the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omnistream.kernels import (  # noqa: E402
+    apply_rope,
+    mrope_cos_sin,
+    resolve_backend,
+    triton_available,
+    window_decode_attention,
+    window_decode_attention_ref,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bench_cuda(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds per call (CUDA events; L2 is not flushed: caches >> L2 at long N)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def bench_cpu(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def make_inputs(B, Hq, Hkv, N, D, S, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    W = N - S
+    q = torch.randn(B, Hq, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
+    # a wrapped ring: sinks at 0..S-1, window slots hold positions S..S+W-1 in rotated order
+    shift = W // 3
+    win = (torch.arange(W) + shift) % W + S
+    pos1 = torch.cat([torch.arange(S), win]).to(torch.int32)
+    slot_pos = pos1.view(1, 1, N).expand(B, 3, N).contiguous().to(device)
+    q_pos = torch.full((B, 3), S + W, dtype=torch.int32, device=device)
+    valid = torch.ones(B, N, dtype=torch.bool, device=device)
+    return q, q_pos, k, v, slot_pos, valid
+
+
+def rec(ms: float, nbytes: int, peak: float, **extra) -> dict:
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {"ms": round(ms, 5), "bytes": int(nbytes), "gbps": round(gbps, 2),
+            "frac_peak": round(gbps * 1e9 / peak, 4), **extra}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object (default: also JSON, indented)")
+    ap.add_argument("--peak-bw", type=float, default=4.8e12, help="peak memory bandwidth in B/s (H200: 4.8e12)")
+    ap.add_argument("--contexts", default=None, help="comma-separated cache sizes N (default 2k..128k on CUDA)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=28)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--mrope-section", default="16,24,24")
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compile time)")
+    ap.add_argument("--num-splits", type=int, default=None, help="force the Triton split-K factor")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = DTYPES[args.dtype] if cuda else torch.float32
+    B, Hq, Hkv, D, S = args.batch, args.heads, args.kv_heads, args.head_dim, args.sinks
+    section = [int(x) for x in args.mrope_section.split(",")]
+    if sum(section) != D // 2:
+        section = [D // 8, 3 * D // 16, D // 2 - D // 8 - 3 * D // 16]
+    if args.contexts:
+        contexts = [int(x) for x in args.contexts.split(",")]
+    else:
+        contexts = [2048 << i for i in range(7)] if cuda else [256, 1024]
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    reps = args.reps if args.reps is not None else (50 if cuda else 3)
+    bench = bench_cuda if cuda else bench_cpu
+    inv_freq = (1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))).to(device)
+    esz = torch.empty((), dtype=dtype).element_size()
+    G = Hq // Hkv
+
+    out: dict = {
+        "benchmark": "window_decode_attention",
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "triton_available": triton_available(),
+        "kernel_backend": resolve_backend(device) if not os.environ.get("OMNISTREAM_KERNELS") else os.environ["OMNISTREAM_KERNELS"],
+        "config": {"batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": D, "mrope_section": section,
+                   "sinks": S, "dtype": str(dtype).replace("torch.", ""), "peak_bw": args.peak_bw,
+                   "warmup": warmup, "reps": reps},
+        "results": [],
+        "errors": [],
+    }
+    if triton_available():
+        try:
+            import triton
+            out["triton"] = triton.__version__
+        except Exception:
+            pass
+
+    flex = None
+    if cuda and not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = (torch.compile(flex_attention, dynamic=False), create_block_mask)
+        except Exception as e:  # noqa: BLE001
+            out["errors"].append({"method": "flex", "ctx": None, "error": repr(e)})
+
+    for N in contexts:
+        row: dict = {"ctx": N}
+        try:
+            q, q_pos, k, v, slot_pos, valid = make_inputs(B, Hq, Hkv, N, D, S, dtype, device)
+        except Exception as e:  # noqa: BLE001 (e.g. OOM)
+            out["errors"].append({"method": "inputs", "ctx": N, "error": repr(e)})
+            continue
+        kv_bytes = 2 * B * Hkv * N * D * esz
+        meta_bytes = B * N * (3 * 4 + 1) + 2 * B * Hq * D * esz
+        ref = None
+        try:
+            ref = window_decode_attention_ref(q, q_pos, k, v, slot_pos, valid, inv_freq, section).float()
+        except Exception as e:  # noqa: BLE001
+            out["errors"].append({"method": "reference", "ctx": N, "error": repr(e)})
+
+        def diff(o):
+            return None if ref is None else float((o.float() - ref).abs().max())
+
+        methods = {}
+        if cuda and triton_available():
+            methods["triton"] = (
+                lambda: window_decode_attention(q, q_pos, k, v, slot_pos, valid, inv_freq, section,
+                                                backend="triton", num_splits=args.num_splits),
+                kv_bytes + meta_bytes,
+            )
+        elif not cuda:
+            methods["reference"] = (
+                lambda: window_decode_attention_ref(q, q_pos, k, v, slot_pos, valid, inv_freq, section),
+                kv_bytes + meta_bytes,
+            )
+
+        cos_q, sin_q = mrope_cos_sin(q_pos[:, :, None], inv_freq, section)
+
+        def sdpa_rope():
+            cos, sin = mrope_cos_sin(slot_pos, inv_freq, section)
+            kr = apply_rope(k, cos[:, None], sin[:, None])
+            qr = apply_rope(q[:, :, None], cos_q[:, None], sin_q[:, None])
+            o = F.scaled_dot_product_attention(qr, kr, v, attn_mask=valid[:, None, None, :], enable_gqa=True)
+            return o[:, :, 0]
+
+        methods["sdpa_rope"] = (sdpa_rope, kv_bytes + 2 * B * Hkv * N * D * esz + meta_bytes)
+
+        try:
+            cos, sin = mrope_cos_sin(slot_pos, inv_freq, section)
+            k_rot = apply_rope(k, cos[:, None], sin[:, None])
+            q_rot = apply_rope(q[:, :, None], cos_q[:, None], sin_q[:, None])
+            del cos, sin
+            methods["sdpa_prerotated"] = (
+                lambda: F.scaled_dot_product_attention(q_rot, k_rot, v, enable_gqa=True)[:, :, 0],
+                kv_bytes + 2 * B * Hq * D * esz,
+            )
+        except Exception as e:  # noqa: BLE001
+            out["errors"].append({"method": "sdpa_prerotated", "ctx": N, "error": repr(e)})
+
+        if flex is not None:
+            try:
+                flex_fn, create_block_mask = flex
+                L = 2 * N  # linear history; sink + window mask keeps S + W = N of it
+                Wn = N - S
+                g = torch.Generator(device="cpu").manual_seed(1)
+                k_lin = torch.randn(B, Hkv, L, D, generator=g).to(device, dtype)
+                v_lin = torch.randn(B, Hkv, L, D, generator=g).to(device, dtype)
+                qf = q_rot.contiguous()
+                qpos_lin = L - 1
+
+                def sink_window(b, h, q_idx, kv_idx):
+                    return (kv_idx < S) | ((kv_idx > qpos_lin - Wn) & (kv_idx <= qpos_lin))
+
+                bm = create_block_mask(sink_window, B=None, H=None, Q_LEN=1, KV_LEN=L, device=device)
+                methods["flex"] = (
+                    lambda: flex_fn(qf, k_lin, v_lin, block_mask=bm, enable_gqa=True)[:, :, 0],
+                    kv_bytes + 2 * B * Hq * D * esz,
+                )
+            except Exception as e:  # noqa: BLE001
+                out["errors"].append({"method": "flex", "ctx": N, "error": repr(e)[:500]})
+
+        for name, (fn, nbytes) in methods.items():
+            try:
+                o = fn()
+                extra = {}
+                if name in ("triton", "reference", "sdpa_rope"):
+                    extra["max_abs_diff_vs_ref"] = diff(o)
+                ms = bench(fn, warmup, reps)
+                row[name] = rec(ms, nbytes, args.peak_bw, **extra)
+            except Exception as e:  # noqa: BLE001
+                out["errors"].append({"method": name, "ctx": N, "error": repr(e)[:500],
+                                      "where": traceback.format_exc(limit=2)[-500:]})
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+        if "triton" in row:
+            for base in ("sdpa_rope", "sdpa_prerotated", "flex"):
+                if base in row:
+                    row[f"speedup_vs_{base}"] = round(row[base]["ms"] / row["triton"]["ms"], 3)
+        out["results"].append(row)
+        del q, q_pos, k, v, slot_pos, valid, methods
+        if cuda:
+            torch.cuda.empty_cache()
+
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
