@@ -13,7 +13,9 @@ the audio tokens (:mod:`omnistream.encoders.tmrope` holds tokens back until thei
 from __future__ import annotations
 
 import heapq
+import math
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +24,10 @@ import numpy as np
 
 from omnistream.encoders.audio import AudioStream
 from omnistream.encoders.vision import VideoStream, iter_video_frames
+from omnistream.talker.talker import StreamingTalker, TalkerConfig
 from omnistream.talker.thinker import StreamingThinker
+from omnistream.talker.token2wav import DEFAULT as TOKEN2WAV_DEFAULT
+from omnistream.talker.token2wav import SAMPLE_RATE, StreamingConfig, StreamingToken2Wav
 
 SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -43,31 +48,73 @@ class TurnStats:
     prefill_s: float = 0.0  # Thinker forwards over encoded chunks and prompt text
     end_of_input_s: float = 0.0  # end of turn -> the prompt fully prefilled
     ttft_s: float = 0.0  # end of turn -> first reply token
-    decode_s: float = 0.0
+    first_audio_s: float = 0.0  # end of turn -> first PCM chunk of the reply
+    decode_s: float = 0.0  # end of turn -> reply complete (text and speech)
     reply_tokens: int = 0
-    extra: dict = field(default_factory=dict)
+    codec_tokens: int = 0
+    audio_out_s: float = 0.0  # seconds of speech produced
+    cancelled: bool = False
+    code_times: list = field(default_factory=list)  # perf_counter() when each codec token was ready
+
+    @property
+    def rtf(self) -> float:
+        """Reply compute time per second of speech produced (< 1: faster than real time)."""
+        return self.decode_s / self.audio_out_s if self.audio_out_s else math.nan
+
+
+@dataclass
+class ReplyEvent:
+    """One piece of a streamed reply: a text delta or a 24 kHz float32 PCM chunk."""
+
+    kind: str  # "text" | "audio"
+    text: str = ""
+    pcm: np.ndarray | None = None
 
 
 class OmniChat:
-    """A multi-turn conversation over a loaded :class:`~omnistream.checkpoints.OmniCheckpoint`."""
+    """A multi-turn conversation over a loaded :class:`~omnistream.checkpoints.OmniCheckpoint`.
 
-    def __init__(self, ck, system_prompt: str | None = SYSTEM_PROMPT, fps: float = 2.0):
+    With ``voice`` set (a name from the checkpoint's speaker dictionary) replies are spoken too:
+    the Talker's KV cache follows the Thinker's as the user turn streams in (so at the end of the
+    turn only the last rows are left), the Talker runs one step behind the reply text, and
+    Token2Wav turns codec tokens into PCM chunk by chunk (``token2wav`` sets the chunking).
+    Without a voice the Talker and Token2Wav are never touched (text-only mode).
+    """
+
+    def __init__(self, ck, system_prompt: str | None = SYSTEM_PROMPT, fps: float = 2.0, *,
+                 voice: str | None = None, talker_config: TalkerConfig | None = None,
+                 token2wav: StreamingConfig = TOKEN2WAV_DEFAULT):
         self.ck = ck
         self.tok = ck.tokenizer
         self.fps = fps
-        self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer)
+        self.voice = voice
+        self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=voice is not None)
+        self.talker = StreamingTalker.from_checkpoint(ck, voice, talker_config) if voice else None
+        self.token2wav_config = token2wav
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
         self.stop_ids = {self.im_end, self.tok.convert_tokens_to_ids("<|endoftext|>")}
         self._audio: AudioStream | None = None
         self._video: VideoStream | None = None
+        self._cancel = threading.Event()
+        self._t2w: StreamingToken2Wav | None = None
+        self._last_reply: tuple[int, int] | None = None  # (reply start, reply text tokens)
         self.stats = TurnStats()
+        self.reply_codes: list[int] = []  # codec tokens of the last reply
+        self.reply_ids: list[int] = []  # text tokens of the last reply (stop token excluded)
+        self._turn_end = time.perf_counter()
         if system_prompt:
             self._text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
 
     def _text(self, s: str) -> None:
         t = time.perf_counter()
         self.thinker.append_text(self.tok(s, add_special_tokens=False).input_ids)
+        self._sync()
         self.stats.prefill_s += time.perf_counter() - t
+
+    def _sync(self) -> None:
+        """Feed what the Thinker just prefilled to the Talker's cache (speech mode only)."""
+        if self.talker is not None and not self.talker.started:
+            self.talker.sync(self.thinker)
 
     # ------------------------------------------------------------------ a user turn
     def begin_turn(self, *, audio: bool, video: bool) -> None:
@@ -105,6 +152,7 @@ class OmniChat:
         t = time.perf_counter()
         for b in blocks:
             self.thinker.append_audio_block(b.embeds)
+        self._sync()
         self.stats.audio_blocks += len(blocks)
         self.stats.prefill_s += time.perf_counter() - t
 
@@ -112,6 +160,7 @@ class OmniChat:
         t = time.perf_counter()
         for p in patches:
             self.thinker.append_video_patch(p.embeds, p.grid_thw)
+        self._sync()
         self.stats.video_patches += len(patches)
         self.stats.prefill_s += time.perf_counter() - t
 
@@ -131,32 +180,121 @@ class OmniChat:
         if self._audio is not None or self._video is not None:
             t = time.perf_counter()
             self.thinker.end_segment()
+            self._sync()
             self.stats.prefill_s += time.perf_counter() - t
         self._text(f"{text or ''}<|im_end|>\n<|im_start|>assistant\n")
         self.stats.end_of_input_s = time.perf_counter() - t0
         self._turn_end = t0
         self._audio = self._video = None
 
-    def reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
-        """Stream the assistant's text as it is generated (deltas that are valid UTF-8)."""
+    def say(self, text: str) -> None:
+        """A typed user turn (no media)."""
+        self.begin_turn(audio=False, video=False)
+        self.end_turn(text)
+
+    def reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+              speak: bool | None = None) -> Iterator[ReplyEvent]:
+        """Stream the assistant's reply: text deltas (valid UTF-8) and, when speaking, PCM chunks.
+
+        ``cancel()`` (from any thread) stops it within one Token2Wav chunk; afterwards
+        :meth:`truncate_to_played` keeps only what the user heard.
+        """
+        speak = self.talker is not None if speak is None else speak
+        if speak and self.talker is None:
+            raise ValueError("this chat has no voice: construct OmniChat(..., voice='Chelsie') to speak")
+        self._cancel.clear()
+        s, t0 = self.stats, time.perf_counter()
+        reply_start = self.thinker.n_tokens
         ids: list[int] = []
         shown = ""
-        t = time.perf_counter()
-        for tok in self.thinker.generate(max_new_tokens, self.stop_ids, temperature=temperature, seed=seed):
-            if not ids:
-                self.stats.ttft_s = time.perf_counter() - self._turn_end
-            if tok in self.stop_ids:
+        self.reply_codes = []
+        if speak:
+            v = self.ck.voices[self.voice]
+            self._t2w = StreamingToken2Wav.from_config(
+                self.ck.token2wav, v["cond"], v["ref_mel"], self.token2wav_config, seed=seed
+            )
+        ended = False
+        steps = self.thinker.decode(max_new_tokens, self.stop_ids, do_sample=temperature > 0,
+                                    temperature=temperature, seed=seed)
+        for step in steps:
+            if not ids and not ended:
+                s.ttft_s = time.perf_counter() - self._turn_end
+            if step.token in self.stop_ids:
+                ended = True
+            else:
+                ids.append(step.token)
+                text = self.tok.decode(ids, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(shown):
+                    yield ReplyEvent("text", text=text[len(shown):])
+                    shown = text
+            if speak:
+                yield from self._speak(self.talker.push(step))
+            if self._cancel.is_set():
                 break
-            ids.append(tok)
-            text = self.tok.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
-        else:
-            self._text("<|im_end|>")  # hit the length limit: close the turn ourselves
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if len(text) > len(shown):  # flush what was held back as a partial UTF-8 sequence
+            yield ReplyEvent("text", text=text[len(shown):])
+        if speak:
+            if not self._cancel.is_set():
+                for code in self.talker.finish():
+                    yield from self._speak([code])
+                    if self._cancel.is_set():
+                        break
+            if not self._cancel.is_set():
+                yield from self._audio_events(self._t2w.finish())
+            self.talker.end_turn()
+        s.cancelled = self._cancel.is_set()
+        if not ended:  # length limit or cancel: close the turn ourselves
+            self._text("<|im_end|>")
         self._text("\n")
-        self.stats.reply_tokens = len(ids)
-        self.stats.decode_s = time.perf_counter() - t
+        self._last_reply = (reply_start, len(ids))
+        self.reply_ids = ids
+        s.reply_tokens = len(ids)
+        s.codec_tokens = len(self.reply_codes)
+        s.decode_s = time.perf_counter() - t0
+
+    def _speak(self, codes: list[int]) -> Iterator[ReplyEvent]:
+        if not codes or self._cancel.is_set():
+            return
+        self.reply_codes.extend(codes)
+        self.stats.code_times.extend([time.perf_counter()] * len(codes))
+        yield from self._audio_events(self._t2w.push(codes))
+
+    def _audio_events(self, chunks) -> Iterator[ReplyEvent]:
+        for pcm in chunks:
+            if not self.stats.first_audio_s:
+                self.stats.first_audio_s = time.perf_counter() - self._turn_end
+            self.stats.audio_out_s += len(pcm) / SAMPLE_RATE
+            yield ReplyEvent("audio", pcm=pcm)
+
+    def cancel(self) -> None:
+        """Barge-in: stop the running reply (thread-safe); Token2Wav aborts its current chunk."""
+        self._cancel.set()
+        if self._t2w is not None:
+            self._t2w.cancel()
+        if self.talker is not None:
+            self.talker.cancel()
+
+    def truncate_to_played(self, played_samples: int) -> int:
+        """Keep only the part of the last reply the user heard (``played_samples`` of 24 kHz PCM).
+
+        The Talker generates codec token k from reply text token k (one code = 2 mel frames =
+        480 samples), so the user heard about ``ceil(played / 480)`` text tokens. The Thinker's
+        context is cut there and the turn closed, so the next turn sees only what was played.
+        Returns the number of reply tokens kept.
+        """
+        if self._last_reply is None:
+            raise RuntimeError("no reply to truncate")
+        start, n_text = self._last_reply
+        samples_per_code = 480 if self._t2w is None else self._t2w.hop * self._t2w.repeats
+        kept = min(n_text, math.ceil(max(0, played_samples) / samples_per_code))
+        self.thinker.truncate(start + kept)
+        if self.talker is not None and self.talker.n_prompt > start + kept:
+            self.talker.truncate_prompt(start + kept)
+        self._text("<|im_end|>\n")
+        self._last_reply = (start, kept)
+        self.reply_ids = self.reply_ids[:kept]
+        return kept
 
 
 def media_events(audio: tuple[np.ndarray, int] | None, video_source: str | None, piece_s: float = 0.04):
@@ -190,10 +328,16 @@ def run_chat(args) -> int:
 
     if not (args.audio or args.video or args.text):
         raise ValueError("give at least one input: --audio FILE, --video FILE or --text '...'")
+    speak = bool(args.out or args.voice)
     t = time.perf_counter()
-    ck = load_omni(args.model, talker=False, device=args.device)
+    ck = load_omni(args.model, talker=speak, device=args.device)
     print(f"loaded {args.model} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-    chat = OmniChat(ck, system_prompt=args.system or SYSTEM_PROMPT)
+    voice = args.voice or "Chelsie"
+    if speak and voice not in ck.voices:
+        raise ValueError(f"unknown voice {voice!r}; available voices: {', '.join(sorted(ck.voices))}")
+    talker_config = TalkerConfig(max_new_tokens=int(args.max_speech_s * SAMPLE_RATE / 480), seed=args.seed)
+    chat = OmniChat(ck, system_prompt=args.system or SYSTEM_PROMPT, voice=voice if speak else None,
+                    talker_config=talker_config)
     audio = read_audio(args.audio) if args.audio else None
     chat.begin_turn(audio=audio is not None, video=args.video is not None)
     start = time.perf_counter()
@@ -206,16 +350,28 @@ def run_chat(args) -> int:
             chat.push_frame(data, t_s)
     chat.end_turn(args.text)
     print("assistant: ", end="", flush=True)
-    for delta in chat.reply(args.max_new_tokens, args.temperature):
-        print(delta, end="", flush=True)
+    pcm = []
+    for ev in chat.reply(args.max_new_tokens, args.temperature, seed=args.seed):
+        if ev.kind == "text":
+            print(ev.text, end="", flush=True)
+        else:
+            pcm.append(ev.pcm)
     print()
     s = chat.stats
+    if speak:
+        from omnistream.encoders.media import write_wav
+
+        out = args.out or "reply.wav"
+        write_wav(out, np.concatenate(pcm) if pcm else np.zeros(0, np.float32), SAMPLE_RATE)
+        print(f"wrote {s.audio_out_s:.2f}s of speech ({s.codec_tokens} codec tokens) to {out}: "
+              f"time to first audio {s.first_audio_s * 1000:.0f} ms, real-time factor {s.rtf:.3f}",
+              file=sys.stderr)
     media_s = max(s.audio_s, s.video_s)
     print(
         f"\n{s.audio_s:.2f}s audio in {s.audio_blocks} blocks, {s.video_frames} frames in {s.video_patches} "
         f"video patches; encode {s.encode_s:.3f}s, prefill {s.prefill_s:.3f}s while streaming\n"
         f"end of input -> prompt ready {s.end_of_input_s * 1000:.0f} ms, time to first token "
-        f"{s.ttft_s * 1000:.0f} ms, {s.reply_tokens} tokens in {s.decode_s:.2f}s"
+        f"{s.ttft_s * 1000:.0f} ms, reply ({s.reply_tokens} tokens{', speech' if speak else ''}) in {s.decode_s:.2f}s"
         + (f", streaming real-time factor {(s.encode_s + s.prefill_s) / media_s:.3f}" if media_s else ""),
         file=sys.stderr,
     )

@@ -46,7 +46,8 @@ def _cmd_demo(args) -> int:
         write_video(video, frames, fps=30)
     chat_args = build_parser().parse_args(
         ["chat", "--model", str(model), "--audio", str(ASSETS / "hello.flac"), "--video", str(video),
-         "--text", "Describe what you see and hear.", "--max-new-tokens", str(args.max_new_tokens)]
+         "--text", "Describe what you see and hear.", "--max-new-tokens", str(args.max_new_tokens),
+         "--out", str(args.out), "--max-speech-s", "8"]
     )
     print("(the tiny checkpoint has random weights: expect noise for a reply, and real timings)")
     return _cmd_chat(chat_args)
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt (default: the Qwen2.5-Omni one)")
     c.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit (default 64)")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--voice", help="speak the reply in this voice (from the checkpoint's spk_dict.pt, "
+                   "e.g. Chelsie or Ethan); implied by --out")
+    c.add_argument("--out", help="write the spoken reply to this WAV file (24 kHz); without --out/--voice "
+                   "the reply is text only and the Talker is not loaded")
+    c.add_argument("--max-speech-s", type=float, default=30.0, help="speech length limit in seconds (default 30)")
+    c.add_argument("--seed", type=int, default=0, help="seed for sampling and the Token2Wav noise (default 0)")
     c.add_argument("--realtime", action="store_true",
                    help="pace the inputs at real time, as a live microphone/camera would deliver them")
     c.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -101,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--model", default=str(DEFAULT_TINY), help=f"checkpoint (default {DEFAULT_TINY})")
     d.add_argument("--max-new-tokens", type=int, default=24, help="reply length limit (default 24)")
+    d.add_argument("--out", default=".cache/demo-reply.wav", help="where the spoken reply goes")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -1,0 +1,81 @@
+"""A whole conversation in process: streamed turn in, text + speech out, barge-in and truncation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from omnistream.chat import OmniChat
+from omnistream.talker.talker import TalkerConfig
+from omnistream.talker.token2wav import StreamingConfig
+
+GREEDY = TalkerConfig(do_sample=False, max_new_tokens=120)
+SMALL = StreamingConfig(chunk_codes=12, left_codes=12, right_codes=6, vocoder_context_frames=8)
+
+
+def collect(events):
+    text, pcm, order = "", [], []
+    for ev in events:
+        order.append(ev.kind)
+        if ev.kind == "text":
+            text += ev.text
+        else:
+            pcm.append(ev.pcm)
+    return text, (np.concatenate(pcm) if pcm else np.zeros(0, np.float32)), order
+
+
+def test_text_only_chat_never_builds_the_talker(tiny):
+    chat = OmniChat(tiny)
+    assert chat.talker is None and not chat.thinker.record
+    chat.say("hello there")
+    text, pcm, order = collect(chat.reply(max_new_tokens=6))
+    assert set(order) <= {"text"} and pcm.size == 0
+    assert text == tiny.tokenizer.decode(chat.reply_ids, skip_special_tokens=True)
+
+
+def test_spoken_reply_streams_text_and_pcm(tiny):
+    chat = OmniChat(tiny, voice="Chelsie", talker_config=GREEDY, token2wav=SMALL)
+    chat.say("tell me a story")
+    text, pcm, order = collect(chat.reply(max_new_tokens=10, seed=0))
+    s = chat.stats
+    assert text == tiny.tokenizer.decode(chat.reply_ids, skip_special_tokens=True)
+    assert s.codec_tokens == len(chat.reply_codes) > 0
+    # every codec token became exactly 2 mel frames of 240 samples of speech
+    assert pcm.shape == (480 * s.codec_tokens,) and np.isfinite(pcm).all() and np.abs(pcm).max() <= 1
+    assert 0 < s.ttft_s <= s.first_audio_s <= s.decode_s
+    assert order.count("audio") > 1  # chunk by chunk, not one blob at the end
+    # the first chunk came out as soon as its codes and look-ahead existed
+    assert chat._t2w.first_packet["codes"] == SMALL.first_packet_codes
+
+
+def test_cancel_stops_within_one_chunk_and_truncation_keeps_what_was_heard(tiny):
+    chat = OmniChat(tiny, voice="Chelsie", talker_config=GREEDY, token2wav=SMALL)
+    chat.say("talk for a while")
+    played, after_cancel = 0, 0
+    for ev in chat.reply(max_new_tokens=40, seed=0):
+        if ev.kind == "audio":
+            if chat._cancel.is_set():
+                after_cancel += 1
+            else:
+                played += len(ev.pcm)
+                chat.cancel()  # the user talks over the first chunk
+    assert chat.stats.cancelled and after_cancel == 0
+    n_reply = chat.stats.reply_tokens
+    full = list(chat.reply_ids)
+    kept = chat.truncate_to_played(played)
+    assert kept == min(n_reply, math.ceil(played / 480)) and chat.reply_ids == full[:kept]
+
+    # Oracle: a fresh conversation in which the assistant said exactly the kept tokens.
+    ref = OmniChat(tiny)
+    ref.say("talk for a while")
+    ref.thinker.append_text(full[:kept])
+    ref._text("<|im_end|>\n")
+    for c in (chat, ref):
+        c.say("and then?")
+    assert chat.thinker.n_tokens == ref.thinker.n_tokens
+    torch.testing.assert_close(chat.thinker.next_token_logits(), ref.thinker.next_token_logits(), atol=1e-5, rtol=0)
+    # and the Talker follows: the next spoken reply works
+    text, pcm, _ = collect(chat.reply(max_new_tokens=4, seed=1))
+    assert pcm.size == 480 * chat.stats.codec_tokens > 0
