@@ -141,7 +141,8 @@ def test_cancel_stops_output_within_one_chunk(tiny):
             st.cancel()
             evals_at_cancel.append(st.dit_evals)
 
-    h = t2w.code2wav_dit_model.register_forward_pre_hook(cancel_midway, with_kwargs=True)
+    # proj_out runs once per DiT evaluation
+    h = t2w.code2wav_dit_model.proj_out.register_forward_pre_hook(cancel_midway, with_kwargs=True)
     try:
         out = st.push(codes[12:])
     finally:

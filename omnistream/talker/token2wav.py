@@ -192,6 +192,7 @@ class StreamingToken2Wav:
             self.noise = SeededNoise(seed, generator=generator, repeats=self.repeats, mel_dim=self.mel_dim,
                                      dtype=self.ref_mel.dtype)
         self.return_numpy = return_numpy
+        self._spk: torch.Tensor | None = None  # cached speaker-encoder output, see _speaker_features
         self.codes: list[int] = []
         self._next_chunk = 0  # first code not yet covered by a DiT chunk
         self._mel_parts: list[torch.Tensor] = []  # each (1, 80, frames)
@@ -304,30 +305,37 @@ class StreamingToken2Wav:
 
     @torch.no_grad()
     def _sample(self, code: torch.Tensor, initial_state: torch.Tensor) -> torch.Tensor:
-        """``Qwen2_5OmniToken2WavDiTModel.sample`` with the initial noise passed in (same ops, same order)."""
-        dit, n_frames = self.dit, initial_state.shape[1]
-        cond = self.cond.unsqueeze(1).repeat(1, n_frames, 1)  # (1, W, 192)
-        ref_mel, g = self.ref_mel, self.guidance_scale
+        """``Qwen2_5OmniToken2WavDiTModel.sample`` with the initial noise passed in (same ops, same
+        order), its per-window constants computed once instead of at each of the ODE's evaluations."""
+        window = _DiTWindow(self.dit, code, self.cond, self._speaker_features(), initial_state.shape[1])
+        g = self.guidance_scale
 
         def ode_function(time_step, hidden_states):
             if self._cancel.is_set():
                 raise _Cancelled
             self.dit_evals += 1
-            self.dit_frame_evals += n_frames
-            if g < 1e-5:
-                return dit(hidden_states=hidden_states, speaker_embedding=cond, condition_vector=ref_mel,
-                           quantized_code=code, time_step=time_step, drop_audio_conditioning=False,
-                           drop_code=False, apply_cfg=False)
-            out = dit(hidden_states=hidden_states, quantized_code=code, speaker_embedding=cond,
-                      condition_vector=ref_mel, time_step=time_step, apply_cfg=True)
-            guided, null = torch.chunk(out, 2, dim=0)
+            self.dit_frame_evals += window.n_frames
+            guided, null = torch.chunk(window(hidden_states, time_step), 2, dim=0)
             return guided + (guided - null) * g
 
-        t = torch.linspace(0, 1, self.num_steps, dtype=cond.dtype)
+        if g < 1e-5:
+            raise ValueError("guidance_scale 0 (no CFG) is not supported by the streaming DiT")
+        t = torch.linspace(0, 1, self.num_steps, dtype=self.cond.dtype)
         if self.sway is not None:
             t += self.sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
         trajectory = RungeKutta4ODESolver(function=ode_function, initial_value=initial_state).integrate(t)
         return trajectory[-1].permute(0, 2, 1)  # (1, 80, W)
+
+    def _speaker_features(self) -> torch.Tensor:
+        """The ECAPA speaker encoder's output for [reference mel, zeros (the CFG branch)]: (2, enc_dim).
+
+        It depends on the voice only, yet the DiT recomputes it at every evaluation (half the cost
+        of the tiny DiT); one reply computes it once."""
+        if self._spk is None:
+            ref = self.ref_mel
+            cond = torch.cat([ref, torch.zeros_like(ref)], dim=0)  # (2, T_ref, 80)
+            self._spk = self.dit.input_embed.spk_encoder(cond)
+        return self._spk
 
     @torch.no_grad()
     def _vocode(self, final: bool) -> list:
@@ -350,6 +358,53 @@ class StreamingToken2Wav:
             self.first_packet = dict(codes=len(self.codes), dit_frame_evals=self.dit_frame_evals,
                                      vocoder_frames=self.vocoder_frames, samples=pcm.numel())
         return [pcm.numpy() if self.return_numpy else pcm]
+
+
+class _DiTWindow:
+    """``Qwen2_5OmniToken2WavDiTModel.forward`` (classifier-free guidance on) for one fixed window.
+
+    Everything but the noisy mel and the time step is the same at every ODE evaluation of a
+    window: the codec embeddings (conditioned and dropped), the speaker features, the rotary
+    tables and the per-layer block masks. They are built once here; each call then runs the same
+    modules, in the same order, as the transformers forward (so the result is identical).
+    """
+
+    def __init__(self, dit, code: torch.Tensor, cond: torch.Tensor, spk: torch.Tensor, n_frames: int):
+        self.dit, self.n_frames = dit, n_frames
+        code_embed = dit.text_embed(code, drop_code=False)  # (1, T, emb_dim)
+        code_uncond = dit.text_embed(code, drop_code=True)
+        speaker = cond.unsqueeze(1).repeat(1, n_frames, 1)  # (1, T, enc_emb_dim)
+        # input_embed's cat((x, spk features, code embeds, speaker), -1) minus x: (2, T, ...)
+        self.static = torch.cat(
+            (
+                spk.unsqueeze(1).repeat(1, n_frames, 1),
+                torch.cat([code_embed, code_uncond], dim=0),
+                torch.cat([speaker, torch.zeros_like(speaker)], dim=0),
+            ),
+            dim=-1,
+        )
+        positions = torch.arange(n_frames)[None, :].repeat(2, 1)
+        self.rope = dit.rotary_embed(self.static, positions)
+        block_diff = dit._create_block_diff(self.static)  # (2, H, T, T)
+        masks: dict = {}
+        self.masks = []
+        for layer in dit.transformer_blocks:
+            key = (layer.look_backward_block, layer.look_ahead_block)
+            if key not in masks:
+                masks[key] = (block_diff >= -float(key[0])) & (block_diff <= float(key[1]))
+            self.masks.append(masks[key])
+
+    def __call__(self, x: torch.Tensor, time_step: torch.Tensor) -> torch.Tensor:
+        dit = self.dit
+        t = dit.time_embed(time_step.repeat(2))  # (2, hidden)
+        h = dit.input_embed.proj(torch.cat((torch.cat([x, x], dim=0), self.static), dim=-1))  # (2, T, hidden)
+        for layer, mask in zip(dit.transformer_blocks, self.masks):
+            norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.attn_norm(h, emb=t)
+            h = h + gate_msa.unsqueeze(1) * layer.attn(hidden_states=norm, position_embeddings=self.rope,
+                                                       attention_mask=mask)
+            norm = layer.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            h = h + gate_mlp.unsqueeze(1) * layer.ff(norm)
+        return dit.proj_out(dit.norm_out(h, t))  # (2, T, mel_dim)
 
 
 def decode_stream(token2wav, codes, cond, ref_mel, config: StreamingConfig = None, *, noise=None, seed=None,
