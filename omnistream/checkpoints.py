@@ -343,7 +343,7 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
         ),
         bigvgan_config=dict(
             mel_dim=80,
-            upsample_initial_channel=128,  # 2 channels after 6 stride-2+ stages
+            upsample_initial_channel=64,  # 1 channel after the 6 upsampling stages (64 // 2**6)
             resblock_kernel_sizes=[3, 7, 11],
             resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
             upsample_rates=[5, 3, 2, 2, 2, 2],

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # invariant 5: no network at test time
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU; the flag must be set before anything (torch,
+    # transformers) imports triton, so here rather than in test_kernels.py.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
