@@ -79,16 +79,23 @@ class OmniChat:
     turn only the last rows are left), the Talker runs one step behind the reply text, and
     Token2Wav turns codec tokens into PCM chunk by chunk (``token2wav`` sets the chunking).
     Without a voice the Talker and Token2Wav are never touched (text-only mode).
+    ``window`` (a :class:`~omnistream.memory.window_cache.WindowConfig`) bounds the Thinker's KV
+    cache to attention sinks + a sliding window of recent tokens (StreamingLLM).
     """
 
     def __init__(self, ck, system_prompt: str | None = SYSTEM_PROMPT, fps: float = 2.0, *,
                  voice: str | None = None, talker_config: TalkerConfig | None = None,
-                 token2wav: StreamingConfig = TOKEN2WAV_DEFAULT):
+                 token2wav: StreamingConfig = TOKEN2WAV_DEFAULT, window=None):
         self.ck = ck
         self.tok = ck.tokenizer
         self.fps = fps
         self.voice = voice
-        self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=voice is not None)
+        if window is None:  # the growing cache: exact, memory grows with the session
+            self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=voice is not None)
+        else:  # sinks + sliding window: bounded memory for hours-long sessions
+            from omnistream.memory.window_cache import window_thinker
+
+            self.thinker = window_thinker(ck.thinker, window, tokenizer=ck.tokenizer, record=voice is not None)
         self.talker = StreamingTalker.from_checkpoint(ck, voice, talker_config) if voice else None
         self.token2wav_config = token2wav
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
@@ -321,6 +328,20 @@ def media_events(audio: tuple[np.ndarray, int] | None, video_source: str | None,
         yield t, kind, data, rate
 
 
+def parse_window(spec: str | None, video: bool = False):
+    """``--window``: a token count ("8192") or seconds of media ("600s"); None keeps the growing cache."""
+    if not spec:
+        return None
+    from omnistream.memory.window_cache import WindowConfig
+
+    try:
+        if spec.endswith("s"):  # 25 audio tokens/s, plus 64 merged video tokens per 1-s patch
+            return WindowConfig.from_seconds(float(spec[:-1]), tokens_per_second=25 + (64 if video else 0))
+        return WindowConfig(window_tokens=int(spec))
+    except ValueError as e:
+        raise ValueError(f"--window {spec!r}: give a token count like 8192 or seconds like 600s ({e})") from e
+
+
 def run_chat(args) -> int:
     """``omnistream chat``: stream the given inputs through one turn and print the reply."""
     from omnistream.checkpoints import load_omni
@@ -337,7 +358,7 @@ def run_chat(args) -> int:
         raise ValueError(f"unknown voice {voice!r}; available voices: {', '.join(sorted(ck.voices))}")
     talker_config = TalkerConfig(max_new_tokens=int(args.max_speech_s * SAMPLE_RATE / 480), seed=args.seed)
     chat = OmniChat(ck, system_prompt=args.system or SYSTEM_PROMPT, voice=voice if speak else None,
-                    talker_config=talker_config)
+                    talker_config=talker_config, window=parse_window(args.window, video=bool(args.video)))
     audio = read_audio(args.audio) if args.audio else None
     chat.begin_turn(audio=audio is not None, video=args.video is not None)
     start = time.perf_counter()

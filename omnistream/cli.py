@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the reply is text only and the Talker is not loaded")
     c.add_argument("--max-speech-s", type=float, default=30.0, help="speech length limit in seconds (default 30)")
     c.add_argument("--seed", type=int, default=0, help="seed for sampling and the Token2Wav noise (default 0)")
+    c.add_argument("--window", help="bound the Thinker's KV cache to 4 attention sinks + a sliding window of "
+                   "this many tokens (e.g. 8192) or seconds of media (e.g. 600s); default: growing cache")
     c.add_argument("--realtime", action="store_true",
                    help="pace the inputs at real time, as a live microphone/camera would deliver them")
     c.add_argument("--device", default="cpu", help="torch device (default cpu)")

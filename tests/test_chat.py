@@ -79,3 +79,21 @@ def test_cancel_stops_within_one_chunk_and_truncation_keeps_what_was_heard(tiny)
     # and the Talker follows: the next spoken reply works
     text, pcm, _ = collect(chat.reply(max_new_tokens=4, seed=1))
     assert pcm.size == 480 * chat.stats.codec_tokens > 0
+
+
+def test_windowed_chat_keeps_memory_bounded(tiny):
+    from omnistream.chat import parse_window
+    from omnistream.memory.window_cache import WindowConfig
+
+    assert parse_window("600s").window_tokens == parse_window("600s", video=False).window_tokens
+    assert parse_window("96").window_tokens == 96 and parse_window(None) is None
+    chat = OmniChat(tiny, voice="Chelsie", talker_config=GREEDY, token2wav=SMALL,
+                    window=WindowConfig(sink_tokens=4, window_tokens=48, chunk_tokens=32))
+    sizes = set()
+    for turn in range(4):  # far more tokens than the window holds
+        chat.say("a fairly long user message number %d that keeps the conversation going" % turn)
+        text, pcm, _ = collect(chat.reply(max_new_tokens=8, seed=turn))
+        assert pcm.size == 480 * chat.stats.codec_tokens > 0
+        sizes.add(chat.thinker.cache.memory_bytes())
+    assert chat.thinker.n_tokens > 4 * 48  # seen
+    assert len(sizes) == 1  # preallocated, never grown
