@@ -278,10 +278,8 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
         out_hidden_size=hidden,
         fullatt_block_indexes=[layers - 1],
     )
-    thinker = dict(
-        text_config=text,
-        audio_config=audio,
-        vision_config=vision,
+    # Multimodal token ids and TMRoPE rates: the Thinker and the Talker must agree on them.
+    media = dict(
         audio_token_index=ids["<|AUDIO|>"],
         image_token_index=ids["<|IMAGE|>"],
         video_token_index=ids["<|VIDEO|>"],
@@ -291,6 +289,12 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
         vision_end_token_id=ids["<|vision_eos|>"],
         position_id_per_seconds=25,
         seconds_per_chunk=2,
+    )
+    thinker = dict(
+        text_config=text,
+        audio_config=audio,
+        vision_config=vision,
+        **media,
         user_token_id=ids["user"],
         bos_token_id=ids["<|im_start|>"],
         eos_token_id=ids["<|im_end|>"],
@@ -309,15 +313,7 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
         tts_text_start_token_id=ids["<tts_text_bos>"],
         tts_text_end_token_id=ids["<tts_text_eod>"],
         tts_text_pad_token_id=ids["<tts_pad>"],
-        audio_token_index=ids["<|AUDIO|>"],
-        image_token_index=ids["<|IMAGE|>"],
-        video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"],
-        vision_end_token_id=ids["<|vision_eos|>"],
-        position_id_per_seconds=25,
-        seconds_per_chunk=2,
+        **media,
         spatial_merge_size=2,
     )
     token2wav = dict(
