@@ -337,6 +337,18 @@ class StreamingToken2Wav:
             self._spk = self.dit.input_embed.spk_encoder(cond)
         return self._spk
 
+    def _mel_span(self, s: int, e: int) -> torch.Tensor:
+        """Mel frames [s, e) from the newest parts only (a long reply is not re-concatenated)."""
+        parts, end = [], self._mel_frames
+        for part in reversed(self._mel_parts):
+            start = end - part.shape[2]
+            if end <= s:
+                break
+            if start < e:
+                parts.append(part[:, :, max(s, start) - start : min(e, end) - start])
+            end = start
+        return torch.cat(parts[::-1], dim=2)
+
     @torch.no_grad()
     def _vocode(self, final: bool) -> list:
         """Vocode every mel frame that has its right context (all of them when final)."""
@@ -346,7 +358,7 @@ class StreamingToken2Wav:
             return []
         s = max(0, self._vocoded - ctx)
         e = min(total, end + ctx)
-        mel = self.mel[:, :, s:e]  # (1, 80, e - s)
+        mel = self._mel_span(s, e)  # (1, 80, e - s)
         wav = self.vocoder(mel).reshape(-1)  # (240 * (e - s),)
         if wav.numel() != self.hop * (e - s):
             raise RuntimeError(f"BigVGAN gave {wav.numel()} samples for {e - s} frames, expected hop {self.hop}")
