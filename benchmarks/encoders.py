@@ -27,7 +27,7 @@ from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
 from omnistream.encoders.audio import AudioStream, StreamingLogMel, measure_clamp_rule  # noqa: E402
 from omnistream.encoders.media import read_audio  # noqa: E402
 from omnistream.encoders.tmrope import (  # noqa: E402
-    Audio, AudioVideo, Image, Text, TMRoPE, Video, audio_block_tokens, segment_token_ids,
+    Audio, AudioVideo, Image, Text, TMRoPE, Video, audio_block_tokens, get_rope_index_whole, segment_token_ids,
 )
 from omnistream.encoders.vision import (  # noqa: E402
     FrameResampler, VideoStream, flatten_patches, preprocess_frame, synthetic_frames, target_size,
@@ -135,19 +135,8 @@ def bench_tmrope(ck, cases: int, rnd: random.Random) -> dict:
                 else:
                     segs.append(Video(grid, spg))
         ids, pos = rope.fresh().build(segs)
-        images = [s.grid_thw for s in segs if isinstance(s, Image)]
-        videos = [s for s in segs if isinstance(s, (Video, AudioVideo))]
-        input_ids = torch.tensor([ids])
-        ref, _ = thinker.model.get_rope_index(
-            input_ids,
-            torch.tensor(images) if images else None,
-            torch.tensor([v.grid_thw for v in videos]) if videos else None,
-            torch.ones_like(input_ids),
-            av,
-            torch.tensor(mels) if mels else None,
-            torch.tensor([v.second_per_grid for v in videos]) if videos else None,
-        )
-        mismatches += int(not torch.equal(ref[:, 0], pos))
+        ref, _ = get_rope_index_whole(thinker, ids, segs, mels, av)
+        mismatches += int(not torch.equal(ref, pos))
     return {"tmrope_cases": cases, "tmrope_mismatches": mismatches}
 
 

@@ -135,7 +135,6 @@ def main(argv=None) -> int:
     bench = bench_cuda if cuda else bench_cpu
     inv_freq = (1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))).to(device)
     esz = torch.empty((), dtype=dtype).element_size()
-    G = Hq // Hkv
 
     out: dict = {
         "benchmark": "window_decode_attention",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,6 +19,7 @@ from omnistream.encoders.tmrope import (
     Video,
     audio_block_tokens,
     audio_tokens_for_frames,
+    get_rope_index_whole,
     segment_token_ids,
 )
 
@@ -61,20 +61,7 @@ def rope(tiny):
 def reference(thinker, ids, segs_mels, av):
     """get_rope_index on the whole sequence."""
     segs = [s for s, _ in segs_mels]
-    images = [s.grid_thw for s in segs if isinstance(s, Image)]
-    videos = [s for s in segs if isinstance(s, (Video, AudioVideo))]
-    mels = [m for _, m in segs_mels if m is not None]
-    input_ids = torch.tensor([ids])
-    pos, delta = thinker.model.get_rope_index(
-        input_ids,
-        torch.tensor(images) if images else None,
-        torch.tensor([v.grid_thw for v in videos]) if videos else None,
-        torch.ones_like(input_ids),
-        av,
-        torch.tensor(mels) if mels else None,
-        torch.tensor([v.second_per_grid for v in videos]) if videos else None,
-    )
-    return pos[:, 0], int(delta)
+    return get_rope_index_whole(thinker, ids, segs, [m for _, m in segs_mels if m is not None], av)
 
 
 def split(n, rnd):

@@ -395,3 +395,25 @@ def segment_token_ids(tmrope_or_config, segments) -> list:
     t = tmrope_or_config
     fresh = t.fresh() if isinstance(t, TMRoPE) else TMRoPE.from_config(t)
     return fresh.build(segments)[0]
+
+
+def get_rope_index_whole(thinker, ids, segments, mel_lengths, use_audio_in_video: bool):
+    """transformers' ``get_rope_index`` on a whole token sequence: the oracle :class:`TMRoPE` equals.
+
+    ``segments`` are the :class:`Image` / :class:`Video` / :class:`AudioVideo` descriptions in order
+    (others are ignored) and ``mel_lengths`` the mel-frame counts of the audio segments in order.
+    Returns ``(positions (3, n), rope_delta)``.
+    """
+    images = [s.grid_thw for s in segments if isinstance(s, Image)]
+    videos = [s for s in segments if isinstance(s, (Video, AudioVideo))]
+    input_ids = torch.tensor([list(ids)])
+    pos, delta = thinker.model.get_rope_index(
+        input_ids,
+        torch.tensor(images) if images else None,
+        torch.tensor([v.grid_thw for v in videos]) if videos else None,
+        torch.ones_like(input_ids),
+        use_audio_in_video,
+        torch.tensor(list(mel_lengths)) if mel_lengths else None,
+        torch.tensor([v.second_per_grid for v in videos]) if videos else None,
+    )
+    return pos[:, 0], int(delta)
