@@ -179,10 +179,11 @@ class StreamingToken2Wav:
         self.num_codes = dcfg.num_embeds - 1  # the last embedding row is not a speech code
         self.hop = math.prod(self.vocoder.config.upsample_rates)  # 240 samples per mel frame
         self.max_frames = dcfg.max_position_embeddings
+        self.device = next(self.dit.parameters()).device  # a GPU runs the DiT; noise is drawn on CPU
         cond = torch.as_tensor(conditioning).float()
-        self.cond = cond.reshape(1, -1)  # (1, enc_emb_dim)
+        self.cond = cond.reshape(1, -1).to(self.device)  # (1, enc_emb_dim)
         ref = torch.as_tensor(reference_mel).float()
-        self.ref_mel = ref.reshape(1, -1, self.mel_dim)  # (1, T_ref, 80)
+        self.ref_mel = ref.reshape(1, -1, self.mel_dim).to(self.device)  # (1, T_ref, 80)
         self.num_steps, self.guidance_scale, self.sway = num_steps, guidance_scale, sway_coefficient
         if isinstance(noise, torch.Tensor):
             self.noise = _FixedNoise(noise.to(self.ref_mel.dtype), self.repeats)
@@ -297,8 +298,8 @@ class StreamingToken2Wav:
             ws = ws // block_codes * block_codes
         we = min(len(self.codes), b + c.right_codes)
         r = self.repeats
-        noise = self.noise.frames(we)[:, ws * r : we * r]  # (1, W, 80)
-        code = torch.tensor([self.codes[ws:we]], dtype=torch.long)  # (1, W / r)
+        noise = self.noise.frames(we)[:, ws * r : we * r].to(self.device)  # (1, W, 80)
+        code = torch.tensor([self.codes[ws:we]], dtype=torch.long, device=self.device)  # (1, W / r)
         mel = self._sample(code, noise)  # (1, 80, W)
         self._mel_parts.append(mel[:, :, (a - ws) * r : (b - ws) * r])
         self._mel_frames += (b - a) * r
@@ -320,7 +321,7 @@ class StreamingToken2Wav:
 
         if g < 1e-5:
             raise ValueError("guidance_scale 0 (no CFG) is not supported by the streaming DiT")
-        t = torch.linspace(0, 1, self.num_steps, dtype=self.cond.dtype)
+        t = torch.linspace(0, 1, self.num_steps, dtype=self.cond.dtype, device=self.device)
         if self.sway is not None:
             t += self.sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
         trajectory = RungeKutta4ODESolver(function=ode_function, initial_value=initial_state).integrate(t)
@@ -395,7 +396,7 @@ class _DiTWindow:
             ),
             dim=-1,
         )
-        positions = torch.arange(n_frames)[None, :].repeat(2, 1)
+        positions = torch.arange(n_frames, device=code.device)[None, :].repeat(2, 1)
         self.rope = dit.rotary_embed(self.static, positions)
         block_diff = dit._create_block_diff(self.static)  # (2, H, T, T)
         masks: dict = {}
