@@ -213,7 +213,7 @@ class OmniChat:
         s, t0 = self.stats, time.perf_counter()
         reply_start = self.thinker.n_tokens
         ids: list[int] = []
-        shown = ""
+        shown = 0  # reply tokens whose text was emitted (it ended on a whole UTF-8 character)
         self.reply_codes = []
         if speak:
             v = self.ck.voices[self.voice]
@@ -230,17 +230,18 @@ class OmniChat:
                 ended = True
             else:
                 ids.append(step.token)
-                text = self.tok.decode(ids, skip_special_tokens=True)
-                if not text.endswith("\ufffd") and len(text) > len(shown):
-                    yield ReplyEvent("text", text=text[len(shown):])
-                    shown = text
+                # byte-level BPE: decoding only the not-yet-shown tokens keeps this O(1) per token
+                text = self.tok.decode(ids[shown:], skip_special_tokens=True)
+                if text and not text.endswith("\ufffd"):
+                    yield ReplyEvent("text", text=text)
+                    shown = len(ids)
             if speak:
                 yield from self._speak(self.talker.push(step))
             if self._cancel.is_set():
                 break
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        if len(text) > len(shown):  # flush what was held back as a partial UTF-8 sequence
-            yield ReplyEvent("text", text=text[len(shown):])
+        text = self.tok.decode(ids[shown:], skip_special_tokens=True)
+        if text:  # flush what was held back as a partial UTF-8 sequence
+            yield ReplyEvent("text", text=text)
         if speak:
             if not self._cancel.is_set():
                 for code in self.talker.finish():
