@@ -127,6 +127,7 @@ class OmniChat:
     def begin_turn(self, *, audio: bool, video: bool) -> None:
         """Open a user turn that will stream ``audio`` and/or ``video``."""
         self.stats = TurnStats()
+        self._turn_start = self.thinker.n_tokens
         self._text("<|im_start|>user\n")
         self._audio = AudioStream.from_checkpoint(self.ck) if audio else None
         self._video = VideoStream.from_checkpoint(self.ck, fps=self.fps) if video else None
@@ -192,7 +193,18 @@ class OmniChat:
         self._text(f"{text or ''}<|im_end|>\n<|im_start|>assistant\n")
         self.stats.end_of_input_s = time.perf_counter() - t0
         self._turn_end = t0
-        self._audio = self._video = None
+        self._audio = self._video = self._turn_start = None
+
+    def abort_turn(self) -> None:
+        """Forget the open user turn (``input_audio_buffer.clear``): the Thinker's and Talker's
+        caches are cut back to where it began, as if it never happened."""
+        start = getattr(self, "_turn_start", None)
+        if start is None:
+            return
+        self.thinker.truncate(start)
+        if self.talker is not None and self.talker.n_prompt > start:
+            self.talker.truncate_prompt(start)
+        self._audio = self._video = self._turn_start = None
 
     def say(self, text: str) -> None:
         """A typed user turn (no media)."""
