@@ -247,7 +247,7 @@ class InProcClient(Client):
 
     async def update_session(self, sid: str, options: SessionOptions) -> None:
         s = self._session(sid)
-        key = lambda o: (o.voice, o.system_prompt, o.window, o.max_speech_s, o.fps)  # noqa: E731
+        key = lambda o: (o.voice, o.system_prompt, o.window, o.max_speech_s, o.fps)
         rebuild = key(options) != key(s.options)
         s.options = options
         if rebuild:  # a new voice/prompt/cache starts a fresh conversation
@@ -316,7 +316,7 @@ class InProcClient(Client):
         s = self._session(sid)
         epoch = s.epoch
         events: asyncio.Queue = asyncio.Queue()
-        put = lambda ev: self._loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
+        put = lambda ev: self._loop.call_soon_threadsafe(events.put_nowait, ev)
 
         def run():
             if s.turn_open:
