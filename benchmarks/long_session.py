@@ -19,12 +19,18 @@ Measured on this machine in one run (one JSON object on stdout with --json; prog
   ``speedup_vs_recompute``: recompute / window time per token, 4k window, at 8k context.
 * ``cache_positions_us``: host-side re-positioning bookkeeping per decode step (full 4k window).
 * ``session``: a simulated audio+video session (one hour by default) through the Thinker in 2-s chunks
-  of random embeddings (50 audio + 128 video tokens each, TMRoPE positions of ONE open
-  audio-in-video segment): ``kv_bytes_max`` (sampled after every chunk), ``kv_bytes_bound`` (the
-  preallocated buffers), ``rss_growth_last_50min`` (RSS at the end minus RSS after 10 simulated
-  minutes; it includes TMRoPE's own per-token position history, ``tmrope_history_bytes``, which
-  the cache does not own), compute seconds per media second, and the largest rotated position,
-  plus positions-only replays of the same stream with ``shift="per_axis"`` and with 60-s clips.
+  of random embeddings (50 audio + 128 video tokens each, TMRoPE audio-in-video positions, the
+  media segment closed and reopened every ``--segment-s`` (60) seconds as ``OmniChat`` does with a
+  window): ``kv_bytes_max`` (sampled after every chunk), ``kv_bytes_bound`` (the preallocated
+  buffers), ``rss_growth_last_50min`` (RSS at the end minus RSS after 10 simulated minutes; it
+  includes TMRoPE's own per-token position history, ``tmrope_history_bytes``, which the cache does
+  not own), compute seconds per media second, and the largest rotated position
+  (``max_rotated_position_with_cutting`` at the top level), plus positions-only replays of the
+  same stream as ONE open segment (uniform and ``shift="per_axis"``), where positions grow.
+
+``--device cuda`` runs everything on the GPU (``--kernel on``, the default there, stores pre-RoPE keys
+and decodes through the Triton kernel; ``--kernel off`` the rotated-key path). ``--dtype bf16`` for a
+GPU run in half precision.
 """
 
 from __future__ import annotations
@@ -43,12 +49,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tqdm import tqdm  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+from tqdm import tqdm
+from transformers import DynamicCache
 
-from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
-from omnistream.encoders.tmrope import TMRoPE  # noqa: E402
-from omnistream.memory.window_cache import WindowCache, WindowConfig  # noqa: E402
+from omnistream.checkpoints import load_omni, make_tiny
+from omnistream.encoders.tmrope import TMRoPE
+from omnistream.memory.window_cache import WindowCache, WindowConfig
 
 AUDIO_PER_CHUNK = 50  # 25 audio tokens/s, 2-s chunks
 PATCH_GRID = (16, 16)  # unmerged 16x16 -> 64 merged video tokens per 1-s temporal patch
@@ -96,35 +102,53 @@ class PosFeed:
         return out
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(step, n, warmup=2):
     for _ in range(warmup):
         step()
     ts = []
     for _ in range(n):
+        _sync()
         t0 = time.perf_counter()
         step()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts), statistics.fmean(ts)
+
+
+def randn(*shape):
+    return torch.randn(*shape, device=DEV["device"], dtype=DEV["dtype"])
+
+
+DEV = {"device": "cpu", "dtype": torch.float32, "kernel": False}  # set by main()
+
+
+def window_config(S, W, **kw):
+    return WindowConfig(sink_tokens=S, window_tokens=W, kernel=DEV["kernel"], **kw)
 
 
 @torch.inference_mode()
 def bench_window(lm, rope, contexts, S, W, steps, chunk):
     D = lm.config.hidden_size
-    cache = WindowCache(lm.config, WindowConfig(sink_tokens=S, window_tokens=W))
+    cache = WindowCache(lm.config, window_config(S, W))
     feed = PosFeed(av_chunks(rope, clip_seconds=60))
     res, filled = {}, 0
     bar = tqdm(total=max(contexts), desc="window: prefill", unit="tok", file=sys.stderr)
     for ctx in contexts:
         while filled < ctx:
             n = min(chunk, ctx - filled)
-            lm(inputs_embeds=torch.randn(1, n, D), position_ids=cache.cache_positions(feed.take(n)),
+            lm(inputs_embeds=randn(1, n, D), position_ids=cache.cache_positions(feed.take(n)).to(DEV["device"]),
                cache=cache, use_cache=True)
             filled += n
             bar.update(n)
-        x, st = torch.randn(1, 1, D), {"p": feed.max + 1}
+        x, st = randn(1, 1, D), {"p": feed.max + 1}
 
-        def step():
-            q = cache.cache_positions(torch.full((3, 1), st["p"]))
+        def step(x=x, st=st):
+            q = cache.cache_positions(torch.full((3, 1), st["p"])).to(DEV["device"])
             lm(inputs_embeds=x, position_ids=q, cache=cache, use_cache=True)
             st["p"] += 1
 
@@ -145,11 +169,12 @@ def bench_dynamic(lm, contexts, steps_for):
     for ctx in tqdm(contexts, desc="dynamic", file=sys.stderr):
         dc = DynamicCache(config=lm.config)
         for li in range(lm.config.num_hidden_layers):
-            dc.update(torch.randn(1, H, ctx, hd), torch.randn(1, H, ctx, hd), li)
-        x, st = torch.randn(1, 1, D), {"p": ctx}
+            dc.update(randn(1, H, ctx, hd), randn(1, H, ctx, hd), li)
+        x, st = randn(1, 1, D), {"p": ctx}
 
-        def step():
-            lm(inputs_embeds=x, position_ids=torch.full((3, 1, 1), st["p"]), cache=dc, use_cache=True)
+        def step(x=x, st=st, dc=dc):
+            lm(inputs_embeds=x, position_ids=torch.full((3, 1, 1), st["p"], device=x.device), cache=dc,
+               use_cache=True)
             st["p"] += 1
 
         med, _ = median_time(step, steps_for(ctx), warmup=1)
@@ -169,20 +194,20 @@ def bench_recompute(lm, contexts, W, steps):
     for ctx in tqdm(contexts, desc="recompute", file=sys.stderr):
         L = min(ctx, W)
         if L not in by_len:
-            x, pos = torch.randn(1, L, D), torch.arange(L).view(1, 1, -1).expand(3, 1, -1)
+            x, pos = randn(1, L, D), torch.arange(L, device=DEV["device"]).view(1, 1, -1).expand(3, 1, -1)
 
-            def step():
+            def step(x=x, pos=pos):
                 lm(inputs_embeds=x, position_ids=pos, use_cache=False)
 
             by_len[L] = median_time(step, steps, warmup=1)[0]
         res[ctx] = {"s_per_token": by_len[L], "tokens_recomputed": L,
-                    "kv_bytes": 2 * L_ * L * H * hd * 4}  # transient K/V of the recomputed window (fp32)
+                    "kv_bytes": 2 * L_ * L * H * hd * torch.finfo(DEV["dtype"]).bits // 8}  # transient K/V
     return res
 
 
 def bench_cache_positions(lm, S, W, n=3000):
     """Host bookkeeping per decode step on a full window (positions only, no forward)."""
-    cache = WindowCache(lm.config, WindowConfig(sink_tokens=S, window_tokens=W))
+    cache = WindowCache(lm.config, window_config(S, W))
     p = 0
     for _ in range(S + W + 10):
         cache.cache_positions(torch.full((3, 1), p))
@@ -209,11 +234,11 @@ def replay_positions(lm, rope, S, W, chunks, clip_seconds, shift):
 
 
 @torch.inference_mode()
-def bench_session(lm, rope, S, W, minutes):
+def bench_session(lm, rope, S, W, minutes, segment_s=60.0):
     D = lm.config.hidden_size
-    cache = WindowCache(lm.config, WindowConfig(sink_tokens=S, window_tokens=W))
-    gen = av_chunks(rope, clip_seconds=None)
-    chunks = int(round(minutes * 30))
+    cache = WindowCache(lm.config, window_config(S, W))
+    gen = av_chunks(rope, clip_seconds=segment_s or None)
+    chunks = round(minutes * 30)
     kv_max, rss, hist, tokens, t_compute = 0, {}, {}, 0, 0.0
     gc.collect()
     rss[0], hist[0] = rss_bytes(), tmrope_bytes(rope)
@@ -222,7 +247,9 @@ def bench_session(lm, rope, S, W, minutes):
         n = pos.shape[1]
         if n:
             t0 = time.perf_counter()
-            lm(inputs_embeds=torch.randn(1, n, D), position_ids=cache.cache_positions(pos), cache=cache, use_cache=True)
+            lm(inputs_embeds=randn(1, n, D), position_ids=cache.cache_positions(pos).to(DEV["device"]), cache=cache,
+               use_cache=True)
+            _sync()
             t_compute += time.perf_counter() - t0
             tokens += n
         kv_max = max(kv_max, cache.memory_bytes())
@@ -234,7 +261,8 @@ def bench_session(lm, rope, S, W, minutes):
     last = max(rss)
     ref_min = 10 if minutes > 10 else 0
     return {
-        "minutes": minutes, "chunks": chunks, "tokens": tokens, "tokens_per_second_media": tokens / (minutes * 60),
+        "minutes": minutes, "segment_s": segment_s, "chunks": chunks, "tokens": tokens,
+        "tokens_per_second_media": tokens / (minutes * 60),
         "kv_bytes_max": kv_max, "kv_bytes_bound": cache.memory_bytes(), "tokens_held": cache.n_cached,
         "rss_start_bytes": rss[0], "rss_end_bytes": rss[last],
         f"rss_growth_last_{last - ref_min}min": rss[last] - rss[ref_min],
@@ -259,23 +287,39 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps (fewer for big DynamicCaches)")
     p.add_argument("--session-minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--segment-s", type=float, default=60.0, help="media segment length of the simulated session")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--kernel", default="auto", choices=["auto", "on", "off"],
+                   help="kernel mode of the window cache (auto: on for cuda)")
+    p.add_argument("--contexts", default=None, help="comma-separated contexts (default 2k,8k,32k,128k)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == ".cache/tiny-omni" and not Path(args.model, "config.json").exists():
         make_tiny(args.model)
     t_start = time.perf_counter()
-    model = load_omni(args.model)
+    DEV["device"] = torch.device(args.device)
+    DEV["dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    DEV["kernel"] = args.kernel == "on" or (args.kernel == "auto" and DEV["device"].type == "cuda")
+    model = load_omni(args.model, talker=False, dtype=DEV["dtype"], device=args.device)
     thinker = model.thinker
     lm = thinker.model.language_model
+    if DEV["kernel"]:
+        from omnistream.kernels.window_attention import enable_window_attention
+
+        enable_window_attention(lm)
     S, W = args.sinks, args.window
     contexts = [2048, 8192] if args.quick else [2048, 8192, 32768, 131072]
+    if args.contexts:
+        contexts = [int(c) for c in args.contexts.split(",")]
     minutes = args.session_minutes or (10.0 if args.quick else 60.0)
 
     def rope():
         return TMRoPE.from_config(thinker.config)
 
-    session = bench_session(lm, rope(), S, W, minutes)  # first: freed memory of the others would hide RSS growth
+    # first: freed memory of the others would hide RSS growth
+    session = bench_session(lm, rope(), S, W, minutes, args.segment_s)
     window = bench_window(lm, rope(), contexts, S, W, 4 * args.steps, chunk=2048)
     dynamic = bench_dynamic(lm, contexts, lambda c: max(6, args.steps * 2048 // c))
     recompute = bench_recompute(lm, contexts, W, steps=4)
@@ -284,11 +328,13 @@ def main() -> int:
     }
     hi, lo = contexts[-1], contexts[0]
     ref_ctx = 8192 if 8192 in contexts else hi
-    chunks = int(round(minutes * 30))
+    chunks = round(minutes * 30)
+    session["replay_uniform_one_segment"] = replay_positions(lm, rope(), S, W, chunks, None, "uniform")
     session["replay_per_axis_one_segment"] = replay_positions(lm, rope(), S, W, chunks, None, "per_axis")
-    session["replay_uniform_60s_clips"] = replay_positions(lm, rope(), S, W, chunks, 60, "uniform")
     out = {
-        "device": "cpu",
+        "device": str(DEV["device"]) + (f" ({torch.cuda.get_device_name()})" if DEV["device"].type == "cuda" else ""),
+        "dtype": args.dtype,
+        "kernel_mode": DEV["kernel"],
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "model": args.model,
@@ -303,6 +349,8 @@ def main() -> int:
         "speedup_vs_recompute_context": ref_ctx,
         "cache_positions_us": bench_cache_positions(lm, S, W),
         "session": session,
+        "max_rotated_position_with_cutting": session["max_rotated_position"],
+        "max_rotated_position_one_open_segment": session["replay_uniform_one_segment"]["max_rotated_position"],
         "wall_s": time.perf_counter() - t_start,
         "load_average_end": os.getloadavg(),
     }

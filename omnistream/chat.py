@@ -24,6 +24,7 @@ import numpy as np
 
 from omnistream.encoders.audio import AudioStream
 from omnistream.encoders.vision import VideoStream, iter_video_frames
+from omnistream.memory.window_cache import AUDIO_TOKENS_PER_SECOND
 from omnistream.talker.talker import StreamingTalker, TalkerConfig
 from omnistream.talker.thinker import StreamingThinker
 from omnistream.talker.token2wav import DEFAULT as TOKEN2WAV_DEFAULT
@@ -81,15 +82,30 @@ class OmniChat:
     Without a voice the Talker and Token2Wav are never touched (text-only mode).
     ``window`` (a :class:`~omnistream.memory.window_cache.WindowConfig`) bounds the Thinker's KV
     cache to attention sinks + a sliding window of recent tokens (StreamingLLM).
+
+    ``segment_s`` (60 s; only with a ``window``): a long media turn is cut into media segments of
+    at most ``segment_s`` seconds (the open segment is closed and a new one opened, as if the user
+    had sent consecutive clips). Why: inside ONE open audio-in-video segment TMRoPE keeps the video
+    tokens' h/w positions at the segment start while time advances, so the position span inside
+    the window grows with the turn and no shift bounds it; cut segments bound it by about two
+    segments. Audio blocks (2 s) and video patches (``2 / fps`` s) that would overflow the open
+    segment are held back until every stream of the turn has one, then the cut is made (so each
+    segment gets both audio and video); turns shorter than ``segment_s`` are untouched.
     """
 
     def __init__(self, ck, system_prompt: str | None = SYSTEM_PROMPT, fps: float = 2.0, *,
                  voice: str | None = None, talker_config: TalkerConfig | None = None,
-                 token2wav: StreamingConfig = TOKEN2WAV_DEFAULT, window=None):
+                 token2wav: StreamingConfig = TOKEN2WAV_DEFAULT, window=None, segment_s: float | None = 60.0):
         self.ck = ck
         self.tok = ck.tokenizer
         self.fps = fps
         self.voice = voice
+        if segment_s is not None and not segment_s > 0:
+            raise ValueError(f"segment_s must be > 0 or None, not {segment_s!r}")
+        self.segment_s = segment_s if window is not None else None
+        self.segments_cut = 0  # media segments closed early by segment_s (this conversation)
+        self._held: dict[str, list] = {"audio": [], "video": []}
+        self._seg_s: dict[str, float] = {"audio": 0.0, "video": 0.0}
         if window is None:  # the growing cache: exact, memory grows with the session
             self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=voice is not None)
         else:  # sinks + sliding window: bounded memory for hours-long sessions
@@ -131,13 +147,58 @@ class OmniChat:
         self._text("<|im_start|>user\n")
         self._audio = AudioStream.from_checkpoint(self.ck) if audio else None
         self._video = VideoStream.from_checkpoint(self.ck, fps=self.fps) if video else None
+        self._held = {"audio": [], "video": []}
+        self._seg_s = {"audio": 0.0, "video": 0.0}
+        self._open_segment()
+
+    def _open_segment(self) -> None:
         spg = 2.0 / self.fps  # seconds per temporal patch of 2 frames
+        audio, video = self._audio is not None, self._video is not None
         if audio and video:
             self.thinker.begin_video(spg, with_audio=True)
         elif video:
             self.thinker.begin_video(spg)
         elif audio:
             self.thinker.begin_audio()
+
+    def _media(self, kind: str, item, seconds: float) -> None:
+        """Append one audio block / video patch to the open segment, cutting it every ``segment_s``."""
+        if self.segment_s is None:
+            self._feed(kind, item)
+            return
+        held = self._held[kind]
+        if held or (self._seg_s[kind] > 0 and self._seg_s[kind] + seconds > self.segment_s + 1e-6):
+            held.append((item, seconds))
+        else:
+            self._feed(kind, item)
+            self._seg_s[kind] += seconds
+        active = [k for k, st in (("audio", self._audio), ("video", self._video)) if st is not None]
+        while all(self._held[k] for k in active):  # every stream overflows: close and reopen the segment
+            self.thinker.end_segment()
+            self._open_segment()
+            self.segments_cut += 1
+            self._seg_s = {"audio": 0.0, "video": 0.0}
+            for k in active:
+                queue, self._held[k] = self._held[k], []
+                for it, sec in queue:
+                    if self._held[k] or (self._seg_s[k] > 0 and self._seg_s[k] + sec > self.segment_s + 1e-6):
+                        self._held[k].append((it, sec))
+                    else:
+                        self._feed(k, it)
+                        self._seg_s[k] += sec
+
+    def _feed(self, kind: str, item) -> None:
+        if kind == "audio":
+            self.thinker.append_audio_block(item.embeds)
+        else:
+            self.thinker.append_video_patch(item.embeds, item.grid_thw)
+
+    def _flush_held(self) -> None:
+        """End of turn: what is still held back goes into the open segment (no cut: the other stream ended)."""
+        for k in ("video", "audio"):
+            for it, _ in self._held[k]:
+                self._feed(k, it)
+            self._held[k] = []
 
     def push_audio(self, pcm: np.ndarray, sample_rate: int = 16000) -> None:
         """A PCM piece of any length; bad input raises PcmError and the turn goes on."""
@@ -159,7 +220,7 @@ class OmniChat:
     def _append_audio(self, blocks) -> None:
         t = time.perf_counter()
         for b in blocks:
-            self.thinker.append_audio_block(b.embeds)
+            self._media("audio", b, b.embeds.shape[0] / AUDIO_TOKENS_PER_SECOND)
         self._sync()
         self.stats.audio_blocks += len(blocks)
         self.stats.prefill_s += time.perf_counter() - t
@@ -167,7 +228,7 @@ class OmniChat:
     def _append_video(self, patches) -> None:
         t = time.perf_counter()
         for p in patches:
-            self.thinker.append_video_patch(p.embeds, p.grid_thw)
+            self._media("video", p, 2.0 / self.fps)
         self._sync()
         self.stats.video_patches += len(patches)
         self.stats.prefill_s += time.perf_counter() - t
@@ -187,6 +248,7 @@ class OmniChat:
             self._append_audio(blocks)
         if self._audio is not None or self._video is not None:
             t = time.perf_counter()
+            self._flush_held()
             self.thinker.end_segment()
             self._sync()
             self.stats.prefill_s += time.perf_counter() - t
@@ -205,6 +267,7 @@ class OmniChat:
         if self.talker is not None and self.talker.n_prompt > start:
             self.talker.truncate_prompt(start)
         self._audio = self._video = self._turn_start = None
+        self._held = {"audio": [], "video": []}
 
     def say(self, text: str) -> None:
         """A typed user turn (no media)."""

@@ -11,14 +11,14 @@ if not torch.cuda.is_available():
     # Must be set before triton kernels are defined (omnistream.kernels imports them lazily).
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniTextConfig  # noqa: E402
-from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (  # noqa: E402
+import pytest
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniTextConfig
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniRotaryEmbedding,
     apply_rotary_pos_emb,
 )
 
-from omnistream import kernels as K  # noqa: E402
+from omnistream import kernels as K
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAVE_TRITON = K.triton_available()
@@ -90,7 +90,7 @@ def make_case(B, Hkv, G, S, W, D, section, fill, dtype=torch.float32, seed=0, ma
         k[~valid[:, None, :].expand(B, Hkv, N)] = float("nan")
         v[~valid[:, None, :].expand(B, Hkv, N)] = float("nan")
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    t = lambda x: x.to(DEVICE)  # noqa: E731
+    t = lambda x: x.to(DEVICE)
     return t(q), t(q_pos), t(k), t(v), t(slot_pos), t(valid), t(inv_freq)
 
 

@@ -25,11 +25,18 @@ What is verified (tiny Thinker, fp32, tolerance 1e-5):
    shapes and ``memory_bytes`` constant; the exact preallocated size is checked).
 4. Rotated positions stay small: ``< S + W + n`` with ``rebase_every=1`` (exact StreamingLLM) and
    ``< S + W + n + rebase_every`` by default (20k-token mixed-chunk stream, and the 5000 steps of 3).
+5. Kernel mode (``WindowConfig(kernel=True)``: pre-RoPE keys, decode through
+   ``omnistream.kernels.window_decode_attention`` via the ``"omnistream_window"`` attention function):
+   equals the growing DynamicCache with ``W >=`` the session, equals the rotated-key path after
+   eviction (every forward, both with the torch reference and with the Triton kernel under
+   ``TRITON_INTERPRET=1``), passes the same StreamingLLM oracle (incl. crops after eviction), and
+   never rewrites a stored key (sinks and window keys bit-identical while positions move).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -51,6 +58,22 @@ def thinker(tiny):
 @pytest.fixture(scope="module")
 def lm(thinker):
     return thinker.model.language_model
+
+
+@pytest.fixture
+def window_attn(lm):
+    """Route the tiny Thinker's attention through the window attention function for one test."""
+    from omnistream.kernels.window_attention import disable_window_attention, enable_window_attention
+
+    prev = enable_window_attention(lm)
+    yield
+    disable_window_attention(lm, prev)
+
+
+def _kernel_calls():
+    from omnistream.kernels.window_attention import STATS
+
+    return STATS["kernel_calls"]
 
 
 def _feed_session(st, thinker, rnd, g):
@@ -102,6 +125,152 @@ def test_window_at_least_session_equals_dynamic_cache(thinker):
     assert win.n_tokens == n - 5 and win.cache.n_cached == n - 5
     assert list(win.generate(5)) == list(ref.generate(5)) == toks_ref[-5:]
     assert (win.next_token_logits() - ref.next_token_logits()).abs().max() <= TOL
+
+
+# ---------------------------------------------------------------------- kernel mode (test 5)
+def test_kernel_path_equals_dynamic_cache(thinker, lm, window_attn):
+    """W >= session: the kernel path (torch reference on CPU) equals the growing DynamicCache."""
+    ref = StreamingThinker(thinker)
+    win = window_thinker(thinker, WindowConfig(sink_tokens=4, window_tokens=512, chunk_tokens=16, kernel=True))
+    assert lm.config._attn_implementation == "omnistream_window"
+    logits_ref, toks_ref = _run_session(ref, thinker)  # the same model: other caches fall back to SDPA
+    calls = _kernel_calls()
+    logits_win, toks_win = _run_session(win, thinker)
+    assert _kernel_calls() - calls == 20 * len(lm.layers)  # every decode step through the kernel
+    assert toks_ref == toks_win and not win.cache.evicted
+    diff = max((a - b).abs().max().item() for a, b in zip(logits_ref, logits_win))
+    print(f"kernel path vs DynamicCache over {len(logits_ref)} forwards: {diff:.2e}")
+    assert diff <= TOL
+    n = ref.n_tokens
+    for st in (ref, win):
+        st.truncate(n - 5)
+    assert list(win.generate(5)) == list(ref.generate(5)) == toks_ref[-5:]
+    assert (win.next_token_logits() - ref.next_token_logits()).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kernel_path_equals_rotated_path_after_eviction(thinker, lm, window_attn, monkeypatch, backend):
+    """Same session, W=24 (evicts): kernel mode == the rotated-key path at every forward; the Triton
+    kernel runs under TRITON_INTERPRET=1 on CPU."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():  # the interpreter is off on GPU machines: test_kernel_path_on_cuda covers it
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set only without CUDA)")
+    monkeypatch.setenv("OMNISTREAM_KERNELS", backend)
+    cfg = WindowConfig(sink_tokens=4, window_tokens=24, chunk_tokens=8)
+    rot = window_thinker(thinker, replace(cfg, kernel=False))
+    logits_rot, toks_rot = _run_session(rot, thinker)
+    ker = window_thinker(thinker, replace(cfg, kernel=True))
+    calls = _kernel_calls()
+    logits_ker, toks_ker = _run_session(ker, thinker)
+    assert _kernel_calls() - calls == 20 * len(lm.layers)
+    assert ker.cache.evicted and toks_rot == toks_ker
+    assert ker.cache.kept_positions().tolist() == rot.cache.kept_positions().tolist()
+    diff = max((a - b).abs().max().item() for a, b in zip(logits_rot, logits_ker))
+    print(f"{backend}: kernel path vs rotated path over {len(logits_rot)} forwards (evicting): {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_kernel_mode_never_rewrites_keys(lm, window_attn):
+    """Re-positioning is free in kernel mode: over 150 decode steps (rebases included) the stored
+    sink keys stay bit-identical and a window key changes only when its slot is overwritten by a
+    new token; buffers are never reallocated."""
+    S, W, T = 4, 32, 8
+    cache = WindowCache(lm.config, WindowConfig(sink_tokens=S, window_tokens=W, chunk_tokens=T, kernel=True))
+    x = torch.randn(1, 1, lm.config.hidden_size)
+    with torch.inference_mode():
+        lm(inputs_embeds=torch.randn(1, 20, x.shape[-1]), position_ids=cache.cache_positions(
+            torch.arange(20).expand(3, -1)), cache=cache, use_cache=True)
+        bufs, mem = _buffers(cache), cache.memory_bytes()
+        sinks0 = [layer.keys[:, :, :S].clone() for layer in cache.layers]
+        rebases = 0
+        for p in range(20, 170):
+            before = [layer.keys[:, :, : S + W].clone() for layer in cache.layers]
+            base = cache.base
+            lm(inputs_embeds=x, position_ids=cache.cache_positions(torch.full((3, 1), p)), cache=cache, use_cache=True)
+            rebases += cache.base != base
+            for layer, b in zip(cache.layers, before):  # at most the one slot flushed from the scratch changed
+                changed = (layer.keys[:, :, : S + W] != b).any(dim=-1).any(dim=0).any(dim=0).nonzero().flatten()
+                assert changed.numel() <= 1 and (changed.numel() == 0 or changed.item() >= S)
+    assert rebases >= 5 and cache.evicted
+    for layer, s0 in zip(cache.layers, sinks0):
+        assert torch.equal(layer.keys[:, :, :S], s0)
+    assert _buffers(cache) == bufs and cache.memory_bytes() == mem
+
+
+def test_kernel_mode_without_window_attention_raises(lm):
+    assert lm.config._attn_implementation == "sdpa"
+    cache = WindowCache(lm.config, WindowConfig(sink_tokens=2, window_tokens=8, chunk_tokens=4, kernel=True))
+    d = lm.config.hidden_size
+    with torch.inference_mode():
+        lm(inputs_embeds=torch.randn(1, 5, d), position_ids=cache.cache_positions(torch.arange(5).expand(3, -1)),
+           cache=cache, use_cache=True)
+        lm(inputs_embeds=torch.randn(1, 1, d), position_ids=cache.cache_positions(torch.full((3, 1), 5)),
+           cache=cache, use_cache=True)  # pre-RoPE keys went to SDPA: detected at the next step
+        with pytest.raises(RuntimeError, match="enable_window_attention"):
+            lm(inputs_embeds=torch.randn(1, 1, d), position_ids=cache.cache_positions(torch.full((3, 1), 6)),
+               cache=cache, use_cache=True)
+
+
+def _forced_session(st, thinker, n_decode=20):
+    """The _feed_session prompt, then ``n_decode`` fixed single-token forwards (decode steps with
+    forced tokens, so sessions in different precisions stay comparable); logits after each forward."""
+    logits = []
+    orig = st._forward
+
+    def spy(*a, **k):
+        orig(*a, **k)
+        logits.append(st.next_token_logits().float().cpu())
+
+    st._forward = spy
+    _feed_session(st, thinker, random.Random(0), torch.Generator().manual_seed(0))
+    for t in random.Random(1).choices(range(1, 200), k=n_decode):
+        st.append_text([t])
+    return logits
+
+
+def _kernel_paths_on(tiny_dir, device, dtype):
+    """(kernel vs DynamicCache at W >= session, kernel vs rotated after eviction, rotated vs
+    DynamicCache after eviction in ``dtype`` vs fp32, kernel vs fp32) max logit differences."""
+    from omnistream.checkpoints import load_omni
+    from omnistream.kernels.window_attention import disable_window_attention
+
+    def model(dt):
+        return load_omni(tiny_dir, talker=False, device=device, dtype=dt).thinker
+
+    th = model(dtype)
+    big = WindowConfig(sink_tokens=4, window_tokens=512, chunk_tokens=16)
+    small = WindowConfig(sink_tokens=4, window_tokens=24, chunk_tokens=8)
+    try:
+        dyn = _forced_session(StreamingThinker(th), th)
+        calls = _kernel_calls()
+        ker_big = _forced_session(window_thinker(th, replace(big, kernel=True)), th)
+        assert _kernel_calls() - calls == 20 * len(th.model.language_model.layers)
+        ker = _forced_session(window_thinker(th, replace(small, kernel=True)), th)
+        rot = _forced_session(window_thinker(th, replace(small, kernel=False)), th)
+    finally:
+        disable_window_attention(th)
+    th32 = model(torch.float32)
+    rot32 = _forced_session(window_thinker(th32, replace(small, kernel=False)), th32)
+
+    def d(a, b):
+        return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+    return d(ker_big, dyn), d(ker, rot), d(rot, rot32), d(ker, rot32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_on_cuda(tiny_dir, dtype):
+    """The tiny Thinker on the GPU, decode through the compiled Triton kernel: fp32 equals the growing
+    cache and the rotated-key path; bf16 is no less accurate than the rotated-key path (vs fp32)."""
+    vs_dyn, vs_rot, rot_err, ker_err = _kernel_paths_on(tiny_dir, "cuda", dtype)
+    print(f"cuda {dtype}: kernel vs DynamicCache {vs_dyn:.2e}, vs rotated {vs_rot:.2e}; "
+          f"error vs fp32: rotated {rot_err:.2e}, kernel {ker_err:.2e}")
+    if dtype == torch.float32:
+        assert vs_dyn <= 1e-4 and vs_rot <= 1e-4
+    else:
+        assert ker_err <= 2 * rot_err + 1e-3
 
 
 # ---------------------------------------------------------------------- oracle (test 2)
@@ -231,29 +400,36 @@ class OracleRun:
 
 
 @pytest.mark.parametrize(
-    "S,W,T,R,shift_mode",
-    [(4, 24, 8, 5, "uniform"), (2, 17, 32, 1, "uniform"), (4, 24, 8, 3, "per_axis")],
+    "S,W,T,R,shift_mode,kernel",
+    [(4, 24, 8, 5, "uniform", False), (2, 17, 32, 1, "uniform", False), (4, 24, 8, 3, "per_axis", False),
+     (4, 24, 8, 5, "uniform", True), (2, 17, 32, 1, "per_axis", True)],
 )
-def test_window_matches_streaming_llm_oracle(lm, thinker, S, W, T, R, shift_mode):
+def test_window_matches_streaming_llm_oracle(lm, thinker, window_attn, S, W, T, R, shift_mode, kernel):
     torch.manual_seed(0)
     sizes = [3, 9, 1, 1, 30, 1, 5, 1, 12, 1, 1, 40, 2] + [1] * 12 + [7, 1, 1]
     pos_all = _session_pieces(thinker, random.Random(S * 100 + W), sum(sizes) + 10)
-    run = OracleRun(lm, thinker, WindowCache(lm.config, WindowConfig(S, W, T, R, shift_mode)), pos_all)
+    cfg = WindowConfig(S, W, T, R, shift_mode, kernel=kernel)
+    calls = _kernel_calls()
+    run = OracleRun(lm, thinker, WindowCache(lm.config, cfg), pos_all)
     try:
         for n in sizes:
             run.forward(n)
     finally:
         run.close()
-    print(f"S={S} W={W} T={T} R={R} {shift_mode}: {run.checked} evicted forwards, "
+    print(f"S={S} W={W} T={T} R={R} {shift_mode} kernel={kernel}: {run.checked} evicted forwards, "
           f"max diff layer0 {run.worst_a:.2e}, model {run.worst_b:.2e}")
     assert run.checked >= 15 and run.cache.evicted
+    # decode steps (n == 1) went through the kernel in kernel mode, never otherwise
+    assert _kernel_calls() - calls == (sizes.count(1) * len(lm.layers) if kernel else 0)
 
 
-def test_crop_after_eviction_matches_oracle(lm, thinker):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_crop_after_eviction_matches_oracle(lm, thinker, window_attn, kernel):
     """Crop inside the window after evictions (ring compaction), then keep going."""
     torch.manual_seed(1)
     pos_all = _session_pieces(thinker, random.Random(7), 200)
-    cache = WindowCache(lm.config, WindowConfig(sink_tokens=3, window_tokens=16, chunk_tokens=4, rebase_every=3))
+    cache = WindowCache(lm.config, WindowConfig(sink_tokens=3, window_tokens=16, chunk_tokens=4, rebase_every=3,
+                                                kernel=kernel))
     run = OracleRun(lm, thinker, cache, pos_all)
     try:
         for n in [5, 20, 1, 1, 3]:
@@ -366,3 +542,54 @@ def test_crop_and_errors(lm):
         assert cache.kept_positions()[0].tolist() == [0, 1] + list(range(12, 19))
         with pytest.raises(ValueError):
             cache.crop(-(W + 1))
+
+
+# ---------------------------------------------------------------------- segment cutting (OmniChat)
+def _media_turn(ck, seconds, *, segment_s, video=True, W=64, T=64, seed=0):
+    """A live audio(+video) turn through OmniChat over a window cache: 0.5-s audio pieces and a
+    frame every 0.5 s (2 fps). Returns the chat and the largest rotated position after each piece."""
+    import numpy as np
+
+    from omnistream.chat import OmniChat
+
+    chat = OmniChat(ck, window=WindowConfig(sink_tokens=4, window_tokens=W, chunk_tokens=T), segment_s=segment_s)
+    rng = np.random.default_rng(seed)
+    frame = (rng.random((56, 56, 3)) * 255).astype(np.uint8)
+    chat.begin_turn(audio=True, video=video)
+    hist = []
+    for i in range(int(seconds * 2)):
+        chat.push_audio((rng.standard_normal(8000) * 0.1).astype(np.float32), 16000)
+        if video:
+            chat.push_frame(frame, i * 0.5 + 0.25)
+        hist.append(chat.thinker.cache.max_rotated_position)
+    chat.end_turn("what was that?")
+    return chat, hist
+
+
+@pytest.mark.parametrize("video", [True, False])
+def test_segment_cutting_bounds_rotated_positions(tiny, video):
+    """40 s of media with 4-s segments: the rotated positions plateau (the same maximum over the
+    last 30 s as after 10 s) under a bound set by the window and two segments; without cutting, an
+    audio-in-video turn's positions keep growing past that bound."""
+    seg, W, T = 4.0, 64, 64
+    chat, hist = _media_turn(tiny, 40, segment_s=seg, video=video, W=W, T=T)
+    cache = chat.thinker.cache
+    bound = cache.S + W + T + cache.R + 2 * int(seg * 25)
+    print(f"video={video}: {chat.segments_cut} cuts, max rotated position {hist[19]} at 10 s, {hist[-1]} at 40 s "
+          f"(bound {bound}), {chat.thinker.n_tokens} tokens")
+    assert chat.segments_cut == 40 // int(seg) - 1 and chat.thinker.rope.open_segment is None
+    assert hist[-1] == hist[19] < bound
+    assert chat.stats.audio_blocks == 20 and chat.stats.video_patches == (40 if video else 0)
+    if video:
+        _, hist_uncut = _media_turn(tiny, 40, segment_s=None, video=True, W=W, T=T)
+        print(f"without cutting: {hist_uncut[19]} at 10 s, {hist_uncut[-1]} at 40 s")
+        assert hist_uncut[-1] > 2 * bound
+
+
+def test_short_turns_unchanged_by_segment_cutting(tiny):
+    """A turn shorter than segment_s takes exactly the same path: same positions, same logits."""
+    a, _ = _media_turn(tiny, 3, segment_s=60.0)
+    b, _ = _media_turn(tiny, 3, segment_s=None)
+    assert a.segments_cut == 0
+    assert torch.equal(a.thinker.rope.positions, b.thinker.rope.positions)
+    assert torch.equal(a.thinker.next_token_logits(), b.thinker.next_token_logits())

@@ -15,6 +15,9 @@ Public API::
                             scaling=None, *, backend=None, num_splits=None) -> (B, H_q, D)
     ring_append(k_cache, v_cache, slot_pos, valid, k_new, v_new, pos_new, slots, *, backend=None)
 
+On the model's attention path: :mod:`omnistream.kernels.window_attention` (the
+``"omnistream_window"`` attention function a kernel-mode ``WindowCache`` decodes through).
+
 ``backend``: ``"torch"`` | ``"triton"`` | ``None`` (auto).  Auto picks Triton when the tensors are
 on CUDA and triton imports, else the torch reference.  The env var ``OMNISTREAM_KERNELS=torch|triton``
 overrides auto (not an explicit ``backend=``).  Triton on CPU tensors means the Triton interpreter:
@@ -39,16 +42,16 @@ from .reference import (
 )
 
 __all__ = [
-    "window_decode_attention",
-    "ring_append",
-    "triton_available",
-    "resolve_backend",
-    "window_decode_attention_ref",
-    "ring_append_ref",
-    "mrope_cos_sin",
-    "mrope_component",
     "apply_rope",
+    "mrope_component",
+    "mrope_cos_sin",
+    "resolve_backend",
+    "ring_append",
+    "ring_append_ref",
     "rotate_half",
+    "triton_available",
+    "window_decode_attention",
+    "window_decode_attention_ref",
 ]
 
 _triton_mod = None
@@ -66,7 +69,7 @@ def _load_triton(on_cpu: bool = False):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         from . import triton_window as mod
-    except Exception as e:  # ImportError, or a broken triton install
+    except Exception as e:  # noqa: BLE001 -- ImportError, or a broken triton install
         _triton_err = e
         return None
     _triton_mod = mod
@@ -76,7 +79,7 @@ def _load_triton(on_cpu: bool = False):
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a broken install counts as absent
         return False
     return True
 
@@ -95,12 +98,10 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     if choice == "auto":
         return "triton" if device.type == "cuda" and _load_triton() is not None else "torch"
     # forced triton
-    if device.type != "cuda":
-        if _triton_mod is not None and not _interpreting():
-            raise RuntimeError(
-                "triton kernels were compiled for GPU (TRITON_INTERPRET unset at import); "
-                "cannot run them on CPU tensors"
-            )
+    if device.type != "cuda" and _triton_mod is not None and not _interpreting():
+        raise RuntimeError(
+            "triton kernels were compiled for GPU (TRITON_INTERPRET unset at import); cannot run them on CPU tensors"
+        )
     if _load_triton(on_cpu=device.type != "cuda") is None:
         raise RuntimeError(f"OMNISTREAM_KERNELS=triton but triton is unavailable: {_triton_err!r}")
     return "triton"

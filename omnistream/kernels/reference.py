@@ -25,12 +25,12 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "apply_rope",
     "mrope_component",
     "mrope_cos_sin",
-    "rotate_half",
-    "apply_rope",
-    "window_decode_attention_ref",
     "ring_append_ref",
+    "rotate_half",
+    "window_decode_attention_ref",
 ]
 
 
@@ -91,7 +91,7 @@ def window_decode_attention_ref(
     filled.  A row with no valid slot returns zeros.
     """
     B, Hq, D = q.shape
-    _, Hkv, N, _ = k_cache.shape
+    Hkv = k_cache.shape[1]
     if Hq % Hkv:
         raise ValueError(f"H_q={Hq} is not a multiple of H_kv={Hkv}")
     G = Hq // Hkv

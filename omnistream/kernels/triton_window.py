@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .reference import mrope_component
 
-__all__ = ["window_decode_attention_triton", "ring_append_triton", "default_num_splits"]
+__all__ = ["default_num_splits", "ring_append_triton", "window_decode_attention_triton"]
 
 _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -183,7 +183,7 @@ def _split_combine_kernel(
     m_run = tl.full((), -1.0e30, dtype=tl.float32)
     l_run = tl.zeros((), dtype=tl.float32)
     acc = tl.zeros((D_PAD,), dtype=tl.float32)
-    for sp in range(0, NUM_SPLITS):
+    for sp in range(NUM_SPLITS):
         row = (bh.to(tl.int64) * NUM_SPLITS + sp) * G_PAD + g
         m_s = tl.load(WS_M + row)
         l_s = tl.load(WS_L + row)
@@ -364,7 +364,7 @@ def ring_append_triton(
     pos_new: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    B, Hkv, N, D = k_cache.shape
+    B, Hkv, _, D = k_cache.shape
     T = k_new.shape[2]
     if k_new.shape != (B, Hkv, T, D) or v_new.shape != k_new.shape:
         raise ValueError(f"k_new/v_new must be (B, H_kv, T, D) = {(B, Hkv, T, D)}, got {tuple(k_new.shape)}")

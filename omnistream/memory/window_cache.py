@@ -45,9 +45,9 @@ per token) ``span < W + n`` and the rotated positions are ``< S + W + n + rebase
 ONE long open audio-in-video segment, audio tokens sit at ``(st + k, st + k, st + k)`` while video
 tokens keep h, w at ``st + row/col``, so the *relative* h/w positions between the window's audio and
 video tokens grow with the segment's length, and no re-positioning that preserves relative
-positions inside the window can keep them small (``benchmarks/long_session.py`` measures this). A
-runtime that closes and reopens the segment every N seconds (clips) bounds the span by about two
-clips. ``shift="per_axis"`` (one shift per component; same cost, same exact relative positions)
+positions inside the window can keep them small (``benchmarks/long_session.py`` measures this).
+``OmniChat(segment_s=60)`` closes and reopens the segment every 60 s of media (clips), which bounds
+the span by about two clips (max rotated position 2.7k over a simulated hour instead of 90k). ``shift="per_axis"`` (one shift per component; same cost, same exact relative positions)
 additionally bounds a long video-only segment, whose h/w stay at ``st + row/col`` while t grows.
 
 Chunks (``n > 1`` tokens per forward, prefill): the ``n`` queries attend to everything the cache
@@ -69,6 +69,23 @@ eviction; ``StreamingThinker.n_tokens`` relies on it. The number of tokens held 
 positions are explicit, nothing derives positions from ``get_seq_length`` (``generate()``'s
 default ``cache_position`` path is not supported: pass ``position_ids``).
 
+Kernel mode (``WindowConfig(kernel=True)``; automatic on CUDA through :func:`window_thinker`)
+----------------------------------------------------------------------------------------------
+Keys are stored PRE-RoPE and each slot carries its cache position in one ``(1, 3, S + W + T)``
+int32 buffer shared by the layers. ``update`` un-rotates the forward's new keys once (they arrive
+rotated at the positions :meth:`WindowCache.cache_positions` returned: the inverse M-RoPE rotation,
+O(new tokens)) and writes them with :func:`omnistream.kernels.ring_append`. Re-positioning is then
+integer work on that buffer, once per forward for all layers: the sinks at ``s + (delta - B)``
+(S slots per step) and the ring ``-= dB`` at a rebase (every ``rebase_every`` tokens); no key is
+ever rewritten, so nothing rounds and ``rebase_every`` no longer trades accuracy. A single-token
+decode step returns a pre-RoPE view of the buffers tagged for the ``"omnistream_window"`` attention
+function (:mod:`omnistream.kernels.window_attention`), which runs
+:func:`omnistream.kernels.window_decode_attention` (RoPE applied in-kernel at the slot positions;
+the query, already rotated by the model, is passed at position 0). A prefill chunk gets the held
+keys rotated once at their cache positions plus its own (model-rotated) keys, for plain SDPA. Batch
+size 1 (one session per cache). Compared with the rotated layout the un-rotation adds one rounding
+per key (fp32 logits agree to ~3e-6 on the tiny Thinker).
+
 Usage::
 
     cache = WindowCache(lm.config, WindowConfig(sink_tokens=4, window_tokens=4096))
@@ -87,7 +104,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["AUDIO_TOKENS_PER_SECOND", "WindowConfig", "WindowCache", "WindowLayer", "window_thinker"]
+__all__ = ["AUDIO_TOKENS_PER_SECOND", "WindowCache", "WindowConfig", "WindowLayer", "window_thinker"]
 
 AUDIO_TOKENS_PER_SECOND = 25  # Qwen2.5-Omni audio tokens per second (also TMRoPE t-positions per second)
 
@@ -110,6 +127,10 @@ class WindowConfig:
       + 1`` (5 by default) roundings; the price is rotated positions up to ``rebase_every`` above
       StreamingLLM's. Compute per token: ``W / rebase_every`` key rotations (4), amortized.
     * ``shift`` (``"uniform"``): one shift for t, h, w; ``"per_axis"``: one per component (see module doc).
+    * ``kernel`` (``None``): store PRE-RoPE keys and decode through the Triton kernel (module doc,
+      "Kernel mode"). ``None``: :func:`window_thinker` turns it on when the model is on CUDA; a bare
+      :class:`WindowCache` treats ``None`` as off. ``True`` needs the model's attention routed through
+      :func:`omnistream.kernels.window_attention.enable_window_attention` (``window_thinker`` does it).
     """
 
     sink_tokens: int = 4
@@ -117,6 +138,7 @@ class WindowConfig:
     chunk_tokens: int = 256
     rebase_every: int | None = None
     shift: str = "uniform"
+    kernel: bool | None = None
 
     def __post_init__(self):
         if self.sink_tokens < 0 or self.chunk_tokens < 0:
@@ -129,14 +151,14 @@ class WindowConfig:
             raise ValueError(f"shift must be 'uniform' or 'per_axis', not {self.shift!r}")
 
     @classmethod
-    def from_seconds(cls, seconds: float, tokens_per_second: float = AUDIO_TOKENS_PER_SECOND, **kw) -> "WindowConfig":
+    def from_seconds(cls, seconds: float, tokens_per_second: float = AUDIO_TOKENS_PER_SECOND, **kw) -> WindowConfig:
         """A window holding ``seconds`` of media. ``tokens_per_second`` defaults to audio alone (25);
         for audio + video pass e.g. ``25 + 64`` (64 merged video tokens per 1-s temporal patch)."""
         if seconds <= 0 or tokens_per_second <= 0:
             raise ValueError("seconds and tokens_per_second must be > 0")
         return cls(window_tokens=max(1, math.ceil(seconds * tokens_per_second)), **kw)
 
-    def resolve(self, max_position_embeddings: int | None = None) -> "WindowConfig":
+    def resolve(self, max_position_embeddings: int | None = None) -> WindowConfig:
         """Fill in ``window_tokens`` and ``rebase_every``."""
         w, r = self.window_tokens, self.rebase_every
         if w is None:
@@ -159,7 +181,7 @@ def _text_config(config):
 
 
 def _rope_setup(config, inv_freq, mrope_section):
-    """(inv_freq (D/2,) float64 CPU, component of each frequency (D/2,) long)."""
+    """(inv_freq (D/2,) float64 CPU, component of each frequency (D/2,) long, mrope_section list)."""
     if inv_freq is None:
         rp = getattr(config, "rope_parameters", None) or {}
         if rp.get("rope_type", "default") != "default":
@@ -172,20 +194,37 @@ def _rope_setup(config, inv_freq, mrope_section):
     inv_freq = inv_freq.detach().to("cpu", torch.float64).flatten()
     half = inv_freq.numel()
     if mrope_section is None:
-        comp = torch.zeros(half, dtype=torch.long)  # 1-D RoPE: every frequency reads component 0
-    else:
-        comp = torch.tensor([j % 3 for j, c in enumerate(mrope_section) for _ in range(int(c))], dtype=torch.long)
-        if comp.numel() != half:
-            raise ValueError(f"mrope_section {list(mrope_section)} does not sum to head_dim/2 = {half}")
-    return inv_freq, comp
+        mrope_section = [half]  # 1-D RoPE: every frequency reads component 0
+    comp = torch.tensor([j % 3 for j, c in enumerate(mrope_section) for _ in range(int(c))], dtype=torch.long)
+    if comp.numel() != half:
+        raise ValueError(f"mrope_section {list(mrope_section)} does not sum to head_dim/2 = {half}")
+    return inv_freq, comp, [int(c) for c in mrope_section]
 
 
 class _Plan:
     """What every layer does in the forward that follows one ``cache_positions`` call."""
 
-    __slots__ = ("id", "C", "n", "nsink0", "ring_valid", "dB", "sink_shift", "runs", "rebase_cs", "sink_cs", "_dev")
+    __slots__ = (
+        "C",
+        "_dev",
+        "dB",
+        "id",
+        "k_cs",
+        "k_held_cs",
+        "k_pos",
+        "k_slots",
+        "n",
+        "nsink0",
+        "out",
+        "rebase_cs",
+        "ring_valid",
+        "runs",
+        "sink_cs",
+        "sink_shift",
+    )
 
     def __init__(self, **kw):
+        self.k_pos = self.k_slots = self.k_cs = self.k_held_cs = None
         for k, v in kw.items():
             setattr(self, k, v)
         self._dev = {}
@@ -215,7 +254,7 @@ class WindowLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, owner: "WindowCache", layer_idx: int):
+    def __init__(self, owner: WindowCache, layer_idx: int):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
@@ -223,15 +262,19 @@ class WindowLayer(CacheLayerMixin):
         self._done = 0  # id of the last plan executed
         self._pending: list = []  # scratch -> ring moves of the last forward, done at the next update
         self._sink_shift = (0, 0, 0)
+        self._handle = None  # kernel mode: the last decode step's DecodeHandle
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         o = self.owner
         b, h, _, d = key_states.shape
+        if o.kernel and b != 1:
+            raise NotImplementedError("kernel-mode WindowCache holds one session (batch size 1)")
         self.device = key_states.device
         cap = o.S + o.W + o.T
         self.keys = torch.zeros(b, h, cap, d, dtype=key_states.dtype, device=self.device)
         self.values = torch.zeros(b, h, cap, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
-        self.sink_keys = torch.zeros(b, h, o.S, d, dtype=key_states.dtype, device=self.device)
+        # kernel mode keeps the sinks pre-RoPE in place: no rotated-at-birth copy
+        self.sink_keys = torch.zeros(b, h, 0 if o.kernel else o.S, d, dtype=key_states.dtype, device=self.device)
         self.is_initialized = True
 
     def _flush(self) -> None:
@@ -258,6 +301,8 @@ class WindowLayer(CacheLayerMixin):
         if key_states.shape[-2] != plan.n:
             raise ValueError(f"{key_states.shape[-2]} new tokens but cache_positions was given {plan.n}")
         self._flush()
+        if o.kernel:
+            return self._update_kernel(plan, key_states, value_states)
         if plan.ring_valid and any(plan.dB):  # rebase: window keys from p - B_old to p - B_new
             cos, sin = plan.cos_sin("rebase_cs", K.device)
             ring = K[:, :, S : S + plan.ring_valid]
@@ -286,6 +331,48 @@ class WindowLayer(CacheLayerMixin):
             V[:, :, dst : dst + ln].copy_(value_states[:, :, i : i + ln])
         return k_out, v_out
 
+    def _update_kernel(self, plan, key_states, value_states):
+        """Kernel mode: un-rotate the new keys once (they arrive rotated at ``plan.out``), store them
+        pre-RoPE with ``ring_append``; return a tagged pre-RoPE view for a decode step (the window
+        attention function runs the kernel on it) or the held keys rotated at their cache positions
+        plus the chunk's own keys for a prefill chunk (plain SDPA then)."""
+        from omnistream.kernels import apply_rope, ring_append
+
+        o = self.owner
+        if self._handle is not None and not self._handle.consumed:
+            raise RuntimeError(
+                "kernel-mode WindowCache: the last decode step did not go through the window attention "
+                "function; call omnistream.kernels.window_attention.enable_window_attention(model) (window_thinker does)"
+            )
+        self._handle = None
+        o._kernel_prepare(plan, key_states.device)
+        if o._kq_pos is None or o._kq_pos.device != key_states.device or o._kq_pos.shape[0] < key_states.shape[0]:
+            o._kq_pos = torch.zeros(key_states.shape[0], 3, dtype=torch.int32, device=key_states.device)
+        K, V, C, n = self.keys, self.values, plan.C, plan.n
+        cos, sin = plan.k_cs  # (1, n, D) at the positions the model rotated the new keys at
+        k_pre = apply_rope(key_states, cos[:, None], -sin[:, None])  # inverse rotation, (B, H, n, D)
+        if C + n <= K.shape[-2]:
+            ring_append(K, V, o._kpos, o._kvalid, k_pre, value_states, plan.k_pos, plan.k_slots)
+            self._pending = [(C + i, dst, ln) for i, dst, ln in plan.runs if dst != C + i]
+            if n == 1:
+                from omnistream.kernels.window_attention import HANDLE_ATTR, DecodeHandle
+
+                k_view, v_view = K[:, :, : C + 1], V[:, :, : C + 1]
+                self._handle = DecodeHandle(self, o._kpos[:, :, : C + 1], o._kinv, o.mrope_section, o._kq_pos)
+                setattr(k_view, HANDLE_ATTR, self._handle)
+                return k_view, v_view
+            hc, hs = plan.k_held_cs
+            k_out = torch.cat((apply_rope(K[:, :, :C], hc[:, None], hs[:, None]), key_states), dim=-2)
+            return k_out, V[:, :, : C + n]
+        hc, hs = plan.k_held_cs  # chunk larger than the scratch: materialize first, then write the runs
+        k_out = torch.cat((apply_rope(K[:, :, :C], hc[:, None], hs[:, None]), key_states), dim=-2)
+        v_out = torch.cat((V[:, :, :C], value_states), dim=-2)
+        for i, dst, ln in plan.runs:
+            slots = torch.arange(dst, dst + ln, device=K.device)
+            ring_append(K, V, o._kpos, o._kvalid, k_pre[:, :, i : i + ln], value_states[:, :, i : i + ln],
+                        plan.k_pos[:, :, i : i + ln], slots)
+        return k_out, v_out
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.get_query_offset() + query_length, 0
 
@@ -302,6 +389,7 @@ class WindowLayer(CacheLayerMixin):
         self._pending = []
         self._done = 0
         self._sink_shift = (0, 0, 0)
+        self._handle = None
         super().reset()
         if self.sink_keys is not None:
             self.sink_keys.zero_()
@@ -354,7 +442,8 @@ class WindowCache(Cache):
             if config is None:
                 raise ValueError("pass config or num_layers")
             num_layers = config.num_hidden_layers
-        self.inv_freq, self.comp = _rope_setup(config, inv_freq, mrope_section)
+        self.inv_freq, self.comp, self.mrope_section = _rope_setup(config, inv_freq, mrope_section)
+        self.kernel = bool(self.window.kernel)
         super().__init__(layers=[WindowLayer(self, i) for i in range(num_layers)])
         self._plan_id = 0
         self._reset_state()
@@ -378,6 +467,16 @@ class WindowCache(Cache):
         self._plan: _Plan | None = None
         self.max_rotated_position = -(2**62)  # largest position handed to the model (diagnostic)
         self.min_rotated_position = 2**62
+        # kernel mode (device buffers shared by all layers: positions are per session, not per layer)
+        if not hasattr(self, "_kpos"):
+            self._kpos = self._kvalid = self._ksink = self._kinv = self._kq_pos = None
+        if self._kpos is not None:
+            self._kpos.zero_()
+            self._kvalid.zero_()
+            self._ksink.zero_()
+        self._k_moves: list = []  # slot-position moves (scratch -> ring) of the last forward
+        self._k_sink_shift = (0, 0, 0)
+        self._k_prepared = 0  # id of the last plan whose positions were prepared
 
     @torch.inference_mode()  # the buffers are usually inference tensors (StreamingThinker runs under it)
     def reset(self) -> None:
@@ -386,6 +485,50 @@ class WindowCache(Cache):
         self._reset_state()
         for layer in self.layers:
             layer._done = self._plan_id  # the next plan id is fresh for every layer
+
+    # ------------------------------------------------------------------ kernel mode positions
+    def _kernel_prepare(self, plan: _Plan, device) -> None:
+        """Once per forward (first layer): bring the per-slot cache positions ``(1, 3, S + W + T)`` into
+        this forward's frame and make the device tensors the layers share. All integer work: moving the
+        last forward's scratch slots, the rebase (``-= dB`` over the ring, every ``rebase_every``
+        tokens), the sinks at ``s + (delta - B)`` (S slots). No key is ever re-rotated."""
+        if self._k_prepared == plan.id:
+            return
+        from omnistream.kernels import mrope_cos_sin
+
+        S, cap, n, C = self.S, self.S + self.W + self.T, plan.n, plan.C
+        if self._kpos is None or self._kpos.device != device:
+            self._kpos = torch.zeros(1, 3, cap, dtype=torch.int32, device=device)
+            self._kvalid = torch.zeros(1, cap, dtype=torch.bool, device=device)
+            self._ksink = torch.zeros(1, 3, max(S, 1), dtype=torch.int32, device=device)
+            self._kinv = self.inv_freq.to(device=device, dtype=torch.float32)
+        self._kernel_flush_positions()
+        host = torch.empty(3, n + 2, dtype=torch.int32)  # one host->device copy per forward
+        host[:, :n] = plan.out
+        host[:, n] = torch.tensor(plan.dB, dtype=torch.int32)
+        host[:, n + 1] = torch.tensor(plan.sink_shift, dtype=torch.int32)
+        dev = host.to(device)
+        kpos = self._kpos
+        if plan.ring_valid and any(plan.dB):  # rebase: window positions from p - B_old to p - B_new
+            kpos[:, :, S : S + plan.ring_valid] -= dev[None, :, n : n + 1]
+        if plan.nsink0 and plan.sink_shift != self._k_sink_shift:
+            kpos[:, :, : plan.nsink0] = self._ksink[:, :, : plan.nsink0] + dev[None, :, n + 1 : n + 2]
+        self._k_sink_shift = plan.sink_shift
+        if C < S:  # new sinks: their original positions (delta = B = 0 until the sinks are full)
+            k = min(S - C, n)
+            self._ksink[:, :, C : C + k] = dev[None, :, :k]
+        plan.k_pos = dev[None, :, :n]  # (1, 3, n) positions the model rotates the new tokens at
+        plan.k_slots = torch.arange(C, C + n, device=device)
+        plan.k_cs = mrope_cos_sin(plan.k_pos, self._kinv, self.mrope_section)  # (1, n, D) each
+        if n > 1 or C + n > cap:  # prefill: the held keys are materialized rotated for SDPA
+            plan.k_held_cs = mrope_cos_sin(kpos[:, :, :C], self._kinv, self.mrope_section)
+        self._k_moves = [(C + i, dst, ln) for i, dst, ln in plan.runs if dst != C + i] if C + n <= cap else []
+        self._k_prepared = plan.id
+
+    def _kernel_flush_positions(self) -> None:
+        for src, dst, n in self._k_moves:
+            self._kpos[:, :, dst : dst + n] = self._kpos[:, :, src : src + n].clone()
+        self._k_moves = []
 
     @property
     def n_cached(self) -> int:
@@ -406,9 +549,13 @@ class WindowCache(Cache):
         return not self.evicted
 
     def memory_bytes(self) -> int:
-        """Bytes of the preallocated K/V buffers of all layers (0 before the first forward). This is
-        also the bound: the buffers never grow (a chunk over ``chunk_tokens`` adds one transient copy)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of the preallocated K/V buffers of all layers (0 before the first forward), plus the
+        per-slot position buffers in kernel mode. This is also the bound: the buffers never grow (a
+        chunk over ``chunk_tokens`` adds one transient copy)."""
+        kv = sum(layer.nbytes() for layer in self.layers)
+        if self._kpos is not None and kv:
+            kv += sum(t.numel() * t.element_size() for t in (self._kpos, self._kvalid, self._ksink, self._kq_pos))
+        return kv
 
     def bookkeeping_bytes(self) -> int:
         """Host-side position bookkeeping (slot positions + min-deques), also bounded by S + W."""
@@ -553,11 +700,12 @@ class WindowCache(Cache):
         self.seen += n
         self.base, self.delta = base, delta
         self._plan_id += 1
+        k = self.kernel  # kernel mode never re-rotates keys: positions only
         self._plan = _Plan(
             id=self._plan_id, C=nsink0 + count0, n=n, nsink0=nsink0, ring_valid=count0, dB=dB,
-            sink_shift=sink_shift, runs=runs,
-            rebase_cs=self._cos_sin(tuple(-x for x in dB)) if count0 and any(dB) else None,
-            sink_cs=self._cos_sin(sink_shift, memo=True) if nsink0 and any(sink_shift) else None,
+            sink_shift=sink_shift, runs=runs, out=out,
+            rebase_cs=self._cos_sin(tuple(-x for x in dB)) if count0 and any(dB) and not k else None,
+            sink_cs=self._cos_sin(sink_shift, memo=True) if nsink0 and any(sink_shift) and not k else None,
         )
         hi = max(max(c) - b for c, b in zip(cols, base))
         lo_r = min(min(c) - b for c, b in zip(cols, base))
@@ -591,11 +739,15 @@ class WindowCache(Cache):
         S, W = self.S, self.W
         for layer in self.layers:
             layer._flush()
+        if self._kpos is not None:
+            self._kernel_flush_positions()
         if self.count == W and self.head:  # make the ring chronological from slot S (rare: one O(W) copy)
             for layer in self.layers:
                 if layer.is_initialized:
                     for t in (layer.keys, layer.values):
                         t[:, :, S : S + W] = t[:, :, S : S + W].roll(-self.head, dims=-2)
+            if self._kpos is not None:
+                self._kpos[:, :, S : S + W] = self._kpos[:, :, S : S + W].roll(-self.head, dims=-1)
             h = self.head
             for sp in self.slot_pos:
                 sp[S : S + W] = sp[S + h : S + W] + sp[S : S + h]
@@ -632,9 +784,20 @@ class _PositionMappingLM:
 
 def window_thinker(thinker, window: WindowConfig | None = None, rope=None, tokenizer=None, **kw):
     """A ``StreamingThinker`` whose cache is a :class:`WindowCache` (``n_tokens`` counts tokens seen;
-    ``truncate`` works within the window, see :meth:`WindowCache.crop`)."""
+    ``truncate`` works within the window, see :meth:`WindowCache.crop`).
+
+    ``window.kernel=None`` turns kernel mode on when the Thinker is on CUDA; in kernel mode the
+    Thinker's language model is switched to the ``"omnistream_window"`` attention function
+    (:mod:`omnistream.kernels.window_attention`; other caches on the same model still get SDPA)."""
     from omnistream.talker.thinker import StreamingThinker
 
+    window = window if window is not None else WindowConfig()
+    if window.kernel is None:
+        window = replace(window, kernel=thinker.get_input_embeddings().weight.device.type == "cuda")
+    if window.kernel:
+        from omnistream.kernels.window_attention import enable_window_attention
+
+        enable_window_attention(thinker)
     st = StreamingThinker(thinker, rope, tokenizer, **kw)
     st.lm = _PositionMappingLM(st.lm)
     st._cache_cls = partial(WindowCache, window=window)
