@@ -1,0 +1,174 @@
+"""A tiny random JanusVLN-shaped checkpoint, for tests and benchmarks (no downloads).
+
+The directory has the layout of JanusVLN's released checkpoints, so it loads through
+:meth:`omnistream.navigation.janus.JanusAgent.from_pretrained` exactly like a real one:
+
+* ``config.json``: a ``qwen2_5_vl`` config (tiny text and vision towers) plus JanusVLN's ``lam`` and
+  ``vggt_merger_hidden_dim``, and ``vggt_config`` (the tiny aggregator's sizes; real checkpoints omit
+  it and the sizes are read from the weights);
+* ``model.safetensors``: the Qwen2.5-VL weights as ``save_pretrained`` writes them, plus
+  ``vggt.aggregator.*`` (VGGT's key layout) and ``merger.*`` (the spatial-feature MLP);
+* a byte-level BPE tokenizer with Qwen2.5-VL's special tokens (built with the helpers of
+  :func:`omnistream.checkpoints.make_tiny`), ``generation_config.json`` and ``preprocessor_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from omnistream.checkpoints import VisionPreprocessing, _reinit, _tiny_tokenizer
+
+# Qwen2.5-VL's special tokens (names as in its tokenizer_config.json), ids assigned after the BPE vocab.
+QWEN25VL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% elif c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_VGGT = {
+    "img_size": 56,
+    "patch_size": 14,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "dino_depth": 1,
+    "dino_heads": 2,
+}
+
+
+def make_tiny_janus(
+    out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2, lam: float = 0.2, vggt=None
+) -> Path:
+    """Write a tiny random JanusVLN checkpoint to ``out_dir`` and return its path."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    from omnistream.navigation.janus import VGGTMerger
+    from omnistream.navigation.vggt import VGGTAggregator, VGGTConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = _tiny_tokenizer(vocab_size=384)
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN25VL_SPECIAL_TOKENS])
+    ids = {t: bpe.token_to_id(t) for t in QWEN25VL_SPECIAL_TOKENS}
+    tokenizer = Qwen2Tokenizer(
+        tokenizer_object=bpe,
+        errors="replace",
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    )
+    vocab = bpe.get_vocab_size(with_added_tokens=True)
+    vocab += (-vocab) % 64
+
+    heads, kv_heads = 4, 2
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        "tie_word_embeddings": False,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+    }
+    vision = {
+        "depth": layers,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": hidden,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [layers - 1],
+        "tokens_per_second": 2,
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _reinit(model, seed)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    vcfg = VGGTConfig.from_dict(vggt or TINY_VGGT)
+    agg = VGGTAggregator(vcfg).eval()
+    _reinit(agg, seed + 1)
+    merger_hidden = 2 * hidden
+    merger = VGGTMerger(hidden, merger_hidden, 2 * vcfg.embed_dim, spatial_merge_size=2).eval()
+    _reinit(merger, seed + 2)
+    weights = out / "model.safetensors"
+    sd = load_file(str(weights))
+    sd.update({f"vggt.aggregator.{k}": v.contiguous() for k, v in agg.state_dict().items()})
+    sd.update({f"merger.{k}": v.contiguous() for k, v in merger.state_dict().items()})
+    save_file(sd, str(weights), metadata={"format": "pt"})
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(lam=lam, vggt_merger_hidden_dim=merger_hidden, reference_frame="first", use_vggt_feature=True)
+    cfg["vggt_config"] = vcfg.to_dict()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    prep = {k: list(v) if isinstance(v, tuple) else v for k, v in VisionPreprocessing().__dict__.items()}
+    prep.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
+    (out / "preprocessor_config.json").write_text(json.dumps(prep, indent=2, sort_keys=True) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":  # python -m omnistream.navigation.tiny DIR
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m omnistream.navigation.tiny OUT_DIR")
+    print(make_tiny_janus(sys.argv[1]))
