@@ -121,6 +121,7 @@ class OmniChat:
         self._cancel = threading.Event()
         self._t2w: StreamingToken2Wav | None = None
         self._last_reply: tuple[int, int] | None = None  # (reply start, reply text tokens)
+        self._reply_end = 0  # Thinker length when the last reply (or its truncation) closed
         self.stats = TurnStats()
         self.reply_codes: list[int] = []  # codec tokens of the last reply
         self.reply_ids: list[int] = []  # text tokens of the last reply (stop token excluded)
@@ -285,6 +286,8 @@ class OmniChat:
         if speak and self.talker is None:
             raise ValueError("this chat has no voice: construct OmniChat(..., voice='Chelsie') to speak")
         self._cancel.clear()
+        if speak and self.talker.done and not self.talker.started:
+            self.talker.end_turn()  # a cancel that came between replies must not mute this one
         s, t0 = self.stats, time.perf_counter()
         reply_start = self.thinker.n_tokens
         ids: list[int] = []
@@ -331,6 +334,7 @@ class OmniChat:
             self._text("<|im_end|>")
         self._text("\n")
         self._last_reply = (reply_start, len(ids))
+        self._reply_end = self.thinker.n_tokens
         self.reply_ids = ids
         s.reply_tokens = len(ids)
         s.codec_tokens = len(self.reply_codes)
@@ -368,6 +372,9 @@ class OmniChat:
         """
         if self._last_reply is None:
             raise RuntimeError("no reply to truncate")
+        if self.thinker.n_tokens != self._reply_end:  # cutting now would cut the user's new turn
+            raise RuntimeError("the conversation has moved on since the last reply (a new turn began); "
+                               "truncate it before the next turn starts")
         start, n_text = self._last_reply
         samples_per_code = 480 if self._t2w is None else self._t2w.hop * self._t2w.repeats
         kept = min(n_text, math.ceil(max(0, played_samples) / samples_per_code))
@@ -376,6 +383,7 @@ class OmniChat:
             self.talker.truncate_prompt(start + kept)
         self._text("<|im_end|>\n")
         self._last_reply = (start, kept)
+        self._reply_end = self.thinker.n_tokens
         self.reply_ids = self.reply_ids[:kept]
         return kept
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from omnistream.chat import OmniChat
@@ -97,3 +98,25 @@ def test_windowed_chat_keeps_memory_bounded(tiny):
         sizes.add(chat.thinker.cache.memory_bytes())
     assert chat.thinker.n_tokens > 4 * 48  # seen
     assert len(sizes) == 1  # preallocated, never grown
+
+
+def test_cancel_between_replies_does_not_mute_the_next_and_late_truncate_is_refused(tiny):
+    """A barge-in that lands after a reply ended must not silence the next reply, and a truncation
+    that arrives after the user's next turn began must not cut into that turn."""
+    from omnistream.talker.talker import TalkerConfig
+
+    chat = OmniChat(tiny, voice="Chelsie", talker_config=TalkerConfig(max_new_tokens=30, seed=0))
+    chat.say("hello")
+    first = list(chat.reply(max_new_tokens=6, seed=0))
+    assert any(e.kind == "audio" for e in first)
+    chat.cancel()  # between replies: nothing is running
+    chat.say("again")
+    second = list(chat.reply(max_new_tokens=6, seed=0))
+    assert sum(len(e.pcm) for e in second if e.kind == "audio") > 0
+    chat.begin_turn(audio=False, video=False)  # the user's next turn has begun
+    n = chat.thinker.n_tokens
+    with pytest.raises(RuntimeError, match="moved on"):
+        chat.truncate_to_played(480)
+    assert chat.thinker.n_tokens == n
+    chat.end_turn("ok")
+    assert list(chat.reply(max_new_tokens=2))
