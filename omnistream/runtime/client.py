@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------- options
 @dataclass
@@ -161,6 +163,8 @@ class _Session:
         self.options = options
         self.chat = None  # OmniChat, built lazily on the worker thread
         self.epoch = 0
+        self.replying = False  # a reply is being generated (guarded by `lock`)
+        self.lock = threading.Lock()
         self.turn_open = False
         self.video = False
         self.t0_frame: float | None = None
@@ -196,7 +200,10 @@ class InProcClient(Client):
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not _STOP:
-            job()
+            try:
+                job()
+            except Exception:  # one session's failure must not stop the worker
+                log.exception("in-process pipeline job failed")
 
     def _submit(self, fn) -> asyncio.Future:
         """Run ``fn()`` on the worker thread; the future resolves on the event loop."""
@@ -226,7 +233,11 @@ class InProcClient(Client):
         sid = f"sess_{next(self._ids)}"
         s = _Session(sid, options or SessionOptions())
         self._sessions[sid] = s
-        await self._submit(lambda: self._build(s))
+        try:
+            await self._submit(lambda: self._build(s))
+        except BaseException:
+            self._sessions.pop(sid, None)  # (an unknown voice must not leave a half-open session)
+            raise
         return sid
 
     def _build(self, s: _Session) -> None:
@@ -249,9 +260,13 @@ class InProcClient(Client):
         s = self._session(sid)
         key = lambda o: (o.voice, o.system_prompt, o.window, o.max_speech_s, o.fps)
         rebuild = key(options) != key(s.options)
-        s.options = options
+        old, s.options = s.options, options
         if rebuild:  # a new voice/prompt/cache starts a fresh conversation
-            await self._submit(lambda: self._build(s))
+            try:
+                await self._submit(lambda: self._build(s))
+            except BaseException:
+                s.options = old  # (a ClientError -- e.g. an unknown voice -- keeps the old conversation)
+                raise
 
     # -- input (errors become events of the next respond(); the session goes on)
     async def push_audio(self, sid: str, pcm: np.ndarray, sample_rate: int) -> None:
@@ -259,6 +274,10 @@ class InProcClient(Client):
         self._jobs.put(lambda: self._guard(s, lambda: self._audio(s, pcm, sample_rate)))
 
     def _audio(self, s: _Session, pcm, rate) -> None:
+        if not s.turn_open:  # validate first: bad audio must not open a turn it cannot fill
+            from omnistream.encoders.audio import PcmConverter
+
+            PcmConverter()(pcm, rate)
         self._open_turn(s, audio=True)
         s.chat.push_audio(pcm, rate)
 
@@ -267,6 +286,9 @@ class InProcClient(Client):
         self._jobs.put(lambda: self._guard(s, lambda: self._frame(s, frame, t_s)))
 
     def _frame(self, s: _Session, frame, t_s) -> None:
+        from omnistream.encoders.vision import check_frame
+
+        check_frame(frame)  # a bad frame must not turn the next turn into a video turn
         if not s.turn_open:  # a turn that starts with the camera on carries audio in video
             s.video = True
         if not s.video:
@@ -286,11 +308,17 @@ class InProcClient(Client):
         await self._submit(lambda: self._commit(s, text))
 
     def _commit(self, s: _Session, text) -> None:
-        if s.turn_open:
-            s.chat.end_turn(text)
-        else:
-            s.chat.say(text or "")
-        s.turn_open, s.video, s.t0_frame = False, False, None
+        try:
+            if s.turn_open:
+                s.chat.end_turn(text)
+            else:
+                s.chat.say(text or "")
+        except Exception:
+            if s.turn_open:  # a turn that cannot be closed is dropped, so the next one starts clean
+                s.chat.abort_turn()
+            raise
+        finally:
+            s.turn_open, s.video, s.t0_frame = False, False, None
 
     async def clear(self, sid: str) -> None:
         s = self._session(sid)
@@ -319,10 +347,15 @@ class InProcClient(Client):
         put = lambda ev: self._loop.call_soon_threadsafe(events.put_nowait, ev)
 
         def run():
-            if s.turn_open:
-                self._commit(s, None)
             o, text, samples = s.options, [], 0
+            with s.lock:
+                s.replying = True
+                talker = s.chat.talker
+                if talker is not None and talker.done and not talker.started:
+                    talker.end_turn()  # a cancel that landed just after the last reply ended muted it
             try:
+                if s.turn_open:
+                    self._commit(s, None)
                 for ev in s.chat.reply(o.max_new_tokens, o.temperature):
                     if s.epoch != epoch:
                         s.chat.cancel()
@@ -336,6 +369,9 @@ class InProcClient(Client):
             except Exception as e:  # noqa: BLE001
                 put(SessionError(epoch, _error_code(e), str(e)))
                 return
+            finally:
+                with s.lock:
+                    s.replying = False
             st = s.chat.stats
             put(ResponseDone(epoch, "".join(text), st.reply_tokens, samples, st.cancelled or s.epoch != epoch,
                              {k: getattr(st, k) for k in ("ttft_s", "first_audio_s", "decode_s", "end_of_input_s")}))
@@ -352,8 +388,9 @@ class InProcClient(Client):
     async def cancel(self, sid: str) -> int:
         s = self._session(sid)
         s.epoch += 1
-        if s.chat is not None:
-            s.chat.cancel()
+        with s.lock:  # only a running reply: a cancel between replies would mute the next one's Talker
+            if s.chat is not None and s.replying:
+                s.chat.cancel()
         return s.epoch
 
     async def truncate(self, sid: str, played_samples: int) -> int:

@@ -33,16 +33,33 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "AudioChunk",
+    "BeginTurn",
+    "Clear",
+    "CloseSession",
+    "Codes",
+    "Commit",
+    "Done",
+    "Embeds",
+    "EndReply",
     "Epoch",
     "Error",
+    "Frame",
     "Hello",
     "Message",
+    "OpenSession",
     "Ping",
     "Pong",
+    "PromptRows",
     "Ready",
+    "ReplyError",
+    "Respond",
+    "Result",
     "Shutdown",
+    "Step",
     "TensorRef",
     "TextDelta",
+    "Truncate",
+    "TruncatePrompt",
     "WireError",
     "decode",
     "encode",
@@ -159,7 +176,147 @@ class Shutdown(_Msg):
     """Ask the receiving stage to drain and exit."""
 
 
-Message = Hello | Ready | Ping | Pong | AudioChunk | TextDelta | Error | Epoch | Shutdown
+# ---- session work along the stage chain (encoders -> thinker -> talker -> token2wav) ----------
+# Every op travels the chain in order, so a stage sees a session's ops in the order the client
+# sent them; ``req`` > 0 asks for a :class:`Result` (from the stage that owns the op's outcome).
+Options = dict[str, Any]  # SessionOptions fields (omnistream.runtime.client.SessionOptions)
+
+
+class OpenSession(_Msg):
+    """Create the session's state (idempotent: a stage that has it keeps it); ``fresh`` rebuilds it."""
+    session: str
+    epoch: NonNeg
+    options: Options
+    req: NonNeg = 0
+    fresh: bool = False
+
+
+class CloseSession(_Msg):
+    session: str
+
+
+class BeginTurn(_Msg):
+    """Encoders -> thinker: a media user turn opens (audio, or audio-in-video when ``video``)."""
+    session: str
+    epoch: NonNeg
+    video: bool
+
+
+class Frame(_Msg):
+    """Client -> encoders: a camera frame (H, W, 3) uint8 RGB taken at session time ``t_s``."""
+    session: str
+    epoch: NonNeg
+    t_s: float
+    image: TensorRef
+
+
+class Commit(_Msg):
+    """End the user turn, with optional typed ``text``."""
+    session: str
+    epoch: NonNeg
+    text: str | None = None
+    req: NonNeg = 0
+
+
+class Clear(_Msg):
+    """Drop the open user turn."""
+    session: str
+    epoch: NonNeg
+    req: NonNeg = 0
+
+
+class Respond(_Msg):
+    """Generate the reply of ``epoch`` to the committed turn."""
+    session: str
+    epoch: NonNeg
+
+
+class Truncate(_Msg):
+    """Keep only the first ``played_samples`` (24 kHz) of the last reply (thinker answers with tokens kept)."""
+    session: str
+    epoch: NonNeg
+    played_samples: NonNeg
+    req: NonNeg = 0
+
+
+class Embeds(_Msg):
+    """Encoders -> thinker: one encoded audio block (n, D) or video patch (with its (1, h, w) grid)."""
+    session: str
+    epoch: NonNeg
+    kind: Literal["audio", "video"]
+    embeds: TensorRef
+    grid: Annotated[list[NonNeg], msgspec.Meta(max_length=3)] = []
+
+
+class PromptRows(_Msg):
+    """Thinker -> talker: per-token (embeds, hidden) (n, D) and TMRoPE ``positions`` (3, n) (``feed_prompt``)."""
+    session: str
+    embeds: TensorRef
+    hidden: TensorRef
+    positions: TensorRef
+    next_position: int
+
+
+class TruncatePrompt(_Msg):
+    """Thinker -> talker: the Thinker's context was cut back to ``n_tokens``."""
+    session: str
+    n_tokens: NonNeg
+
+
+class Step(_Msg):
+    """Thinker -> talker: one decoded reply token with its input embedding and hidden state (D,)."""
+    session: str
+    epoch: NonNeg
+    token: NonNeg
+    embed: TensorRef
+    hidden: TensorRef
+
+
+class EndReply(_Msg):
+    """Thinker -> talker -> token2wav: the reply text ended (``cancelled``: stop, do not finish)."""
+    session: str
+    epoch: NonNeg
+    cancelled: bool
+
+
+class Codes(_Msg):
+    """Talker -> token2wav: codec tokens of the reply of ``epoch``."""
+    session: str
+    epoch: NonNeg
+    codes: list[NonNeg]
+
+
+class Done(_Msg):
+    """A stage finished its part of a reply: ``text`` (thinker; ``speech`` says audio follows) or ``audio``."""
+    session: str
+    epoch: NonNeg
+    part: Literal["text", "audio"]
+    cancelled: bool
+    text: str = ""
+    reply_tokens: NonNeg = 0
+    speech: bool = False
+    stats: dict[str, float] = {}
+
+
+class ReplyError(_Msg):
+    """A stage failed the reply of ``epoch`` (the reply ends with an error; the session goes on)."""
+    session: str
+    epoch: NonNeg
+    code: str
+    message: str
+
+
+class Result(_Msg):
+    """Answer to an op with ``req`` > 0: ``value`` (e.g. tokens kept) or ``error``."""
+    session: str
+    req: NonNeg
+    value: int = 0
+    error: str | None = None
+
+
+Message = (Hello | Ready | Ping | Pong | AudioChunk | TextDelta | Error | Epoch | Shutdown | OpenSession | CloseSession
+           | BeginTurn | Frame | Commit | Clear | Respond | Truncate | Embeds | PromptRows | TruncatePrompt | Step
+           | EndReply | Codes | Done | ReplyError | Result)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Message)

@@ -1,0 +1,347 @@
+"""A stage process: one main loop over its ZeroMQ sockets, driving the workers it hosts.
+
+Sockets (the supervisor binds control/events/epochs; each stage binds its own input):
+
+* ``DEALER`` -> supervisor ``ROUTER`` (control): Hello/Ready handshake, Ping -> Pong, Shutdown;
+* ``SUB`` <- supervisor ``PUB`` (epochs): barge-in ``Epoch`` broadcasts and ``Shutdown``;
+* ``PULL`` at the stage's address (data in), ``PUSH`` to the next stage's address and to the
+  client's events socket (data out). High-water marks are sized in time (:func:`wire.hwm_for`).
+
+Handshake: the stage loads its model part, then sends ``Hello`` (its protocol version); the
+supervisor answers ``Ready`` (its version: each side rejects a mismatch); the stage binds its
+input address and sends ``Ready`` when it serves. A *warm spare* is a stage process the supervisor
+leaves waiting after its Hello -- loaded, not bound -- and promotes with a Ready the moment the
+stage it stands in for is lost, so a restart costs a handshake instead of an interpreter start
+and a checkpoint load. Pings are answered by the same loop that
+runs the model, between two pieces of work (one decoded token, one DiT chunk), so a stage stuck
+in a forward -- or stopped, or deadlocked -- stops answering and the supervisor restarts it.
+
+Workers co-located in one process hand messages over in memory (no copies, tensors stay on
+their device); messages to another process are encoded with tensors as separate zero-copy
+frames. Barge-in epochs are applied to every local worker as soon as they arrive.
+
+The process dies with its parent (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), and SIGTERM (or a
+``Shutdown`` message) makes it drain: it keeps working until its tasks and input are done
+(bounded by ``drain_s``) and exits 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+
+import zmq
+
+from omnistream.runtime import wire
+from omnistream.runtime.layout import WORKERS, Layout, StageSpec
+
+log = logging.getLogger("omnistream.stage")
+
+PR_SET_PDEATHSIG = 1
+BUFFER_S = 2.0  # seconds of 40 ms audio each link may buffer per session (the HWM, sized in time)
+CHUNK_S = 0.04
+SLOW_S = 1.0  # a piece of work longer than this is logged
+SEND_TIMEOUT_MS = 5000  # a peer that takes no data for this long: drop the message, report it
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; no-op elsewhere).
+
+    The signal fires when the parent *thread* that spawned us exits, so the supervisor spawns
+    stages from its event-loop thread, which lives as long as the supervisor. The getppid check
+    closes the race where the parent died before prctl ran.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def link_hwm(max_sessions: int) -> int:
+    """Messages a link may queue: BUFFER_S of 40 ms chunks for every session (never unlimited)."""
+    return wire.hwm_for(BUFFER_S * max(1, max_sessions), CHUNK_S)
+
+
+class Stopped(Exception):
+    """SIGTERM arrived before the stage served (e.g. a warm spare at shutdown)."""
+
+
+class EchoWorker:
+    """Sends every AudioChunk straight back to the client (no model): supervisor tests, hop benchmark."""
+
+    name = "echo"
+
+    def __init__(self, send):
+        self.send = send
+
+    def deliver(self, msg, tensors) -> None:
+        if isinstance(msg, wire.AudioChunk):
+            self.send("client", msg, *tensors)
+
+    def tick(self) -> bool:
+        return False
+
+
+class Stage:
+    """The sockets, the workers and the loop of one stage process."""
+
+    def __init__(self, spec: StageSpec, layout: Layout, model: str | None, incarnation: int = 0, *,
+                 max_sessions: int = 8, drain_s: float = 30.0, orphan_s: float | None = None):
+        self.spec, self.layout, self.model = spec, layout, model
+        self.identity = f"{spec.name}#{incarnation}".encode()
+        self.hwm = link_hwm(max_sessions)
+        self.drain_s = drain_s
+        self.orphan_s = orphan_s  # a remote stage exits after this long without a Ping (no PDEATHSIG across hosts)
+        self.last_ping = time.monotonic()
+        self.ctx = zmq.Context()
+        self.ctrl = self._sock(zmq.DEALER, identity=self.identity)
+        self.ctrl.connect(layout.control)
+        self.sub = self._sock(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(layout.epochs)
+        self.pull = self._sock(zmq.PULL)  # bound in activate(): a standby spare must not take the address
+        self.out: dict[str, zmq.Socket] = {}  # address -> PUSH
+        self.local: deque = deque()  # (worker, msg, tensors) handed over in memory
+        self.workers: dict = {}
+        self._accepts: list = []
+        self.ck = None
+        self.draining_since: float | None = None
+
+    def _sock(self, kind, identity: bytes | None = None) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 1000)  # flush what is queued on exit, but never hang on a dead peer
+        if identity is not None:
+            s.setsockopt(zmq.IDENTITY, identity)
+        if kind in (zmq.PUSH, zmq.PULL):
+            s.setsockopt(zmq.SNDHWM, self.hwm)
+            s.setsockopt(zmq.RCVHWM, self.hwm)
+            s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        return s
+
+    # ------------------------------------------------------------------ handshake
+    def start(self, ready_timeout_s: float | None = None) -> None:
+        """load -> Hello -> (supervisor) Ready -> bind -> Ready. A warm spare waits in the middle."""
+        self.load()
+        self.hello()
+        self.wait_ready(ready_timeout_s)
+        self.activate()
+
+    def hello(self) -> None:
+        wire.send(self.ctrl, wire.Hello(stage=self.spec.name, pid=os.getpid()))
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Wait for the supervisor's Ready (WireError on a protocol mismatch); SIGTERM ends the wait."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.ctrl.poll(200):
+            if self.draining_since is not None:
+                raise Stopped
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"stage {self.spec.name}: no Ready from the supervisor in {timeout_s:.0f}s")
+        msg, _ = wire.recv(self.ctrl)
+        if not isinstance(msg, wire.Ready):
+            raise wire.WireError(f"expected Ready from the supervisor, got {type(msg).__name__}")
+
+    def activate(self) -> None:
+        """Take the stage's input address and tell the supervisor this process serves."""
+        self.pull.bind(self.spec.address)
+        wire.send(self.ctrl, wire.Ready(stage=self.spec.name, pid=os.getpid()))
+
+    def load(self) -> None:
+        """Load the model part the hosted workers need (none for echo) and build the workers."""
+        self._accepts = []  # (worker, message types it takes from outside; None: everything)
+        for w in sorted(self.spec.workers, key=WORKERS.index):  # chain order
+            if w == "echo":
+                self.workers[w] = EchoWorker(self.send)
+                self._accepts.append((self.workers[w], None))
+                continue
+            from omnistream.checkpoints import load_omni
+            from omnistream.runtime.workers import WORKER_TYPES
+
+            if self.ck is None:
+                self._threads()
+                self.ck = load_omni(self.model, talker=self.spec.needs_talker, device=self.spec.device)
+            cls = WORKER_TYPES[w]
+            self.workers[w] = cls(self.ck, self.send, self.spec.device)
+            self._accepts.append((self.workers[w], cls.handles + (wire.OpenSession, wire.CloseSession)))
+
+    # ------------------------------------------------------------------ routing
+    def send(self, dest: str, msg, *tensors) -> None:
+        """To a local worker (in memory) or over ZeroMQ (the next stage, or "client")."""
+        if dest in self.workers:
+            self.local.append((self.workers[dest], msg, tensors))
+            return
+        addr = self.layout.events if dest == "client" else self.layout.stage_of(dest).address
+        sock = self.out.get(addr)
+        if sock is None:
+            sock = self.out[addr] = self._sock(zmq.PUSH)
+            sock.connect(addr)
+        cpu = [t.detach().to("cpu") if hasattr(t, "detach") else t for t in tensors]
+        try:
+            wire.send(sock, msg, *cpu)
+        except zmq.Again:
+            log.error("%s: %s to %s dropped: the link stayed full for %d ms", self.spec.name,
+                      type(msg).__name__, dest, SEND_TIMEOUT_MS)
+
+    def _incoming(self, frames) -> None:
+        try:
+            msg, arrays = wire.decode(frames)
+        except wire.WireError as e:
+            log.warning("%s: dropped a bad message: %s", self.spec.name, e)
+            return
+        if arrays and not isinstance(msg, (wire.AudioChunk, wire.Frame)):  # model tensors -> torch
+            refs = sorted(wire._refs(msg), key=lambda r: r.frame)
+            arrays = [wire.to_torch(a, r) for a, r in zip(arrays, refs)]
+        if isinstance(msg, wire.Epoch):
+            for w in self.workers.values():
+                w.deliver(msg, ())
+            return
+        target = self._target(msg)
+        if target is not None:
+            target.deliver(msg, arrays)
+
+    def _target(self, msg):
+        """Data arriving from outside goes to the first local worker of the chain that takes it."""
+        for w, types in self._accepts:
+            if types is None or isinstance(msg, types):
+                return w
+        return self._accepts[0][0] if self._accepts else None
+
+    # ------------------------------------------------------------------ the loop
+    def _control(self, sock) -> None:
+        while sock.poll(0):
+            try:
+                msg, _ = wire.recv(sock)
+            except wire.WireError as e:
+                log.warning("%s: bad control message: %s", self.spec.name, e)
+                continue
+            if isinstance(msg, wire.Ping):
+                self.last_ping = time.monotonic()
+                wire.send(self.ctrl, wire.Pong(seq=msg.seq, t=msg.t, stage=self.spec.name))
+            elif isinstance(msg, wire.Shutdown):
+                self.drain()
+            elif isinstance(msg, wire.Epoch):
+                for w in self.workers.values():
+                    w.deliver(msg, ())
+
+    def drain(self) -> None:
+        if self.draining_since is None:
+            log.info("%s: draining", self.spec.name)
+            self.draining_since = time.monotonic()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for s in (self.ctrl, self.sub, self.pull):
+            poller.register(s, zmq.POLLIN)
+        busy = False
+        self.last_ping = time.monotonic()
+        while True:
+            ready = dict(poller.poll(0 if busy or self.local else 50))
+            if self.ctrl in ready:
+                self._control(self.ctrl)
+            if self.sub in ready:
+                self._control(self.sub)
+            n = 0
+            while n < 64 and self.pull.poll(0):  # bounded: pings are answered at least every 64 messages
+                self._incoming(self.pull.recv_multipart(copy=False))
+                n += 1
+            while self.local:
+                w, msg, tensors = self.local.popleft()
+                t = time.monotonic()
+                w.deliver(msg, tensors)
+                self._slow(t, f"{w.name} <- {type(msg).__name__}")
+            busy = False
+            for w in self.workers.values():
+                t = time.monotonic()
+                busy = w.tick() or busy
+                self._slow(t, f"{w.name} tick")
+            if self.orphan_s is not None and time.monotonic() - self.last_ping > self.orphan_s:
+                log.error("%s: no ping from the supervisor for %.0fs: exiting", self.spec.name, self.orphan_s)
+                return
+            if self.draining_since is not None:
+                idle = not busy and not self.local and not n
+                if idle or time.monotonic() - self.draining_since > self.drain_s:
+                    return
+
+    def _threads(self) -> None:
+        """CPU stages share the host's cores instead of each taking all of them (oversubscription
+        makes every forward slower and pings later)."""
+        import torch
+
+        if self.spec.device == "cpu":
+            n_cpu = sum(1 for s in self.layout.stages if s.device == "cpu" and s.needs_model)
+            torch.set_num_threads(self.spec.threads or max(1, (os.cpu_count() or 1) // max(1, n_cpu)))
+
+    def _slow(self, t0: float, what: str) -> None:
+        dt = time.monotonic() - t0
+        if dt > SLOW_S:  # pings wait behind this: a hang timeout must exceed it
+            log.warning("%s: %s took %.2fs", self.spec.name, what, dt)
+
+    def close(self) -> None:
+        for s in (self.ctrl, self.sub, self.pull, *self.out.values()):
+            s.close()
+        self.ctx.term()
+
+
+def stage_main(spec: StageSpec, layout: Layout, model: str | None, incarnation: int, parent_pid: int,
+               max_sessions: int = 8, log_level: int = logging.WARNING) -> None:
+    """Entry point of a stage process (a multiprocessing 'spawn' target)."""
+    die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {spec.name}[%(process)d] %(levelname)s %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    stage = Stage(spec, layout, model, incarnation, max_sessions=max_sessions)
+    signal.signal(signal.SIGTERM, lambda *_: stage.drain())
+    try:
+        stage.start()  # a warm spare waits inside for the supervisor's Ready
+        stage.run()
+    except Stopped:
+        pass
+    except wire.WireError as e:
+        log.error("handshake failed: %s", e)
+        stage.close()
+        sys.exit(3)
+    stage.close()
+
+
+def main(argv=None) -> int:
+    """``python -m omnistream.runtime.stage``: run a layout's ``remote`` stage on this host."""
+    import argparse
+
+    from omnistream.runtime.layout import load
+
+    p = argparse.ArgumentParser(description="Run one stage of a layout on this host; it connects to the supervisor.")
+    p.add_argument("--layout", required=True, help="the YAML layout the supervisor runs (tcp:// addresses)")
+    p.add_argument("--stage", required=True, help="the stage's name in the layout")
+    p.add_argument("--model", help="checkpoint directory (not needed for echo stages)")
+    p.add_argument("--orphan-s", type=float, default=60.0, help="exit after this long without a ping")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    layout = load(args.layout)
+    spec = next((s for s in layout.stages if s.name == args.stage), None)
+    if spec is None:
+        p.error(f"no stage {args.stage!r} in {args.layout}; stages: {', '.join(s.name for s in layout.stages)}")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s {spec.name}[%(process)d] %(levelname)s %(message)s")
+    stage = Stage(spec, layout, args.model, incarnation=os.getpid(), orphan_s=args.orphan_s)
+    signal.signal(signal.SIGTERM, lambda *_: stage.drain())
+    try:
+        stage.start(ready_timeout_s=args.orphan_s)
+        stage.run()
+    except Stopped:
+        pass
+    except (wire.WireError, TimeoutError) as e:
+        log.error("handshake failed: %s", e)
+        return 3
+    finally:
+        stage.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
