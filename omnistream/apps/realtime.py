@@ -1,0 +1,560 @@
+"""The OpenAI Realtime protocol: client events parsed and validated into typed structs, server
+events built as JSON-able dicts.
+
+Parsing never raises anything but :class:`ProtocolError` (a code, a message, the offending
+parameter and the client's ``event_id``), whatever bytes arrive, so the server can answer every
+bad message with an ``error`` event and go on (the hypothesis fuzz test holds it to that).
+
+Two dialects of the protocol are spoken. The GA names (``response.output_audio.delta``,
+``response.output_text.delta``, ``response.output_audio_transcript.delta``, the nested
+``session.audio.{input,output}`` shape) are the default; the older beta names
+(``response.audio.delta``, ``response.text.delta``, ``response.audio_transcript.delta``, the
+flat ``voice`` / ``input_audio_format`` / ``turn_detection`` session shape) are used when the
+client speaks beta: an ``OpenAI-Beta: realtime=v1`` header or ``openai-beta.realtime-v1``
+subprotocol at the handshake, or a ``session.update`` in the beta shape (the latest shape used
+wins). One dialect at a time rather than both names for every event: a client that listens to
+both would otherwise play every audio chunk twice, and audio would cost twice the bandwidth.
+Both session shapes are accepted in either dialect.
+
+Audio is pcm16 mono at 24 kHz, base64, both ways; images (``input_image`` content parts, used
+for video frames) are ``data:image/png|jpeg|webp;base64,...`` URLs decoded with PyAV.
+
+Where the pipeline differs from OpenAI's conversation model, the server maps as follows (and says
+so here rather than pretending): a user item's images and audio join the open user turn and its
+text closes it; ``response.create`` replies to the conversation including an open (uncommitted)
+turn; its per-response overrides are validated, but the session's settings are used; only user
+``message`` items can be created (no function calls, no assistant/system items).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import itertools
+import json
+import re
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+SAMPLE_RATE = 24000  # pcm16 in and out, as the OpenAI Realtime API
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+
+# GA event name -> beta event name (events not listed have one name in both)
+_BETA_NAMES = {
+    "response.output_text.delta": "response.text.delta",
+    "response.output_text.done": "response.text.done",
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+}
+
+
+class ProtocolError(Exception):
+    """A client event the server cannot take; becomes an ``error`` server event."""
+
+    def __init__(self, code: str, message: str, param: str | None = None, event_id: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.code, self.message, self.param, self.event_id, self.type = code, message, param, event_id, type
+
+
+# ---------------------------------------------------------------------------------- session
+@dataclass
+class TurnDetection:
+    """``turn_detection: {type: "server_vad", ...}`` (silero-vad on the server)."""
+
+    threshold: float = 0.5  # speech probability that starts speech
+    prefix_padding_ms: int = 300  # audio kept before the detected start
+    silence_duration_ms: int = 500  # silence that ends speech
+    create_response: bool = True  # speech_stopped -> commit + response.create
+    interrupt_response: bool = True  # speech_started during a reply -> barge-in
+
+
+@dataclass
+class SessionConfig:
+    """What the client configured; the server maps it onto the pipeline's SessionOptions."""
+
+    model: str = "omnistream"
+    instructions: str | None = None  # None: the checkpoint's default system prompt
+    audio_out: bool = True  # output_modalities ["audio"] (with transcript) or ["text"]
+    voice: str | None = None  # None: the server's default voice
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    max_output_tokens: int | None = None  # None: the server's default ("inf" is capped by it)
+    temperature: float | None = None  # None: the server's default (beta field)
+
+
+_UNSET = object()
+
+
+@dataclass
+class SessionPatch:
+    """A validated ``session.update``: fields left at ``_UNSET`` keep their value."""
+
+    fields: dict
+    dialect: str | None  # "ga" | "beta" | None (shape not telling)
+
+    def apply(self, cfg: SessionConfig) -> SessionConfig:
+        return replace(cfg, **self.fields)
+
+
+_GA_IGNORED = {"type", "include", "tracing", "truncation", "prompt", "tool_choice", "tools", "parallel_tool_calls",
+               "reasoning", "object", "id", "expires_at"}
+_BETA_IGNORED = {"input_audio_transcription", "input_audio_noise_reduction", "speed", "tools", "tool_choice",
+                 "tracing", "object", "id", "expires_at", "client_secret", "include", "input_audio_format",
+                 "output_audio_format"}
+_BETA_ONLY = {"modalities", "voice", "input_audio_format", "output_audio_format", "turn_detection", "temperature",
+              "max_response_output_tokens", "input_audio_transcription", "input_audio_noise_reduction", "speed"}
+_GA_ONLY = {"output_modalities", "audio", "max_output_tokens", "type"}
+
+
+def parse_session(s, event_id: str | None = None) -> SessionPatch:
+    """Validate a ``session`` object in the GA or the beta shape; unknown keys are errors."""
+    err = lambda code, msg, param: ProtocolError(code, msg, param, event_id)
+    if not isinstance(s, dict):
+        raise err("invalid_type", "session must be an object", "session")
+    out: dict = {}
+    keys = set(s)
+    dialect = "ga" if keys & _GA_ONLY else ("beta" if keys & _BETA_ONLY else None)
+    for k in keys - (_GA_ONLY | _BETA_ONLY | _GA_IGNORED | _BETA_IGNORED | {"model", "instructions"}):
+        raise err("unknown_parameter", f"Unknown parameter: 'session.{k}'", f"session.{k}")
+    if "type" in s and s["type"] != "realtime":
+        raise err("invalid_value", f"session.type {s['type']!r} is not supported (only 'realtime')", "session.type")
+    if "model" in s:
+        out["model"] = _str(s["model"], "session.model", event_id, max_len=256)
+    if "instructions" in s:
+        out["instructions"] = None if s["instructions"] is None else _str(
+            s["instructions"], "session.instructions", event_id, max_len=100_000) or None
+    for key in ("tools",):
+        if s.get(key):
+            raise err("unsupported_feature", "tools (function calling) are not supported by this server", "session.tools")
+    # output modalities: GA ["audio"] | ["text"]; beta ["text", "audio"] | ["text"]
+    for key in ("output_modalities", "modalities"):
+        if key in s:
+            out["audio_out"] = _modalities(s[key], f"session.{key}", event_id)
+    if "max_output_tokens" in s or "max_response_output_tokens" in s:
+        key = "max_output_tokens" if "max_output_tokens" in s else "max_response_output_tokens"
+        out["max_output_tokens"] = _max_tokens(s[key], f"session.{key}", event_id)
+    if "temperature" in s:
+        t = s["temperature"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 2.0:
+            raise err("invalid_value", "session.temperature must be a number in [0, 2]", "session.temperature")
+        out["temperature"] = float(t)
+    # beta flat audio fields
+    for key in ("input_audio_format", "output_audio_format"):
+        if key in s and s[key] != "pcm16":
+            raise err("unsupported_audio_format", f"{key} {s[key]!r} is not supported: this server takes "
+                      "and sends pcm16 (24 kHz mono)", f"session.{key}")
+    if "voice" in s:
+        out["voice"] = _voice(s["voice"], "session.voice", event_id)
+    if "turn_detection" in s:
+        out["turn_detection"] = _turn_detection(s["turn_detection"], "session.turn_detection", event_id)
+    # GA nested audio config
+    if "audio" in s:
+        audio = s["audio"]
+        if not isinstance(audio, dict):
+            raise err("invalid_type", "session.audio must be an object", "session.audio")
+        for k in set(audio) - {"input", "output"}:
+            raise err("unknown_parameter", f"Unknown parameter: 'session.audio.{k}'", f"session.audio.{k}")
+        inp, outp = audio.get("input"), audio.get("output")
+        if inp is not None:
+            if not isinstance(inp, dict):
+                raise err("invalid_type", "session.audio.input must be an object", "session.audio.input")
+            for k in set(inp) - {"format", "turn_detection", "noise_reduction", "transcription"}:
+                raise err("unknown_parameter", f"Unknown parameter: 'session.audio.input.{k}'",
+                          f"session.audio.input.{k}")
+            if "format" in inp:
+                _ga_format(inp["format"], "session.audio.input.format", event_id)
+            if "turn_detection" in inp:
+                out["turn_detection"] = _turn_detection(inp["turn_detection"], "session.audio.input.turn_detection",
+                                                        event_id)
+        if outp is not None:
+            if not isinstance(outp, dict):
+                raise err("invalid_type", "session.audio.output must be an object", "session.audio.output")
+            for k in set(outp) - {"format", "voice", "speed"}:
+                raise err("unknown_parameter", f"Unknown parameter: 'session.audio.output.{k}'",
+                          f"session.audio.output.{k}")
+            if "format" in outp:
+                _ga_format(outp["format"], "session.audio.output.format", event_id)
+            if "voice" in outp:
+                v = outp["voice"]
+                if isinstance(v, dict):  # VoiceID {"id": ...}
+                    v = v.get("id")
+                out["voice"] = _voice(v, "session.audio.output.voice", event_id)
+    return SessionPatch(out, dialect)
+
+
+def _str(v, param, event_id, max_len: int) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError("invalid_type", f"{param} must be a string", param, event_id)
+    if len(v) > max_len:
+        raise ProtocolError("invalid_value", f"{param} is longer than {max_len} characters", param, event_id)
+    return v
+
+
+def _modalities(v, param, event_id) -> bool:
+    if not isinstance(v, list) or not v or any(m not in ("text", "audio") for m in v):
+        raise ProtocolError("invalid_value", f"{param} must be a list of 'text' and/or 'audio'", param, event_id)
+    return "audio" in v
+
+
+def _max_tokens(v, param, event_id) -> int | None:
+    if v == "inf" or v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096:
+        raise ProtocolError("invalid_value", f"{param} must be an integer in [1, 4096] or 'inf'", param, event_id)
+    return v
+
+
+def _voice(v, param, event_id) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or len(v) > 64:
+        raise ProtocolError("invalid_value", f"{param} must be a voice name", param, event_id)
+    return v
+
+
+def _ga_format(f, param, event_id) -> None:
+    if not isinstance(f, dict):
+        raise ProtocolError("invalid_type", f"{param} must be an object like {{'type': 'audio/pcm', 'rate': 24000}}",
+                            param, event_id)
+    t, rate = f.get("type", "audio/pcm"), f.get("rate", SAMPLE_RATE)
+    if t != "audio/pcm" or rate != SAMPLE_RATE or set(f) - {"type", "rate"}:
+        raise ProtocolError("unsupported_audio_format", f"{param} {f!r} is not supported: this server takes and "
+                            "sends audio/pcm at 24000 Hz (pcm16 mono)", param, event_id)
+
+
+_TD_KEYS = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
+            "interrupt_response", "idle_timeout_ms"}
+
+
+def _turn_detection(v, param, event_id) -> TurnDetection | None:
+    if v is None:
+        return None  # manual turns: the client commits
+    if not isinstance(v, dict):
+        raise ProtocolError("invalid_type", f"{param} must be an object or null", param, event_id)
+    if v.get("type", "server_vad") != "server_vad":
+        raise ProtocolError("unsupported_feature", f"{param}.type {v.get('type')!r} is not supported "
+                            "(only 'server_vad')", f"{param}.type", event_id)
+    for k in set(v) - _TD_KEYS:
+        raise ProtocolError("unknown_parameter", f"Unknown parameter: '{param}.{k}'", f"{param}.{k}", event_id)
+    td = TurnDetection()
+    checks = {"threshold": (float, 0.0, 1.0), "prefix_padding_ms": (int, 0, 5000),
+              "silence_duration_ms": (int, 0, 10000)}
+    for k, (kind, lo, hi) in checks.items():
+        if k in v and v[k] is not None:
+            x = v[k]
+            if isinstance(x, bool) or not isinstance(x, int | float) or not lo <= x <= hi or (
+                    kind is int and x != int(x)):
+                raise ProtocolError("invalid_value", f"{param}.{k} must be a number in [{lo}, {hi}]",
+                                    f"{param}.{k}", event_id)
+            setattr(td, k, kind(x))
+    for k in ("create_response", "interrupt_response"):
+        if k in v and v[k] is not None:
+            if not isinstance(v[k], bool):
+                raise ProtocolError("invalid_type", f"{param}.{k} must be a boolean", f"{param}.{k}", event_id)
+            setattr(td, k, v[k])
+    return td
+
+
+# ---------------------------------------------------------------------------------- client events
+@dataclass
+class SessionUpdate:
+    event_id: str | None
+    patch: SessionPatch
+
+
+@dataclass
+class AudioAppend:
+    event_id: str | None
+    pcm: np.ndarray  # (n,) int16 at 24 kHz
+
+
+@dataclass
+class AudioCommit:
+    event_id: str | None
+
+
+@dataclass
+class AudioClear:
+    event_id: str | None
+
+
+@dataclass
+class ItemCreate:
+    """A user message: typed text, images (video frames) and/or audio, in content order."""
+
+    event_id: str | None
+    item_id: str | None
+    previous_item_id: str | None
+    text: str | None  # the input_text parts joined; None if there are none
+    images: list  # (H, W, 3) uint8 RGB frames
+    audio: np.ndarray | None  # input_audio parts concatenated, (n,) int16 at 24 kHz
+
+
+@dataclass
+class ItemTruncate:
+    event_id: str | None
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+@dataclass
+class ResponseCreate:
+    event_id: str | None
+    max_output_tokens: int | None  # per-response override; None: the session's
+
+
+@dataclass
+class ResponseCancel:
+    event_id: str | None
+    response_id: str | None
+
+
+ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ResponseCreate
+               | ResponseCancel)
+_UNSUPPORTED = {"conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear",
+                "transcription_session.update"}
+
+
+def parse_client_event(data) -> ClientEvent:
+    """One WebSocket message -> a typed client event, or :class:`ProtocolError`."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("invalid_event", "binary messages are not supported: send JSON text events")
+    try:
+        ev = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError("invalid_json", f"the message is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(ev, dict):
+        raise ProtocolError("invalid_event", "an event must be a JSON object with a 'type'")
+    event_id = ev.get("event_id")
+    if event_id is not None and (not isinstance(event_id, str) or len(event_id) > 512):
+        raise ProtocolError("invalid_value", "event_id must be a string of at most 512 characters", "event_id")
+    t = ev.get("type")
+    if not isinstance(t, str):
+        raise ProtocolError("missing_required_parameter", "Missing required parameter: 'type'", "type", event_id)
+    err = lambda code, msg, param=None: ProtocolError(code, msg, param, event_id)
+    if t == "session.update":
+        if "session" not in ev:
+            raise err("missing_required_parameter", "Missing required parameter: 'session'", "session")
+        return SessionUpdate(event_id, parse_session(ev["session"], event_id))
+    if t == "input_audio_buffer.append":
+        return AudioAppend(event_id, decode_pcm16(ev.get("audio"), "audio", event_id))
+    if t == "input_audio_buffer.commit":
+        return AudioCommit(event_id)
+    if t == "input_audio_buffer.clear":
+        return AudioClear(event_id)
+    if t == "conversation.item.create":
+        return _item_create(ev, event_id)
+    if t == "conversation.item.truncate":
+        item_id = ev.get("item_id")
+        if not isinstance(item_id, str) or not item_id:
+            raise err("missing_required_parameter", "Missing required parameter: 'item_id'", "item_id")
+        idx, end = ev.get("content_index", 0), ev.get("audio_end_ms")
+        for name, x in (("content_index", idx), ("audio_end_ms", end)):
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 2**40:
+                raise err("invalid_value", f"{name} must be a non-negative integer", name)
+        return ItemTruncate(event_id, item_id, idx, end)
+    if t == "response.create":
+        r = ev.get("response") or {}
+        if not isinstance(r, dict):
+            raise err("invalid_type", "response must be an object", "response")
+        if r.get("conversation", "auto") not in ("auto", None):
+            raise err("unsupported_feature", "out-of-band responses (response.conversation != 'auto') are not "
+                      "supported", "response.conversation")
+        for key in ("output_modalities", "modalities"):
+            if key in r:
+                _modalities(r[key], f"response.{key}", event_id)
+        if r.get("input"):
+            raise err("unsupported_feature", "response.input is not supported: the reply uses the conversation",
+                      "response.input")
+        mot = None
+        for key in ("max_output_tokens", "max_response_output_tokens"):
+            if key in r:
+                mot = _max_tokens(r[key], f"response.{key}", event_id)
+        return ResponseCreate(event_id, mot)
+    if t == "response.cancel":
+        rid = ev.get("response_id")
+        if rid is not None and not isinstance(rid, str):
+            raise err("invalid_type", "response_id must be a string", "response_id")
+        return ResponseCancel(event_id, rid)
+    if t in _UNSUPPORTED:
+        raise err("unsupported_event", f"{t} is not supported by this server", "type")
+    raise err("unknown_event_type", f"Unknown event type {t[:100]!r}", "type")
+
+
+def decode_pcm16(v, param: str = "audio", event_id: str | None = None) -> np.ndarray:
+    """base64 pcm16 little-endian mono -> (n,) int16; bad base64 or an odd byte count are errors."""
+    if not isinstance(v, str):
+        raise ProtocolError("missing_required_parameter" if v is None else "invalid_type",
+                            f"{param} must be a base64 string of pcm16 24 kHz mono audio", param, event_id)
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("invalid_base64", f"{param} is not valid base64", param, event_id) from None
+    if len(raw) % 2:
+        raise ProtocolError("invalid_audio_format", f"{param} holds {len(raw)} bytes: pcm16 needs an even count "
+                            "(24 kHz mono, 16-bit little-endian)", param, event_id)
+    return np.frombuffer(raw, dtype="<i2").astype(np.int16)
+
+
+_DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,(.*)", re.DOTALL)
+_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "jpg": b"\xff\xd8\xff", "webp": b"RIFF"}
+
+
+def decode_image(url, param: str = "image_url", event_id: str | None = None) -> np.ndarray:
+    """A ``data:image/...;base64,`` URL -> (H, W, 3) uint8 RGB; anything else is an error."""
+    if not isinstance(url, str):
+        raise ProtocolError("invalid_type", f"{param} must be a data URL string", param, event_id)
+    m = _DATA_URL.fullmatch(url)
+    if m is None:
+        raise ProtocolError("invalid_image", f"{param} must be a data URL 'data:image/png|jpeg|webp;base64,...' "
+                            "(remote URLs are not fetched)", param, event_id)
+    kind = m.group(1)
+    try:
+        raw = base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("invalid_base64", f"{param} is not valid base64", param, event_id) from None
+    if not raw.startswith(_MAGIC[kind]) or (kind == "webp" and raw[8:12] != b"WEBP"):
+        raise ProtocolError("invalid_image", f"{param} does not hold {kind.upper()} data", param, event_id)
+    import av
+
+    fmt = {"png": "png_pipe", "jpeg": "jpeg_pipe", "jpg": "jpeg_pipe", "webp": "webp_pipe"}[kind]
+    try:
+        with av.open(io.BytesIO(raw), format=fmt) as c:
+            if not c.streams.video:
+                raise ProtocolError("invalid_image", f"{param}: no image found", param, event_id)
+            st = c.streams.video[0]
+            if st.codec_context.width * st.codec_context.height > MAX_IMAGE_PIXELS:
+                raise ProtocolError("invalid_image", f"{param}: image larger than {MAX_IMAGE_PIXELS} pixels",
+                                    param, event_id)
+            frame = next(c.decode(st))
+            img = frame.to_ndarray(format="rgb24")
+    except ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- PyAV raises many error types on corrupt data
+        raise ProtocolError("invalid_image", f"{param}: cannot decode {kind.upper()}: {type(e).__name__}",
+                            param, event_id) from None
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
+        raise ProtocolError("invalid_image", f"{param}: unexpected decoded shape {img.shape}", param, event_id)
+    return np.ascontiguousarray(img)
+
+
+def _item_create(ev: dict, event_id) -> ItemCreate:
+    err = lambda code, msg, param=None: ProtocolError(code, msg, param, event_id)
+    item = ev.get("item")
+    if not isinstance(item, dict):
+        raise err("missing_required_parameter", "Missing required parameter: 'item'", "item")
+    prev = ev.get("previous_item_id")
+    if prev is not None and not isinstance(prev, str):
+        raise err("invalid_type", "previous_item_id must be a string", "previous_item_id")
+    item_id = item.get("id")
+    if item_id is not None and (not isinstance(item_id, str) or not 0 < len(item_id) <= 64):
+        raise err("invalid_value", "item.id must be a string of 1-64 characters", "item.id")
+    if item.get("type", "message") != "message":
+        raise err("unsupported_item", f"item.type {item.get('type')!r} is not supported (only 'message')",
+                  "item.type")
+    if item.get("role") != "user":
+        raise err("unsupported_item", f"item.role {item.get('role')!r} is not supported: only user messages can be "
+                  "created (use session.instructions for a system prompt)", "item.role")
+    content = item.get("content")
+    if not isinstance(content, list) or not content:
+        raise err("missing_required_parameter", "item.content must be a non-empty list", "item.content")
+    if len(content) > 64:
+        raise err("invalid_value", "item.content holds more than 64 parts", "item.content")
+    texts, images, audio = [], [], []
+    for i, part in enumerate(content):
+        p = f"item.content[{i}]"
+        if not isinstance(part, dict):
+            raise err("invalid_type", f"{p} must be an object", p)
+        kind = part.get("type")
+        if kind in ("input_text", "text"):
+            texts.append(_str(part.get("text"), f"{p}.text", event_id, max_len=100_000))
+        elif kind == "input_image":
+            images.append(decode_image(part.get("image_url"), f"{p}.image_url", event_id))
+        elif kind == "input_audio":
+            audio.append(decode_pcm16(part.get("audio"), f"{p}.audio", event_id))
+        else:
+            raise err("invalid_value", f"{p}.type {kind!r} is not supported (input_text, input_image, input_audio)",
+                      f"{p}.type")
+    return ItemCreate(event_id, item_id, prev, "\n".join(texts) if texts else None, images,
+                      np.concatenate(audio) if audio else None)
+
+
+# ---------------------------------------------------------------------------------- server events
+class ServerEvents:
+    """Builds server events (dicts) in the session's dialect, with fresh ``event_id`` s."""
+
+    def __init__(self, dialect: str = "ga"):
+        self.dialect = dialect
+        self._ids = itertools.count(1)
+
+    def event(self, type: str, **fields) -> dict:
+        if self.dialect == "beta":
+            type = _BETA_NAMES.get(type, type)
+        return {"type": type, "event_id": f"event_{next(self._ids)}", **fields}
+
+    def error(self, e: ProtocolError) -> dict:
+        return self.event("error", error={"type": e.type, "code": e.code, "message": e.message, "param": e.param,
+                                          "event_id": e.event_id})
+
+    # -- objects
+    def session(self, sid: str, cfg: SessionConfig, voice: str | None, max_output_tokens) -> dict:
+        td = None if cfg.turn_detection is None else {"type": "server_vad", **cfg.turn_detection.__dict__}
+        mot = "inf" if max_output_tokens is None else max_output_tokens
+        if self.dialect == "beta":
+            return {"id": sid, "object": "realtime.session", "model": cfg.model,
+                    "modalities": ["text", "audio"] if cfg.audio_out else ["text"], "instructions": cfg.instructions,
+                    "voice": voice, "input_audio_format": "pcm16", "output_audio_format": "pcm16",
+                    "turn_detection": td, "temperature": cfg.temperature, "max_response_output_tokens": mot,
+                    "tools": [], "tool_choice": "auto"}
+        fmt = {"type": "audio/pcm", "rate": SAMPLE_RATE}
+        return {"type": "realtime", "object": "realtime.session", "id": sid, "model": cfg.model,
+                "output_modalities": ["audio"] if cfg.audio_out else ["text"], "instructions": cfg.instructions,
+                "audio": {"input": {"format": fmt, "turn_detection": td},
+                          "output": {"format": fmt, "voice": voice}},
+                "max_output_tokens": mot, "tools": [], "tool_choice": "auto"}
+
+    @staticmethod
+    def part(audio: bool, transcript: str = "") -> dict:
+        """A ``response.content_part.*`` part: "audio"/"text" in both dialects (as the GA SDK types it)."""
+        return {"type": "audio", "transcript": transcript} if audio else {"type": "text", "text": transcript}
+
+    def assistant_item(self, item_id: str, status: str, audio: bool, transcript: str | None = None) -> dict:
+        """An assistant message; its content types are "output_audio"/"output_text" in GA."""
+        content = []
+        if transcript is not None:
+            content = [self.part(audio, transcript)]
+            if self.dialect != "beta":
+                content[0]["type"] = "output_" + content[0]["type"]
+        return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+                "status": status, "content": content}
+
+    @staticmethod
+    def user_item(item_id: str, content: list[dict]) -> dict:
+        return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+                "content": content}
+
+    def response(self, rid: str, status: str, audio: bool, voice: str | None, output: list | None = None,
+                 status_details: dict | None = None, usage: dict | None = None, max_output_tokens=None) -> dict:
+        r = {"id": rid, "object": "realtime.response", "status": status, "status_details": status_details,
+             "output": output or [], "conversation_id": "conv_default", "usage": usage,
+             "max_output_tokens": "inf" if max_output_tokens is None else max_output_tokens}
+        if self.dialect == "beta":
+            r["modalities"] = ["text", "audio"] if audio else ["text"]
+            r["voice"] = voice
+        else:
+            r["output_modalities"] = ["audio"] if audio else ["text"]
+            r["audio"] = {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": voice}}
+        return r
+
+
+def encode_pcm16(pcm: np.ndarray) -> str:
+    """float32 [-1, 1] or int16 (n,) -> base64 pcm16 little-endian."""
+    if pcm.dtype != np.int16:
+        pcm = np.round(np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")

@@ -1,0 +1,578 @@
+"""The browser client (omnistream/apps/web/) in headless Chromium with fake media devices.
+
+Chromium's fake capture devices are fed from files this module writes: a WAV (the bundled
+espeak-ng "hello" clip at 48 kHz, 16-bit, with silence around it so server VAD sees the end of
+speech) and a Y4M (4:2:0 frames: red, green, blue seconds with a moving white square). The
+page's `window.omni` counters are what the assertions read: they count real work (worklet chunks,
+canvas frames, played samples), and the recorded PCM is checked against the source clip
+resampled by omnistream's own polyphase resampler, an implementation independent of the page's.
+
+Playwright drives the Debian `chromium` binary (`executable_path`); no browser is downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import gc
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omnistream.encoders.audio import PolyphaseResampler
+from omnistream.encoders.media import read_audio, write_wav
+
+WEB = Path(__file__).resolve().parents[1] / "omnistream" / "apps" / "web"
+HELLO = Path(__file__).resolve().parents[1] / "omnistream" / "assets" / "hello.flac"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian chromium is not installed (apt-get install -y chromium)"
+)
+async_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed (pip install playwright)")
+
+WAV_RATE = 48000
+LEAD_S, TAIL_S = 1.0, 3.0
+Y4M_FPS, Y4M_SECONDS = 10, 3
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # one second each
+
+
+# ---------------------------------------------------------------------------- media fixtures
+def hello_pcm(rate: int) -> np.ndarray:
+    """The bundled clip as mono float32 at ``rate`` (omnistream's polyphase resampler)."""
+    pcm, r = read_audio(HELLO)  # (n, channels)
+    mono = pcm.mean(axis=1).astype(np.float32)
+    if r == rate:
+        return mono
+    rs = PolyphaseResampler(r, rate)
+    return np.concatenate([rs.push(mono), rs.flush()])
+
+
+def write_input_wav(path: Path) -> Path:
+    """48 kHz 16-bit mono WAV: LEAD_S silence, the clip, TAIL_S silence (what Chromium's fake mic reads)."""
+    speech = hello_pcm(WAV_RATE)
+    pcm = np.concatenate([np.zeros(int(LEAD_S * WAV_RATE), np.float32), speech,
+                          np.zeros(int(TAIL_S * WAV_RATE), np.float32)])
+    return write_wav(path, pcm, rate=WAV_RATE)
+
+
+def rgb_to_yuv601(rgb) -> tuple[int, int, int]:
+    """BT.601 limited-range Y'CbCr of an 8-bit RGB colour (what Chromium assumes for Y4M)."""
+    r, g, b = (c / 255.0 for c in rgb)
+    y = 16 + 65.481 * r + 128.553 * g + 24.966 * b
+    cb = 128 - 37.797 * r - 74.203 * g + 112.0 * b
+    cr = 128 + 112.0 * r - 93.786 * g - 18.214 * b
+    return round(y), round(cb), round(cr)
+
+
+def write_y4m(path: Path, width: int = 320, height: int = 240, fps: int = Y4M_FPS, seconds: int = Y4M_SECONDS) -> Path:
+    """A raw YUV4MPEG2 4:2:0 clip: one colour per second from COLOURS, a white 40x40 square moving across."""
+    assert width % 2 == 0 and height % 2 == 0
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for i in range(fps * seconds):
+            y0, u0, v0 = rgb_to_yuv601(COLOURS[(i // fps) % len(COLOURS)])
+            y = np.full((height, width), y0, np.uint8)
+            u = np.full((height // 2, width // 2), u0, np.uint8)
+            v = np.full((height // 2, width // 2), v0, np.uint8)
+            x = (i * 8) % (width - 40)
+            y[100:140, x:x + 40] = 235
+            u[50:70, x // 2:x // 2 + 20] = 128
+            v[50:70, x // 2:x // 2 + 20] = 128
+            f.write(b"FRAME\n" + y.tobytes() + u.tobytes() + v.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fake-media")
+    return write_input_wav(d / "hello48k.wav"), write_y4m(d / "colours.y4m")
+
+
+def test_media_files_are_what_chromium_reads(media_files):
+    """The fixtures themselves: WAV rate/length/content, Y4M header and frame size."""
+    wav, y4m = media_files
+    pcm, rate = read_audio(wav)
+    speech = hello_pcm(WAV_RATE)
+    assert rate == WAV_RATE and pcm.shape[1] == 1
+    assert len(pcm) == int(LEAD_S * WAV_RATE) + len(speech) + int(TAIL_S * WAV_RATE)
+    lead = int(LEAD_S * WAV_RATE)
+    np.testing.assert_allclose(pcm[lead:lead + len(speech), 0], speech, atol=1.5 / 32768)
+    assert not pcm[:lead].any() and not pcm[lead + len(speech):].any()
+    data = y4m.read_bytes()
+    header, rest = data.split(b"\n", 1)
+    assert header.split()[1:4] == [b"W320", b"H240", f"F{Y4M_FPS}:1".encode()]
+    frame = len(b"FRAME\n") + 320 * 240 * 3 // 2
+    assert len(rest) == frame * Y4M_FPS * Y4M_SECONDS
+    assert rgb_to_yuv601((255, 0, 0)) == (81, 90, 240)  # the textbook BT.601 values for red
+
+
+# ---------------------------------------------------------------------------- browser
+def chromium_args(wav: Path, y4m: Path, loop_audio: bool = False) -> list[str]:
+    return [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}{'' if loop_audio else '%noloop'}",
+        f"--use-file-for-fake-video-capture={y4m}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+
+
+@contextlib.asynccontextmanager
+async def chromium(wav: Path, y4m: Path, profile: Path):
+    """Chromium on a fresh profile with the fake mic/camera; yields an async function making pages.
+
+    Playwright's async API, not the sync one: the sync API switches greenlets, which on Python 3.11
+    leaves the interpreter's recursion bookkeeping off, and a later import that pytest rewrites fails
+    with "SystemError: AST constructor recursion depth mismatch"."""
+    async with async_api.async_playwright() as p:
+        ctx = await p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True,
+            args=chromium_args(wav, y4m), viewport={"width": 390, "height": 844},  # a phone
+        )
+        ctx.set_default_timeout(60_000)
+        logs: list[str] = []
+
+        async def new_page():
+            page = await ctx.new_page()
+            page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: logs.append(f"pageerror: {e}"))
+            return page
+
+        new_page.logs = logs
+        try:
+            yield new_page
+        finally:
+            await ctx.close()
+
+
+class _WebOnly(http.server.SimpleHTTPRequestHandler):
+    """GET / and /web/<file> as the server maps them; nothing else (no /v1/realtime)."""
+
+    def translate_path(self, path):
+        path = path.split("?", 1)[0]
+        if path == "/":
+            return str(WEB / "index.html")
+        if path.startswith("/web/") and "/" not in path[5:] and not path[5:].startswith("."):
+            return str(WEB / path[5:])
+        return str(WEB / "does-not-exist")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def static_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_WebOnly, directory=str(WEB)))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def recorded_pcm(chunks: list[str]) -> np.ndarray:
+    raw = b"".join(base64.b64decode(c) for c in chunks)
+    return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+
+
+def best_alignment(x: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
+    """Max normalised cross-correlation of ``ref`` inside ``x`` (FFT), and its lag."""
+    n = len(x) + len(ref)
+    size = 1 << (n - 1).bit_length()
+    xc = np.fft.irfft(np.fft.rfft(x, size) * np.conj(np.fft.rfft(ref, size)), size)[: len(x) - len(ref) + 1]
+    c = np.concatenate([[0.0], np.cumsum(x.astype(np.float64) ** 2)])
+    energy = c[len(ref):] - c[: len(x) - len(ref) + 1]  # sum of x**2 over each window
+    score = xc / (np.sqrt(energy * float(ref @ ref)) + 1e-12)
+    lag = int(np.argmax(score))
+    return float(score[lag]), lag
+
+
+@pytest.mark.timeout(240)
+def test_page_captures_fake_mic_and_camera(media_files, static_server, tmp_path):
+    """Without a realtime endpoint: the page loads on a phone-sized screen, reports the failed
+    connection, and still captures: the mic PCM it would send is the clip at 24 kHz, the camera
+    frames show the Y4M's colours."""
+
+    async def body():
+        async with chromium(*media_files, tmp_path / "profile") as browser:
+            page = await browser()
+            await page.goto(f"{static_server}/?aec=0&record=1")
+            assert await page.evaluate("window.omni.state") == "idle"
+            assert (await page.title()).startswith("omnistream")
+            await page.get_by_role("button", name="Start").click()
+            await page.wait_for_function("window.omni.state === 'error' || window.omni.state === 'closed'")
+            assert await page.get_by_role("button", name="Reconnect").is_visible()
+            # the clip is 1 s + 3.5 s + 3 s; 6 s of mic and 12 camera frames cover all three colours
+            await page.wait_for_function("window.omni.capturedChunks >= 150 && window.omni.capturedFrames >= 12",
+                                         timeout=150_000)
+            return await page.evaluate("window.omni"), browser.logs
+
+    omni, logs = asyncio.run(body())
+    assert omni["sentAudioChunks"] == 0 and omni["sentFrames"] == 0  # nothing to send to
+    assert not [m for m in logs if m.startswith("pageerror")], logs
+
+    pcm = recorded_pcm(omni["recorded"])  # (n,) 24 kHz, as the page would send it
+    assert len(pcm) == 960 * len(omni["recorded"])
+    ref = hello_pcm(24000)
+    score, lag = best_alignment(pcm, ref)
+    assert score > 0.9, (score, lag)  # same waveform: rate, sign and scale survived the worklet
+    gain = float(pcm[lag:lag + len(ref)] @ ref / (ref @ ref))
+    assert 0.8 < gain < 1.25, gain
+    if lag > 2400:
+        assert np.abs(pcm[:lag - 2400]).max() < 0.01  # the lead silence stays silent
+
+    dominant = {int(np.argmax(m)) for m in omni["frameMeans"] if max(m) - sorted(m)[1] > 60}
+    assert dominant == {0, 1, 2}, omni["frameMeans"]  # red, green and blue seconds all seen
+
+
+@pytest.mark.timeout(120)
+def test_page_is_usable_at_phone_width(media_files, static_server, tmp_path):
+    """Nothing overflows a 390 px screen; controls are labelled buttons with touch-sized targets."""
+
+    async def body():
+        async with chromium(*media_files, tmp_path / "profile") as browser:
+            page = await browser()
+            await page.goto(static_server + "/")
+            assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+            for name in ("Start", "Stop"):
+                box = await page.get_by_role("button", name=name).bounding_box()
+                assert box["height"] >= 44 and box["x"] + box["width"] <= 390
+            assert await page.get_by_role("status").inner_text() == "idle"
+            assert await page.get_by_role("log").count() == 1
+            assert await page.get_by_role("checkbox", name="Camera").is_checked()
+
+    asyncio.run(body())
+
+
+PLAYER_JS = """async () => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const ctx = new AudioContext();
+  await ctx.audioWorklet.addModule("web/audio-worklet.js");
+  const node = new AudioWorkletNode(ctx, "omni-player", {
+    numberOfInputs: 0, outputChannelCount: [1], processorOptions: { inRate: 24000 } });
+  node.connect(ctx.destination);
+  let last = null, flushed = null;
+  node.port.onmessage = (e) => { if (e.data.type === "flushed") flushed = e.data; else last = e.data; };
+  if (ctx.state !== "running") await ctx.resume();
+  node.port.postMessage({ type: "push", pcm: new Float32Array(12000).fill(0.25) });  // 0.5 s
+  for (let i = 0; i < 100 && !(last && last.played >= 11999); i++) await sleep(50);
+  await sleep(300);
+  const drained = last;
+  node.port.postMessage({ type: "push", pcm: new Float32Array(240000).fill(0.25) });  // 10 s more
+  for (let i = 0; i < 100 && !(last && last.played > drained.played + 2400); i++) await sleep(50);
+  node.port.postMessage({ type: "flush", token: 7 });
+  for (let i = 0; i < 100 && !flushed; i++) await sleep(50);
+  await sleep(300);
+  const afterFlush = last;
+  await sleep(300);
+  return { rate: ctx.sampleRate, drained, flushed, afterFlush, later: last };
+}"""
+
+
+@pytest.mark.timeout(120)
+def test_player_worklet_plays_everything_then_flushes_at_once(media_files, static_server, tmp_path):
+    """The playback worklet: a 0.5 s chunk plays to its last sample (one is held for interpolation
+    until more arrives); a flush drops the queue: nothing more plays, the read position jumps to the end."""
+
+    async def body():
+        async with chromium(*media_files, tmp_path / "profile") as browser:
+            page = await browser()
+            await page.goto(static_server + "/")
+            return await page.evaluate(PLAYER_JS)
+
+    r = asyncio.run(body())
+    assert r["drained"]["played"] == 11999 and r["drained"]["writePos"] == 12000, r
+    assert r["flushed"]["token"] == 7 and r["flushed"]["writePos"] == 252000, r
+    heard = r["flushed"]["readPos"]
+    assert 12000 < heard < 252000, r  # flushed mid-reply
+    assert r["afterFlush"]["played"] == r["later"]["played"] <= heard + 1, r  # silence after the flush
+    assert r["later"]["readPos"] == 252000, r
+
+
+# ---------------------------------------------------------------------------- against the real server
+class LiveServer:
+    """omnistream's RealtimeServer over the in-process pipeline, on its own event loop thread."""
+
+    def __init__(self, ck, max_new_tokens: int = 8, max_speech_s: float = 2.0, **config):
+        from omnistream.apps.server import RealtimeServer, ServerConfig
+        from omnistream.runtime.client import InProcClient, SessionOptions
+
+        self.loop = asyncio.new_event_loop()
+        self.loop_errors: list[dict] = []  # unhandled task/callback exceptions on the server's loop
+        self.loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-web-server", daemon=True)
+        self.thread.start()
+        # short replies (8 text tokens, at most 2 s of speech by default) keep the tests quick on a CPU
+        cfg = ServerConfig(port=0, defaults=SessionOptions(max_new_tokens=max_new_tokens, max_speech_s=max_speech_s),
+                           **config)
+        self.client = InProcClient(ck)
+
+        async def start():
+            await self.client.start()
+            srv = RealtimeServer(self.client, cfg)
+            await srv.start()
+            return srv
+
+        self.server = self.run(start())
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, dict | str]:
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = r.read().decode()
+                return r.status, json.loads(body) if r.headers.get_content_type() == "application/json" else body
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def close(self):
+        try:
+            self.run(self.server.close())
+            self.run(self.client.close())
+            self.run(self._finish_tasks())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+            # Finalize what is left now, into loop_errors. (Logged from a finalizer that the GC runs
+            # inside some later ast.parse, such as pytest rewriting an import, a traceback is formatted
+            # with Python 3.11's ast-based caret anchors, re-entering the AST constructor:
+            # "SystemError: AST constructor recursion depth mismatch".)
+            gc.collect()
+        errors = [f"{c.get('message')}: {c.get('exception')!r}" for c in self.loop_errors]
+        assert not errors, f"the server left unhandled exceptions on its event loop: {errors}"
+
+    @staticmethod
+    async def _finish_tasks():
+        """Cancel and await the tasks still pending (replies, pacers), as ``asyncio.run`` would."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def talks_to_the_limit(tiny_dir):
+    """The tiny checkpoint with a Talker that never picks its end codes (codec_pad, codec_eos: their
+    codec_head rows zeroed, far below the random code rows after top-k/top-p), so every reply speaks
+    exactly ``max_speech_s``: reply lengths become known, and a barge-in always finds a reply playing.
+    (The plain random Talker ends after a random few codes.) A fresh copy: the shared one stays intact."""
+    import torch
+
+    from omnistream.checkpoints import load_omni
+
+    ck = load_omni(tiny_dir)
+    talker = ck.talker
+    with torch.no_grad():
+        for tok in (int(talker.codec_pad_token), int(talker.codec_eos_token)):
+            talker.codec_head.weight[tok].zero_()
+            if talker.codec_head.bias is not None:
+                talker.codec_head.bias[tok] = 0.0
+    return ck
+
+
+@pytest.fixture
+def live_server(talks_to_the_limit):
+    servers = []
+
+    def make(**kwargs):
+        servers.append(LiveServer(talks_to_the_limit, **kwargs))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_voice_and_video_turn_in_the_browser(media_files, live_server, tmp_path):
+    """The whole loop: the page streams the fake mic and camera to the server, server VAD finds the
+    spoken turn, the reply's audio plays in the page and its transcript appears."""
+    srv = live_server()
+
+    async def body():
+        async with chromium(*media_files, tmp_path / "profile") as browser:
+            page = await browser()
+            await page.goto(srv.url + "/?max_tokens=8")
+            await page.get_by_role("button", name="Start").click()
+            await page.wait_for_function("window.omni.state === 'connected'")
+            status = srv.get("/status")
+            # speech: 1 s of silence, 3.5 s of "hello", silence; the server's VAD must end the turn
+            await page.wait_for_function("window.omni.speechStopped >= 1", timeout=90_000)
+            await page.wait_for_function("window.omni.responsesDone >= 1", timeout=150_000)
+            await page.wait_for_function("window.omni.playedSamples >= window.omni.receivedAudioSamples - 1",
+                                         timeout=30_000)
+            omni = await page.evaluate("window.omni")
+            shown = await page.locator("#transcript li[data-role=assistant]").first.inner_text()
+            latency = await page.locator("#latency").inner_text()
+            await page.get_by_role("button", name="Stop").click()
+            await page.wait_for_function("window.omni.state === 'closed'")
+            for _ in range(50):
+                if srv.get("/health")[1]["sessions"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            return status, omni, shown, latency
+
+    (code, st), omni, shown, latency = asyncio.run(body())
+    print({k: omni[k] for k in ("sentAudioChunks", "sentFrames", "ackedFrames", "receivedAudioDeltas",
+                                "receivedAudioSamples", "playedSamples", "lastLatencyMs", "transcript")})
+    assert code == 200 and len(st["sessions"]) == 1 and st["connections"] == 1, st  # while connected
+    assert srv.get("/health")[1]["sessions"] == 0  # Stop closed the session
+    assert omni["errors"] == [], omni["errors"]
+    assert omni["sentAudioChunks"] >= 100  # >= 4 s of mic sent in 40 ms chunks
+    assert omni["sentAudioSamples"] == 960 * omni["sentAudioChunks"]
+    assert omni["events"]["input_audio_buffer.speech_started"] >= 1
+    assert omni["events"]["input_audio_buffer.committed"] >= 1
+    # frames: sent as JPEG data URLs, each decoded by the server (else an invalid_image error)
+    assert omni["sentFrames"] >= 4 and omni["ackedFrames"] >= 4, omni
+    # the reply: every sample the server sent arrived (2 s: max_speech_s) and was played
+    resp = omni["lastResponse"]
+    assert resp["status"] in ("completed", "incomplete"), resp
+    assert omni["receivedAudioDeltas"] == 50  # 40 ms deltas
+    assert omni["receivedAudioSamples"] == int(resp["metadata"]["audio_samples"]) == 2 * 24000
+    assert omni["playedSamples"] >= omni["receivedAudioSamples"] - 1
+    assert omni["lastLatencyMs"] is not None and omni["lastLatencyMs"] > 0
+    assert latency == str(omni["lastLatencyMs"])
+    # transcript: the deltas add up to the item's final transcript, and the page shows it
+    transcript = resp["output"][0]["content"][0]["transcript"]
+    assert omni["transcript"] == transcript and transcript.strip(), (omni["transcript"], transcript)
+    assert transcript.strip()[:20] in shown
+
+
+@contextlib.contextmanager
+def omnistream_serve(model_dir, log_path: Path, *args: str):
+    """``omnistream serve --port 0 ...`` as a child process (the real entry point, the packaged page);
+    yields its base URL once it prints the address it listens on. Its output goes to ``log_path``
+    (a pipe nobody drains would fill up and block the server's event loop on a log line)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "omnistream", "serve", "--model", str(model_dir), "--port", "0", *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (m := re.search(r"serving ws://([\d.]+):(\d+)/v1/realtime", log_path.read_text())):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"omnistream serve did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield f"http://{m.group(1)}:{m.group(2)}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def http_get(url: str, headers: dict | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.timeout(240)
+def test_api_key_from_the_page_url(media_files, tiny_dir, tmp_path):
+    """``omnistream serve --api-key``: it serves this page; the page's ?key= rides in the
+    `openai-insecure-api-key.` subprotocol; a page with a wrong key is refused and offers Reconnect."""
+    import json
+
+    key = "s3cret-key"
+    log = tmp_path / "serve.log"
+    with omnistream_serve(tiny_dir, log, "--api-key", key, "--max-new-tokens", "8", "--max-speech-s", "2") as url:
+        assert http_get(url + "/") == (200, (WEB / "index.html").read_text())
+        assert http_get(url + "/web/audio-worklet.js") == (200, (WEB / "audio-worklet.js").read_text())
+        assert http_get(url + "/status")[0] == 401
+
+        async def body():
+            async with chromium(*media_files, tmp_path / "profile") as browser:
+                page = await browser()
+                await page.goto(url + "/?key=wrong&camera=0")
+                await page.get_by_role("button", name="Start").click()
+                await page.wait_for_function("window.omni.state === 'error'")
+                refused = (await page.get_by_role("button", name="Reconnect").is_visible(),
+                           await page.evaluate("window.omni.sessionId"))
+                await page.goto(url + f"/?key={key}&camera=0")
+                await page.get_by_role("button", name="Start").click()
+                try:
+                    await page.wait_for_function(
+                        "window.omni.state === 'connected' && window.omni.sentAudioChunks >= 10")
+                except async_api.TimeoutError:
+                    raise AssertionError(f"page: {await page.evaluate('window.omni')}\n"
+                                         f"server: {log.read_text()[-3000:]}") from None
+                omni = await page.evaluate("window.omni")
+                return refused, omni, http_get(url + "/status", {"Authorization": f"Bearer {key}"})
+
+        (reconnect_shown, refused_sid), omni, (code, status) = asyncio.run(body())
+    assert reconnect_shown and refused_sid is None
+    assert omni["sessionId"] and omni["errors"] == [], omni
+    assert code == 200 and [s["id"] for s in json.loads(status)["sessions"]] == [omni["sessionId"]], status
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_interrupt_by_speaking(media_files, live_server, tmp_path):
+    """Barge-in from the browser: "hello", a 9 s pause (the reply starts and keeps talking: 12 s of
+    speech), "hello" again. The second speech_started flushes the page's playback at once, no audio of
+    that reply arrives after it, the server cancels the reply (turn_detected) and truncates the item,
+    and the second turn gets its own reply."""
+    speech = hello_pcm(WAV_RATE)
+    z = lambda s: np.zeros(int(s * WAV_RATE), np.float32)
+    wav = write_wav(tmp_path / "twice.wav", np.concatenate([z(LEAD_S), speech, z(9.0), speech, z(TAIL_S)]),
+                    rate=WAV_RATE)
+    srv = live_server(max_new_tokens=200, max_speech_s=12.0)
+
+    async def body():
+        async with chromium(wav, media_files[1], tmp_path / "profile") as browser:
+            page = await browser()
+            await page.goto(srv.url + "/?camera=0")
+            await page.get_by_role("button", name="Start").click()
+            await page.wait_for_function("window.omni.speechStarted >= 2", timeout=150_000)
+            await page.wait_for_function("window.omni.responsesCreated >= 2 && window.omni.responsesDone >= 1",
+                                         timeout=150_000)
+            await asyncio.sleep(0.5)  # anything late would arrive now
+            omni = await page.evaluate("window.omni")
+            interrupted = await page.locator("#transcript li[data-interrupted='1']").count()
+            await page.get_by_role("button", name="Stop").click()
+            return omni, interrupted
+
+    omni, interrupted = asyncio.run(body())
+    print({k: omni[k] for k in ("responses", "flushes", "truncatedMs", "interruptions", "playedSamples")})
+    first = omni["responses"][0]
+    assert first["status"] == "cancelled" and first["reason"] == "turn_detected", first
+    assert omni["interruptions"] >= 1 and len(omni["flushes"]) >= 1 and interrupted >= 1
+    assert omni["lateAudioDeltas"] == 0  # the server sent nothing after speech_started
+    assert 0 < first["samples"] == first["serverSamples"] < 12 * 24000, first  # every sample sent arrived
+    flush = omni["flushes"][0]
+    assert flush["readPos"] <= flush["writePos"] == first["samples"]  # the queue held this reply only
+    # the server truncated the item to what it had paced out
+    assert omni["truncatedMs"] is not None and omni["truncatedMs"] * 24 <= first["samples"]
+    assert omni["errors"] == [], omni["errors"]
