@@ -53,6 +53,88 @@ def _cmd_demo(args) -> int:
     return _cmd_chat(chat_args)
 
 
+def _cmd_serve(args) -> int:
+    from omnistream.apps.server import run_server
+
+    return run_server(args)
+
+
+def _cmd_nav(args) -> int:
+    try:
+        if args.nav_command == "make-episodes":
+            from omnistream.navigation.episodes_gen import make_dataset
+
+            path = make_dataset(args.out, args.scenes, args.per_scene, args.split, args.seed, glb=not args.no_glb)
+            print(f"wrote {path} (+ {path.name.replace('.json.gz', '_gt.json.gz')}) and scenes under "
+                  f"{Path(args.out) / 'scenes'}; run them with: omnistream nav --episodes {path} --agent oracle "
+                  f"--out runs/oracle")
+            return 0
+        if not args.episodes or not args.out:
+            raise ValueError("nav needs --episodes FILE and --out DIR (or the make-episodes subcommand)")
+        from omnistream.navigation.runner import run_cli
+
+        return run_cli(args)
+    except (FileNotFoundError, ImportError) as e:  # missing episode/scene file, habitat-sim not installed
+        print(f"omnistream: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_robot(args) -> int:
+    from omnistream.apps.robot import run_cli
+
+    return run_cli(args)
+
+
+def _add_robot_parser(sub) -> None:
+    from omnistream.apps.robot import add_config_args
+
+    r = sub.add_parser(
+        "robot",
+        help="headless robot app: navigate (and talk) with a watchdog, e-stop, /health and /status",
+        description="Runs the navigation agent (and the voice/video conversation) on a robot attached through "
+        "the ZeroMQ bridge (omnistream.robot.bridge), or on the simulated MuJoCo robot with --sim. Control socket "
+        "(JSON over ZeroMQ): instruction, estop, resume, cancel, status. Every config key is also a flag.",
+    )
+    add_config_args(r)
+    r.set_defaults(func=_cmd_robot)
+
+
+def _add_nav_parser(sub) -> None:
+    n = sub.add_parser(
+        "nav",
+        help="run vision-language navigation episodes (VLN-CE format) with an agent in a simulator",
+        description="Runs each episode to STOP or --max-steps, writes OUT/results.jsonl as episodes finish "
+        "(a rerun with the same --out resumes), OUT/summary.json, a summary table (NE, OS, SR, SPL, nDTW, "
+        "SDTW) and a top-down plot per episode in OUT/plots. `nav make-episodes` generates scenes and episodes.",
+    )
+    n.add_argument("--episodes", help="VLN-CE split file ({split}.json.gz; {split}_gt.json.gz is read if present)")
+    n.add_argument("--sim", choices=["mujoco", "habitat"], default="mujoco",
+                   help="simulator backend (default mujoco: the embedded one on generated scenes)")
+    n.add_argument("--agent", choices=["oracle", "random", "janus"], default="oracle", help="agent (default oracle)")
+    n.add_argument("--model", help="JanusVLN checkpoint directory (for --agent janus)")
+    n.add_argument("--out", help="output directory")
+    n.add_argument("--scenes-dir", help="directory the episodes' scene_id are relative to "
+                   "(default: 'scenes' next to the episode file)")
+    n.add_argument("--max-steps", type=int, default=500, help="step limit per episode (default 500)")
+    n.add_argument("--limit", type=int, help="run only the first N episodes")
+    n.add_argument("--width", type=int, default=640, help="camera width (default 640)")
+    n.add_argument("--height", type=int, default=480, help="camera height (default 480)")
+    n.add_argument("--seed", type=int, default=0, help="random agent seed (default 0)")
+    n.add_argument("--no-plots", action="store_true", help="skip the per-episode PNG plots")
+    n.add_argument("--no-progress", action="store_true", help="no progress bar")
+    n.set_defaults(func=_cmd_nav, nav_command=None)
+    nsub = n.add_subparsers(dest="nav_command", metavar="make-episodes")
+    g = nsub.add_parser("make-episodes", help="generate scenes (MJCF + .glb + JSON) and VLN-CE episodes",
+                        description="Procedural multi-room scenes, episodes with templated instructions, "
+                        "reference paths, geodesic distances and ground-truth trajectories.")
+    g.add_argument("--scenes", type=int, default=4, help="number of scenes (default 4)")
+    g.add_argument("--per-scene", type=int, default=5, help="episodes per scene (default 5)")
+    g.add_argument("--split", default="val", help="split name: writes OUT/{split}.json.gz (default val)")
+    g.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    g.add_argument("--no-glb", action="store_true", help="skip the .glb export (habitat-sim stages)")
+    g.add_argument("--out", required=True, help="dataset directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omnistream",
@@ -112,6 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=24, help="reply length limit (default 24)")
     d.add_argument("--out", default=".cache/demo-reply.wav", help="where the spoken reply goes")
     d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-Realtime-compatible voice/video chat server (WebSocket /v1/realtime + browser page at /)",
+        description="Serve the Realtime protocol (session.update, input_audio_buffer.*, conversation.item.*, "
+        "response.*; pcm16 24 kHz audio both ways) with server VAD (silero-vad) and barge-in; GET /health, "
+        "GET /status, and the browser client at /.",
+    )
+    s.add_argument("--model", default=str(DEFAULT_TINY), help=f"checkpoint directory (default {DEFAULT_TINY})")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    s.add_argument("--api-key", default=os.environ.get("OMNISTREAM_API_KEY"),
+                   help="require this key (Authorization: Bearer KEY, or the openai-insecure-api-key.KEY "
+                   "subprotocol); default: $OMNISTREAM_API_KEY, unset: no key")
+    s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="browser origin allowed to connect besides the server's own page (repeatable; '*': any)")
+    s.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
+    s.add_argument("--rate-limit", type=float, default=100.0,
+                   help="client events per second per session, token bucket (default 100; 0: off)")
+    s.add_argument("--layout", help="run the stages as ZeroMQ processes: all-in-one, split or a layout YAML "
+                   "(default: everything in this process)")
+    s.add_argument("--spares", action="store_true", help="with --layout: keep one loaded standby process per "
+                   "stage, so a crashed stage is replaced in well under a second (twice the memory)")
+    s.add_argument("--voice", help="default voice (a speaker of the checkpoint; OpenAI voice names map to it)")
+    s.add_argument("--window", help="bound each session's KV cache: tokens (8192) or seconds of media (600s)")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="reply text limit (default 256)")
+    s.add_argument("--max-speech-s", type=float, default=30.0, help="reply speech limit in seconds (default 30)")
+    s.add_argument("--no-vad", action="store_true", help="sessions start with turn_detection null (manual commit)")
+    s.set_defaults(func=_cmd_serve)
+    _add_nav_parser(sub)
+    _add_robot_parser(sub)
     return p
 
 
