@@ -29,3 +29,11 @@ def tiny(tiny_dir):
     from omnistream.checkpoints import load_omni
 
     return load_omni(tiny_dir)
+
+
+@pytest.fixture(autouse=True)
+def _denormals_restored():
+    """The CLI flushes denormals process-wide (a CPU speed fix); tests that call ``cli.main`` in
+    this process must not leave that on for later tests (hypothesis refuses to run without them)."""
+    yield
+    torch.set_flush_denormal(False)
