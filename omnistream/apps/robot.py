@@ -373,8 +373,8 @@ class RobotApp:
             while (now := time.monotonic()) - t0 < dur:
                 if interrupted():
                     return
-                if not self.stage.alive():  # the supervised stage is down: stop now, not at the watchdog
-                    return
+                if not self.stage.alive() or (self.talk is not None and not self.talk.stages_ready()):
+                    return  # a supervised stage (agent or talk) is down: stop now, not at the step's end
                 if self.camera.read_latest(cfg.max_frame_age_s) is None:
                     return  # camera lost mid-move: stop; the loop pauses until it is back
                 if now >= next_send:
