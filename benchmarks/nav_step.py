@@ -144,23 +144,14 @@ def main(argv=None) -> dict:
     tmp = None
     model_dir = args.model
     if model_dir is None:
-        from omnistream.navigation.tiny import make_tiny_janus
+        from omnistream.navigation.tiny import TINY_VGGT, make_tiny_janus
 
         tmp = tempfile.TemporaryDirectory()
         # VGGT-1B's input width (518) would make a 224-px frame 518 px wide; the tiny aggregator's
         # img_size sets the width the agent resizes to, so give it the frame width.
         model_dir = make_tiny_janus(
             Path(tmp.name) / "tiny-janus",
-            vggt={
-                "img_size": hw[1] // 14 * 14,
-                "patch_size": 14,
-                "embed_dim": 32,
-                "depth": 2,
-                "num_heads": 2,
-                "mlp_ratio": 2.0,
-                "dino_depth": 1,
-                "dino_heads": 2,
-            },
+            vggt={**TINY_VGGT, "img_size": hw[1] // 14 * 14},
         )
     kw = {"vggt_path": args.vggt, "device": args.device, "dtype": dtype, "max_new_tokens": args.max_new_tokens}
     dual = JanusAgent.from_pretrained(model_dir, memory=MemoryConfig(8, 48), **kw)

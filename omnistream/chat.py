@@ -286,8 +286,6 @@ class OmniChat:
         if speak and self.talker is None:
             raise ValueError("this chat has no voice: construct OmniChat(..., voice='Chelsie') to speak")
         self._cancel.clear()
-        if speak and self.talker.done and not self.talker.started:
-            self.talker.end_turn()  # a cancel that came between replies must not mute this one
         s, t0 = self.stats, time.perf_counter()
         reply_start = self.thinker.n_tokens
         ids: list[int] = []

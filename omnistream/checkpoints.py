@@ -351,24 +351,14 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
     )
 
 
-def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """Write a complete tiny Qwen2.5-Omni checkpoint in the real Hugging Face format.
-
-    The directory holds ``config.json``, ``model.safetensors`` (seeded random weights),
-    ``generation_config.json``, tokenizer files (a small byte-level BPE), the processor configs
-    (feature extractor, image and video processors, chat template) and ``spk_dict.pt``. It loads
-    through :func:`load_omni` exactly like ``Qwen/Qwen2.5-Omni-7B``.
-    """
+def tiny_qwen_tokenizer(specials: list[str], media_tokens: dict[str, str]):
+    """A small byte-level BPE with Qwen's special tokens, wrapped as the ``Qwen2Tokenizer`` real
+    Qwen checkpoints ship; ``media_tokens`` names the model family's media placeholders
+    (``image_token`` etc.). Returns ``(bpe, tokenizer)``; shared by the Omni and JanusVLN writers."""
     from tokenizers import AddedToken
-    from transformers import GenerationConfig, Qwen2_5OmniForConditionalGeneration, Qwen2Tokenizer
-    from transformers import WhisperFeatureExtractor
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from transformers import Qwen2Tokenizer
 
     bpe = _tiny_tokenizer(vocab_size=384)
-    specials = SPECIAL_TOKENS + [f"<|voice_{v.lower()}|>" for v in TINY_VOICES]
-
     bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer = Qwen2Tokenizer(
         tokenizer_object=bpe,
@@ -378,16 +368,34 @@ def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, la
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
-        extra_special_tokens={
-            "audio_token": "<|AUDIO|>",
-            "audio_bos_token": "<|audio_bos|>",
-            "audio_eos_token": "<|audio_eos|>",
-            "image_token": "<|IMAGE|>",
-            "video_token": "<|VIDEO|>",
-            "vision_bos_token": "<|vision_bos|>",
-            "vision_eos_token": "<|vision_eos|>",
-        },
+        extra_special_tokens=media_tokens,
     )
+    return bpe, tokenizer
+
+
+def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Write a complete tiny Qwen2.5-Omni checkpoint in the real Hugging Face format.
+
+    The directory holds ``config.json``, ``model.safetensors`` (seeded random weights),
+    ``generation_config.json``, tokenizer files (a small byte-level BPE), the processor configs
+    (feature extractor, image and video processors, chat template) and ``spk_dict.pt``. It loads
+    through :func:`load_omni` exactly like ``Qwen/Qwen2.5-Omni-7B``.
+    """
+    from transformers import GenerationConfig, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    specials = SPECIAL_TOKENS + [f"<|voice_{v.lower()}|>" for v in TINY_VOICES]
+    bpe, tokenizer = tiny_qwen_tokenizer(specials, {
+        "audio_token": "<|AUDIO|>",
+        "audio_bos_token": "<|audio_bos|>",
+        "audio_eos_token": "<|audio_eos|>",
+        "image_token": "<|IMAGE|>",
+        "video_token": "<|VIDEO|>",
+        "vision_bos_token": "<|vision_bos|>",
+        "vision_eos_token": "<|vision_eos|>",
+    })
     ids = {t: bpe.token_to_id(t) for t in specials}
     user_ids = bpe.encode("user", add_special_tokens=False).ids
     ids["user"] = user_ids[0]

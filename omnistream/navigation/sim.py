@@ -38,6 +38,25 @@ def wrap_angle(a: float) -> float:
     return (a + math.pi) % (2 * math.pi) - math.pi
 
 
+
+def slide_move(free, x: float, z: float, dx: float, dz: float, substeps: int) -> tuple[float, float, int]:
+    """Move by ``(dx, dz)`` per sub-step for ``substeps``; a blocked sub-step keeps its free axis
+    component (sliding along walls, as habitat-sim's ``allow_sliding``). ``free(x, z)`` says whether
+    a point is navigable. Returns the end point and the number of blocked sub-steps."""
+    blocked = 0
+    for _ in range(substeps):
+        if free(x + dx, z + dz):
+            x, z = x + dx, z + dz
+            continue
+        blocked += 1
+        if abs(dx) > 1e-9 and free(x + dx, z):
+            x += dx
+        elif abs(dz) > 1e-9 and free(x, z + dz):
+            z += dz
+        else:
+            break
+    return x, z, blocked
+
 class Simulator(ABC):
     """One embodied agent in one scene at a time."""
 
@@ -151,21 +170,12 @@ class GridSimulator(Simulator):
 
     def _forward(self) -> None:
         """Move forward with sliding: blocked sub-steps keep their free axis component."""
-        free = self.scene.is_navigable
         x, y, z = self._pos
         dx = -math.sin(self._heading) * self.forward_step / self.substeps
         dz = -math.cos(self._heading) * self.forward_step / self.substeps
-        for _ in range(self.substeps):
-            if free(x + dx, z + dz):
-                x, z = x + dx, z + dz
-                continue
+        x, z, blocked = slide_move(self.scene.is_navigable, x, z, dx, dz, self.substeps)
+        if blocked:
             self._collided = True
-            if abs(dx) > 1e-9 and free(x + dx, z):
-                x += dx
-            elif abs(dz) > 1e-9 and free(x, z + dz):
-                z += dz
-            else:
-                break
         self._pos = np.array([x, y, z])
 
     def _render(self) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from omnistream.checkpoints import VisionPreprocessing, _reinit, _tiny_tokenizer
+from omnistream.checkpoints import VisionPreprocessing, _reinit, tiny_qwen_tokenizer
 
 # Qwen2.5-VL's special tokens (names as in its tokenizer_config.json), ids assigned after the BPE vocab.
 QWEN25VL_SPECIAL_TOKENS = [
@@ -69,32 +69,20 @@ def make_tiny_janus(
 ) -> Path:
     """Write a tiny random JanusVLN checkpoint to ``out_dir`` and return its path."""
     from safetensors.torch import load_file, save_file
-    from tokenizers import AddedToken
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from omnistream.navigation.janus import VGGTMerger
     from omnistream.navigation.vggt import VGGTAggregator, VGGTConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bpe = _tiny_tokenizer(vocab_size=384)
-    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN25VL_SPECIAL_TOKENS])
+    bpe, tokenizer = tiny_qwen_tokenizer(QWEN25VL_SPECIAL_TOKENS, {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
+    })
     ids = {t: bpe.token_to_id(t) for t in QWEN25VL_SPECIAL_TOKENS}
-    tokenizer = Qwen2Tokenizer(
-        tokenizer_object=bpe,
-        errors="replace",
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-        extra_special_tokens={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>",
-            "vision_eos_token": "<|vision_end|>",
-        },
-    )
     vocab = bpe.get_vocab_size(with_added_tokens=True)
     vocab += (-vocab) % 64
 

@@ -36,6 +36,7 @@ import numpy as np
 import zmq
 
 from omnistream.navigation.scenes import Scene, generate_scene, scene_id_for
+from omnistream.navigation.sim import slide_move
 from omnistream.robot.bridge import BaseDriver, RobotBridge
 from omnistream.robot.interfaces import Limits
 
@@ -97,24 +98,13 @@ class DiffDriveDriver(BaseDriver):
                                          "x.vel": self.v, "theta.vel": self.w}) + "\n")
 
     def _forward(self, dist: float) -> None:
-        """Move `dist` along the heading with sliding along blocked axes (as GridSimulator._forward)."""
+        """Move `dist` along the heading with sliding along blocked axes (the navigation simulator's rule)."""
         if dist == 0:
             return
         n = max(1, math.ceil(abs(dist) / self.substep_m))
         dx, dz = -math.sin(self.heading) * dist / n, -math.cos(self.heading) * dist / n
-        free = self.scene.is_navigable
-        x, z = self.x, self.z
-        for _ in range(n):
-            if free(x + dx, z + dz):
-                x, z = x + dx, z + dz
-                continue
-            self.collisions += 1
-            if abs(dx) > 1e-9 and free(x + dx, z):
-                x += dx
-            elif abs(dz) > 1e-9 and free(x, z + dz):
-                z += dz
-            else:
-                break
+        x, z, blocked = slide_move(self.scene.is_navigable, self.x, self.z, dx, dz, n)
+        self.collisions += blocked
         self.odometer += math.hypot(x - self.x, z - self.z)
         self.x, self.z = x, z
 

@@ -163,8 +163,6 @@ class _Session:
         self.options = options
         self.chat = None  # OmniChat, built lazily on the worker thread
         self.epoch = 0
-        self.replying = False  # a reply is being generated (guarded by `lock`)
-        self.lock = threading.Lock()
         self.turn_open = False
         self.video = False
         self.t0_frame: float | None = None
@@ -348,11 +346,6 @@ class InProcClient(Client):
 
         def run():
             o, text, samples = s.options, [], 0
-            with s.lock:
-                s.replying = True
-                talker = s.chat.talker
-                if talker is not None and talker.done and not talker.started:
-                    talker.end_turn()  # a cancel that landed just after the last reply ended muted it
             try:
                 if s.turn_open:
                     self._commit(s, None)
@@ -369,9 +362,6 @@ class InProcClient(Client):
             except Exception as e:  # noqa: BLE001
                 put(SessionError(epoch, _error_code(e), str(e)))
                 return
-            finally:
-                with s.lock:
-                    s.replying = False
             st = s.chat.stats
             put(ResponseDone(epoch, "".join(text), st.reply_tokens, samples, st.cancelled or s.epoch != epoch,
                              {k: getattr(st, k) for k in ("ttft_s", "first_audio_s", "decode_s", "end_of_input_s")}))
@@ -388,9 +378,8 @@ class InProcClient(Client):
     async def cancel(self, sid: str) -> int:
         s = self._session(sid)
         s.epoch += 1
-        with s.lock:  # only a running reply: a cancel between replies would mute the next one's Talker
-            if s.chat is not None and s.replying:
-                s.chat.cancel()
+        if s.chat is not None:
+            s.chat.cancel()
         return s.epoch
 
     async def truncate(self, sid: str, played_samples: int) -> int:

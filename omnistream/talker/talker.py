@@ -130,7 +130,11 @@ class StreamingTalker:
         self._new_turn()
 
     def cancel(self) -> None:
-        """Stop this turn's speech now (barge-in); pushes and ``finish`` then yield nothing."""
+        """Stop this turn's speech now (barge-in); pushes and ``finish`` then yield nothing.
+        Without a reply under way there is nothing to stop: a barge-in that lands between replies
+        must not mute the next one."""
+        if not self.started:
+            return
         if not self.done:
             self.done, self.stop_reason = True, "cancelled"
         self._queue.clear()
