@@ -72,6 +72,31 @@ class ReplyEvent:
     pcm: np.ndarray | None = None
 
 
+class TextDeltas:
+    """Reply text as it decodes: whole UTF-8 characters only (byte-level BPE can split one across
+    tokens), decoding only the not-yet-shown tokens so each step costs O(1)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0  # tokens whose text was emitted (it ended on a whole character)
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the new text, or "" while a character is incomplete."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids[self.shown:], skip_special_tokens=True)
+        if not text or text.endswith("\ufffd"):
+            return ""
+        self.shown = len(self.ids)
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back (at the end of the reply)."""
+        text = self.tok.decode(self.ids[self.shown:], skip_special_tokens=True)
+        self.shown = len(self.ids)
+        return text
+
+
 class OmniChat:
     """A multi-turn conversation over a loaded :class:`~omnistream.checkpoints.OmniCheckpoint`.
 
@@ -288,8 +313,8 @@ class OmniChat:
         self._cancel.clear()
         s, t0 = self.stats, time.perf_counter()
         reply_start = self.thinker.n_tokens
-        ids: list[int] = []
-        shown = 0  # reply tokens whose text was emitted (it ended on a whole UTF-8 character)
+        deltas = TextDeltas(self.tok)
+        ids = deltas.ids
         self.reply_codes = []
         if speak:
             v = self.ck.voices[self.voice]
@@ -305,18 +330,13 @@ class OmniChat:
             if step.token in self.stop_ids:
                 ended = True
             else:
-                ids.append(step.token)
-                # byte-level BPE: decoding only the not-yet-shown tokens keeps this O(1) per token
-                text = self.tok.decode(ids[shown:], skip_special_tokens=True)
-                if text and not text.endswith("\ufffd"):
+                if text := deltas.push(step.token):
                     yield ReplyEvent("text", text=text)
-                    shown = len(ids)
             if speak:
                 yield from self._speak(self.talker.push(step))
             if self._cancel.is_set():
                 break
-        text = self.tok.decode(ids[shown:], skip_special_tokens=True)
-        if text:  # flush what was held back as a partial UTF-8 sequence
+        if text := deltas.flush():  # what was held back as a partial UTF-8 sequence
             yield ReplyEvent("text", text=text)
         if speak:
             if not self._cancel.is_set():

@@ -362,7 +362,10 @@ class _Conversation:
     def reply(self, epoch: int, slot: Slot) -> Iterator[None]:
         """OmniChat.reply's text side, one decoded token per step."""
         o, speak = slot.options, self.voice is not None
-        reply_start, ids, texts, shown, ended = self.thinker.n_tokens, [], [], 0, False
+        from omnistream.chat import TextDeltas
+
+        deltas, texts, ended = TextDeltas(self.tok), [], False
+        reply_start, ids = self.thinker.n_tokens, deltas.ids
         self.replying = True
         cancelled = False
         try:
@@ -372,12 +375,9 @@ class _Conversation:
                 if step.token in self.stop_ids:
                     ended = True
                 else:
-                    ids.append(step.token)
-                    text = self.tok.decode(ids[shown:], skip_special_tokens=True)
-                    if text and not text.endswith("\ufffd"):
+                    if text := deltas.push(step.token):
                         texts.append(text)
                         self.send("client", wire.TextDelta(session=self.sid, epoch=epoch, seq=len(texts), text=text))
-                        shown = len(ids)
                 if speak:
                     self.send("talker", wire.Step(session=self.sid, epoch=epoch, token=step.token,
                                                   embed=ref(step.embed, 1), hidden=ref(step.hidden, 2)),
@@ -386,8 +386,7 @@ class _Conversation:
                 if slot.stale(epoch):
                     cancelled = True
                     break
-            text = self.tok.decode(ids[shown:], skip_special_tokens=True)
-            if text:
+            if text := deltas.flush():
                 texts.append(text)
                 self.send("client", wire.TextDelta(session=self.sid, epoch=epoch, seq=len(texts), text=text))
         finally:
