@@ -150,6 +150,11 @@ class Client(ABC):
     def status(self) -> dict:
         """JSON-able: stages (name, pid, alive, last_heartbeat_s), sessions, queue depths."""
 
+    def admission(self) -> str | None:
+        """None when one more session can be served in real time; else the reason it cannot
+        (the server answers HTTP 503 on connect / a ``server_busy`` error event with it)."""
+        return None
+
 
 # ---------------------------------------------------------------------------------- in process
 _STOP = object()
