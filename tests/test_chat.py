@@ -72,7 +72,7 @@ def test_cancel_stops_within_one_chunk_and_truncation_keeps_what_was_heard(tiny)
     ref = OmniChat(tiny)
     ref.say("talk for a while")
     ref.thinker.append_text(full[:kept])
-    ref._text("<|im_end|>\n")
+    ref.conv.text("<|im_end|>\n")
     for c in (chat, ref):
         c.say("and then?")
     assert chat.thinker.n_tokens == ref.thinker.n_tokens

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -397,19 +398,68 @@ def test_bad_control_commands_rejected_robot_unaffected(app):
 
 
 @pytest.mark.timeout(60)
-def test_emergency_stop_latches_until_resume(app):
+def test_emergency_stop_release_does_not_restart_motion(app):
+    """ISO 13850: resetting an e-stop must not restart the machine; only a new command does."""
     target = "kitchen" if app.status()["robot"]["room"] != "kitchen" else "bedroom"
     assert app.command({"type": "instruction", "text": f"go to the {target}"})["ok"]
     app.wait(app.moving_now, 30, "the robot to move")
     t0 = time.time()
     r = app.command({"type": "estop"})
-    assert r["ok"] and r["status"]["estop"]
+    # the reply reports the state after the stop, as the robot itself reports it
+    assert r["ok"] and r["status"]["estop"] and r["status"]["robot"]["estop"], r
+    assert r["status"]["moving"] is False, r["status"]
+    assert r["status"]["robot"]["x.vel"] == 0 and r["status"]["robot"]["theta.vel"] == 0, r["status"]["robot"]
     app.wait(lambda: not app.moving_now(), 1, "the e-stop to stop the base")
     assert any(x["t"] >= t0 and x["x.vel"] == 0 and x["theta.vel"] == 0 for x in app.trajectory())
-    time.sleep(0.5)
+    r = app.command({"type": "continue"})
+    assert not r["ok"] and "resume first" in r["error"]
+    time.sleep(0.3)
     assert not app.moving_now() and app.status()["robot"]["estop"]
-    assert app.command({"type": "resume"})["ok"]
-    app.wait(app.moving_now, 30, "motion after resume")
+    t_resume = time.time()
+    r = app.command({"type": "resume"})
+    assert r["ok"] and not r["status"]["estop"] and r["status"]["robot"]["estop"] is False, r
+    time.sleep(1.0)  # motion restarted 47 ms after the release before the fix
+    after = [x for x in app.trajectory() if x["t"] >= t_resume]
+    assert after and all(x["x.vel"] == 0 and x["theta.vel"] == 0 for x in after), "the release restarted motion"
+    st = app.status()
+    assert st["task"]["state"] == "running" and st["held"] and "continue" in st["pause_reason"], st
+    r = app.command({"type": "continue"})
+    assert r["ok"] and not r["status"]["held"], r
+    app.wait(app.moving_now, 30, "motion after continue")
+    # the same through a new instruction: e-stop, release, then the instruction is the new command
+    assert app.command({"type": "estop"})["ok"] and app.command({"type": "resume"})["ok"]
+    time.sleep(0.3)
+    assert not app.moving_now()
+    assert app.command({"type": "instruction", "text": f"go to the {target}"})["ok"]
+    app.wait(app.moving_now, 30, "motion after a new instruction")
+    assert app.command({"type": "cancel"})["ok"]
+    assert not app.command({"type": "continue"})["ok"]  # nothing running: nothing to continue
+
+
+@pytest.mark.timeout(60)
+def test_robot_side_estop_release_does_not_restart_motion(app):
+    """The same rule for an e-stop latched on the robot's side (its own button, another client of the bridge)."""
+    target = "kitchen" if app.status()["robot"]["room"] != "kitchen" else "bedroom"
+    assert app.command({"type": "instruction", "text": f"go to the {target}"})["ok"]
+    app.wait(app.moving_now, 30, "the robot to move")
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(f"ipc://{app.run_dir}/sim-cmd.sock")
+    try:
+        push.send(json.dumps({"seq": 10**6, "estop": True}).encode())
+        app.wait(lambda: app.status()["pause_reason"] == "robot e-stop latched", 5, "the app to see the latch")
+        app.wait(lambda: not app.moving_now(), 1, "the base to stop")
+        t_release = time.time()
+        push.send(json.dumps({"seq": 10**6 + 1, "resume": True}).encode())
+        app.wait(lambda: app.status()["robot"]["estop"] is False, 5, "the robot to release")
+        time.sleep(1.0)
+        after = [x for x in app.trajectory() if x["t"] >= t_release]
+        assert after and all(x["x.vel"] == 0 and x["theta.vel"] == 0 for x in after), "the release restarted motion"
+        assert app.status()["held"] and app.status()["task"]["state"] == "running"
+        assert app.command({"type": "continue"})["ok"]
+        app.wait(app.moving_now, 30, "motion after continue")
+    finally:
+        push.close()
     assert app.command({"type": "cancel"})["ok"]
 
 
@@ -422,9 +472,11 @@ def test_sigterm_stops_base_clean_exit_no_orphans(tmp_path):
         st = a.status()
         pids = _descendants(a.proc.pid)  # the robot process, its MuJoCo renderer, the agent stage
         assert {st["sim"]["pid"], st["agent_stage"]["pid"]} <= set(pids) and len(pids) >= 3
-        t0 = time.time()
+        t0, m0 = time.time(), time.monotonic()
         a.proc.send_signal(signal.SIGTERM)
         assert a.proc.wait(30) == 0
+        assert time.monotonic() - m0 <= 1.0, f"exited {time.monotonic() - m0:.2f} s after SIGTERM"
+        assert not (tmp_path / "tmp").exists()  # the TMPDIR of the app's processes is removed with them
         traj = a.trajectory()
         assert traj[-1]["x.vel"] == 0 and traj[-1]["theta.vel"] == 0 and traj[-1]["t"] >= t0
         for pid in pids:
@@ -433,6 +485,141 @@ def test_sigterm_stops_base_clean_exit_no_orphans(tmp_path):
         assert any("SIGTERM" in x["msg"] for x in lines) and any("exited cleanly" in x["msg"] for x in lines)
     finally:
         a.close()
+
+
+# ---------------------------------------------------------------------------------------------- start-up and exit
+class Launch:
+    """The app as a process with a private TMPDIR (what it leaves there is what it leaks) and no --run-dir:
+    its run directory is a temporary one, which must be gone after every way out."""
+
+    def __init__(self, tmp_path: Path, *args: str, module: str = "omnistream.apps.robot"):
+        self.tmp = tmp_path / "tmpdir"
+        self.tmp.mkdir()
+        self.err_path, self.out_path = tmp_path / "stderr.log", tmp_path / "stdout.log"
+        argv = [sys.executable, "-m", module] + (["robot"] if module == "omnistream.cli" else [])
+        argv += ["--control", f"ipc://{tmp_path}/control.sock", *args]
+        with open(self.err_path, "w") as err, open(self.out_path, "w") as out:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, env={**os.environ,
+                                                                                      "TMPDIR": str(self.tmp)})
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_for(self, text: str, timeout_s: float = 60) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and self.proc.poll() is None:
+            if text in self.stderr or text in self.out_path.read_text():
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"no {text!r} (exit {self.proc.poll()}):\n{self.stderr[-3000:]}")
+
+    def wait_exit(self, timeout_s: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self.kill()
+
+    def leftovers(self) -> list[str]:
+        return sorted(p.name for p in self.tmp.iterdir())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Launch(tmp_path, ...) that is killed at the end of the test, whatever failed (no stray robot apps)."""
+    started: list[Launch] = []
+
+    def make(*args: str, module: str = "omnistream.apps.robot") -> Launch:
+        started.append(Launch(tmp_path, *args, module=module))
+        return started[-1]
+
+    yield make
+    for a in started:
+        a.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _no_bridge() -> list[str]:
+    """A real robot configured, and nothing listening there (the robot process is not running)."""
+    return ["--no-sim", "--agent", "random", "--http-port", "-1", "--robot-cmd", f"tcp://127.0.0.1:{_free_port()}",
+            "--robot-obs", f"tcp://127.0.0.1:{_free_port()}", "--camera", f"zmq:tcp://127.0.0.1:{_free_port()}"]
+
+
+SIM = ["--sim", "--camera-width", "64", "--camera-height", "48", "--http-port", "0"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("setup,moment,sig", [
+    ("no-bridge", "waiting for the robot", signal.SIGINT),  # waited 60 s, deaf to Ctrl-C, before the fix
+    ("sim", "waiting for the robot", signal.SIGTERM),  # the simulated robot still loading
+    ("sim", "agent stage oracle starting", signal.SIGINT),
+    ("sim", "robot app running", signal.SIGTERM),
+])
+def test_signal_at_any_moment_exits_within_1s_and_cleans_up(launch, setup, moment, sig):
+    a = launch(*(_no_bridge() if setup == "no-bridge" else SIM))
+    a.wait_for(moment)
+    time.sleep(0.1)
+    pids = _descendants(a.proc.pid)
+    t0 = time.monotonic()
+    a.proc.send_signal(sig)
+    rc = a.wait_exit(10)
+    took = time.monotonic() - t0
+    log = a.stderr
+    assert rc == 0 and "Traceback" not in log, log[-3000:]
+    assert took <= 1.0, f"exited {took:.2f} s after {sig.name} ({moment})"
+    assert f"{sig.name}: stopping the robot and exiting" in log
+    assert a.leftovers() == [], "temporary files left behind"
+    for pid in pids:
+        end = time.monotonic() + 2
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not _alive(pid), f"pid {pid} outlived the app"
+
+
+@pytest.mark.timeout(60)
+def test_robot_never_answers_one_line_error(launch):
+    a = launch(*_no_bridge(), "--robot-timeout-s", "1")
+    rc = a.wait_exit(30)
+    lines = [x for x in a.stderr.splitlines() if " ERROR " in x]
+    assert rc == 1 and "Traceback" not in a.stderr, a.stderr[-3000:]
+    assert len(lines) == 1 and "did not answer within 1 s: is its bridge" in lines[0], lines
+    assert a.leftovers() == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", ["control", "http"])
+def test_address_in_use_one_line_error_exit_2(launch, which):
+    """A second `omnistream robot` on taken ports: exit 2 with one line, before the robot process starts."""
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    taken.setsockopt(zmq.LINGER, 0)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")  # as the first robot app's control socket
+    if which == "control":
+        a = launch(*SIM, "--control", f"tcp://127.0.0.1:{port}", module="omnistream.cli")
+        want = f"control socket tcp://127.0.0.1:{port}: Address already in use (is another omnistream robot running?)"
+    else:
+        a = launch(*SIM[:-1], str(port))
+        want = f"http 127.0.0.1:{port}: Address already in use"
+    try:
+        rc = a.wait_exit(30)
+    finally:
+        taken.close(0)
+        ctx.term()
+    err = a.stderr
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert want in err and len([x for x in err.splitlines() if " ERROR " in x]) == 1, err[-3000:]
+    assert "simulated robot started" not in err and "robot app running" not in err
+    assert a.leftovers() == []
 
 
 @pytest.mark.slow
@@ -492,6 +679,11 @@ def test_missing_audio_device_clear_error(tmp_path):
                         str(tmp_path), "--control", f"ipc://{tmp_path}/c.sock"],
                        check=False, cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert "input audio device 'ReSpeaker 4 Mic Array' not found; input devices present:" in p.stderr
+    try:
+        import sounddevice  # noqa: F401
+        want = "input audio device 'ReSpeaker 4 Mic Array' not found; input devices present:"
+    except OSError:  # no PortAudio library on this machine: the error names the package to install
+        want = "install libportaudio2"
+    assert want in p.stderr and len([x for x in p.stderr.splitlines() if "error" in x.lower()]) == 1, p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "trajectory.jsonl").exists()  # failed before the robot process started

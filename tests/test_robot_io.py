@@ -97,10 +97,24 @@ def test_resolve_device_by_name_or_index_and_clear_errors():
         resolve_device("HDMI 0", "input", DEVICES)
 
 
+def _portaudio_present() -> bool:
+    try:
+        import sounddevice  # noqa: F401 - raises OSError when the PortAudio library is missing
+    except OSError:
+        return False
+    return True
+
+
 def test_missing_real_device_lists_what_portaudio_sees():
-    """Through the real sounddevice/PortAudio (CI has no sound card: the list is empty, and says so)."""
+    """Through the real sounddevice/PortAudio (CI has no sound card: the list is empty, and says so; a
+    machine without the PortAudio library gets the package to install instead)."""
     from omnistream.robot.audio_io import AudioDeviceError, describe_devices, list_devices, open_sink, open_source
 
+    if not _portaudio_present():
+        for opener, spec in ((open_source, "no such microphone 12345"), (open_sink, "no such speaker 12345")):
+            with pytest.raises(AudioDeviceError, match="install libportaudio2"):
+                opener(spec)
+        return
     present = list_devices()
     with pytest.raises(AudioDeviceError) as e:
         open_source("no such microphone 12345")
@@ -111,6 +125,78 @@ def test_missing_real_device_lists_what_portaudio_sees():
         assert describe_devices([d for d in present if d["max_input_channels"] > 0])[:20] in str(e.value)
     with pytest.raises(AudioDeviceError, match="output audio device"):
         open_sink("no such speaker 12345")
+
+
+NO_PORTAUDIO = """
+import json, sys, numpy as np
+import omnistream.robot.devices, omnistream.robot.talk, omnistream.robot.audio_io as aio, omnistream.apps.robot
+from omnistream.robot import agent_stage, bridge, cameras, config, interfaces, sim_robot, zmq_robot  # noqa
+src = aio.open_source("file:" + sys.argv[1], realtime=False)
+sink = aio.open_sink("file:" + sys.argv[2], rate=src.rate)
+while (b := src.read()) is not None:
+    sink.write(b)
+sink.close()
+try:
+    aio.open_source("ReSpeaker")
+    err = None
+except aio.AudioDeviceError as e:
+    err = str(e)
+print(json.dumps({"sounddevice_loaded": "sounddevice" in sys.modules, "err": err, "samples": sink.samples}))
+"""
+
+
+def test_no_portaudio_robot_imports_and_file_endpoints_work(tmp_path):
+    """A machine without libportaudio2 (sounddevice raises OSError at import, as it does there): the robot
+    package imports, file: endpoints work, and a real device is a one-line error naming the package."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sounddevice.py").write_text("raise OSError('PortAudio library not found')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ASSET.parents[2])])}
+    p = subprocess.run([sys.executable, "-c", NO_PORTAUDIO, str(ASSET), str(tmp_path / "out.wav")], env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert not got["sounddevice_loaded"] and got["samples"] > 0
+    assert "PortAudio library not found" in got["err"] and "install libportaudio2" in got["err"]
+    assert "\n" not in got["err"]
+
+
+def test_robot_import_graph_is_acyclic():
+    """Layers point one way: no module of omnistream.robot (or the robot app) imports itself back, not even
+    through a function-level import (factories sit above the implementations they choose between)."""
+    import ast
+
+    root = ASSET.parents[1]
+    files = {f"omnistream.robot.{p.stem}": p for p in (root / "robot").glob("*.py")}
+    files |= {f"omnistream.apps.{p.stem}": p for p in (root / "apps").glob("robot*.py")}
+    graph = {}
+    for mod, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[mod] = sorted(d for d in deps if d in files and d != mod)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, f"import cycle: {' -> '.join([*path, m, d])}"
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+    assert "omnistream.robot.cameras" in graph["omnistream.robot.zmq_robot"]  # the graph is real
 
 
 def test_file_source_and_sink_round_trip(tmp_path):

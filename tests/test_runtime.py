@@ -416,12 +416,16 @@ def test_token2wav_drops_codes_of_an_older_epoch(tiny):
     sent.clear()
     w.deliver(wire.Respond(session="a", epoch=0), ())
     w.deliver(wire.Codes(session="a", epoch=0, codes=list(range(100, 150))), ())
+    while w.tick():
+        pass
     chunks = [m for _, m, _ in sent if isinstance(m, wire.AudioChunk)]
     assert chunks and all(m.epoch == 0 for m in chunks)  # 50 codes: the first chunks are out
     sent.clear()
     w.deliver(wire.Epoch(session="a", epoch=1), ())  # barge-in
     w.deliver(wire.Codes(session="a", epoch=0, codes=list(range(150, 200))), ())
     w.deliver(wire.EndReply(session="a", epoch=0, cancelled=False), ())
+    while w.tick():
+        pass
     assert [type(m).__name__ for _, m, _ in sent] == ["Done"] and sent[0][1].cancelled  # no PCM of epoch 0
 
 

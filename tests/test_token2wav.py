@@ -18,6 +18,7 @@ from omnistream.talker.token2wav import (
     SeededNoise,
     StreamingConfig,
     StreamingToken2Wav,
+    batch_invariant_convs,
     decode_offline,
     decode_stream,
     mel_snr_db,
@@ -68,7 +69,11 @@ def test_one_chunk_equals_transformers_offline(tiny):
         torch.manual_seed(7)
         mel = t2w.code2wav_dit_model.sample(cond, ref_mel, codes)
         torch.manual_seed(7)
-        wav = t2w(codes, conditioning=cond, reference_mel=ref_mel)
+        wav_hf = t2w(codes, conditioning=cond, reference_mel=ref_mel)  # sample + BigVGAN, oneDNN convs
+        with batch_invariant_convs():  # BigVGAN on the streams' conv backend
+            wav = t2w.code2wav_bigvgan_model(mel)
+    # oneDNN vs ATen convs: ~1e-7 per conv, amplified to ~1e-4 by the tiny random BigVGAN
+    assert np.abs(wav.numpy() - wav_hf.numpy()).max() <= 1e-3
     assert out.mel.shape == mel.shape == (1, 80, 80)
     assert out.pcm.dtype == np.float32 and out.pcm.shape == tuple(wav.shape) == (240 * 80,)
     assert (out.mel - mel).abs().max().item() <= 1e-5

@@ -7,6 +7,10 @@ page's `window.omni` counters are what the assertions read: they count real work
 canvas frames, played samples), and the recorded PCM is checked against the source clip
 resampled by omnistream's own polyphase resampler, an implementation independent of the page's.
 
+The safety tests check what a link can make the page do (nothing: it connects only to its own
+server and captures only after a click), the API-key prompt against `omnistream serve --api-key`,
+and the latency readout against a scripted server whose own clock is the oracle.
+
 Playwright drives the Debian `chromium` binary (`executable_path`); no browser is downloaded.
 """
 
@@ -18,14 +22,17 @@ import contextlib
 import functools
 import gc
 import http.server
+import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from omnistream.apps.server import RealtimeServer
 from omnistream.encoders.audio import PolyphaseResampler
 from omnistream.encoders.media import read_audio, write_wav
 
@@ -304,9 +311,11 @@ def test_player_worklet_plays_everything_then_flushes_at_once(media_files, stati
 class LiveServer:
     """omnistream's RealtimeServer over the in-process pipeline, on its own event loop thread."""
 
-    def __init__(self, ck, max_new_tokens: int = 8, max_speech_s: float = 2.0, **config):
+    def __init__(self, ck, max_new_tokens: int = 8, max_speech_s: float = 2.0, server_cls=None, **config):
         from omnistream.apps.server import RealtimeServer, ServerConfig
         from omnistream.runtime.client import InProcClient, SessionOptions
+
+        server_cls = server_cls or RealtimeServer
 
         self.loop = asyncio.new_event_loop()
         self.loop_errors: list[dict] = []  # unhandled task/callback exceptions on the server's loop
@@ -320,7 +329,7 @@ class LiveServer:
 
         async def start():
             await self.client.start()
-            srv = RealtimeServer(self.client, cfg)
+            srv = server_cls(self.client, cfg)
             await srv.start()
             return srv
 
@@ -450,7 +459,9 @@ def test_voice_and_video_turn_in_the_browser(media_files, live_server, tmp_path)
     assert omni["receivedAudioDeltas"] == 50  # 40 ms deltas
     assert omni["receivedAudioSamples"] == int(resp["metadata"]["audio_samples"]) == 2 * 24000
     assert omni["playedSamples"] >= omni["receivedAudioSamples"] - 1
-    assert omni["lastLatencyMs"] is not None and omni["lastLatencyMs"] > 0
+    # from the end of speech (audio_end_ms less the 500 ms of silence the VAD waited for) to the first
+    # sample played: the wait is part of what the user experiences
+    assert omni["lastLatencyMs"] is not None and omni["lastLatencyMs"] >= 500
     assert latency == str(omni["lastLatencyMs"])
     # transcript: the deltas add up to the item's final transcript, and the page shows it
     transcript = resp["output"][0]["content"][0]["transcript"]
@@ -500,9 +511,10 @@ def http_get(url: str, headers: dict | None = None) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(240)
-def test_api_key_from_the_page_url(media_files, tiny_dir, tmp_path):
-    """``omnistream serve --api-key``: it serves this page; the page's ?key= rides in the
-    `openai-insecure-api-key.` subprotocol; a page with a wrong key is refused and offers Reconnect."""
+def test_api_key_prompt(media_files, tiny_dir, tmp_path):
+    """``omnistream serve --api-key``: the page asks for the key (a ?key= in the URL is ignored),
+    keeps it in the tab's sessionStorage, asks again when the server refuses it; the key rides in
+    the `openai-insecure-api-key.` subprotocol. /status without the key shows counts only."""
     import json
 
     key = "s3cret-key"
@@ -510,18 +522,24 @@ def test_api_key_from_the_page_url(media_files, tiny_dir, tmp_path):
     with omnistream_serve(tiny_dir, log, "--api-key", key, "--max-new-tokens", "8", "--max-speech-s", "2") as url:
         assert http_get(url + "/") == (200, (WEB / "index.html").read_text())
         assert http_get(url + "/web/audio-worklet.js") == (200, (WEB / "audio-worklet.js").read_text())
-        assert http_get(url + "/status")[0] == 401
+        code, counts = http_get(url + "/status")
+        assert code == 200 and set(json.loads(counts)) == {"connections", "stages_alive", "stages_total"}, counts
 
         async def body():
             async with chromium(*media_files, tmp_path / "profile") as browser:
                 page = await browser()
-                await page.goto(url + "/?key=wrong&camera=0")
+                await page.goto(url + f"/?key={key}&camera=0")  # a key in a link does nothing
                 await page.get_by_role("button", name="Start").click()
+                await page.get_by_label("API key").wait_for()
+                asked = await page.evaluate("[window.omni.state, window.omni.capturedChunks]")
+                await page.get_by_label("API key").fill("wrong")
+                await page.get_by_role("button", name="Use key").click()
                 await page.wait_for_function("window.omni.state === 'error'")
-                refused = (await page.get_by_role("button", name="Reconnect").is_visible(),
+                refused = (await page.get_by_label("API key").is_visible(),
+                           await page.get_by_role("button", name="Reconnect").is_visible(),
                            await page.evaluate("window.omni.sessionId"))
-                await page.goto(url + f"/?key={key}&camera=0")
-                await page.get_by_role("button", name="Start").click()
+                await page.get_by_label("API key").fill(key)
+                await page.get_by_role("button", name="Use key").click()
                 try:
                     await page.wait_for_function(
                         "window.omni.state === 'connected' && window.omni.sentAudioChunks >= 10")
@@ -529,12 +547,158 @@ def test_api_key_from_the_page_url(media_files, tiny_dir, tmp_path):
                     raise AssertionError(f"page: {await page.evaluate('window.omni')}\n"
                                          f"server: {log.read_text()[-3000:]}") from None
                 omni = await page.evaluate("window.omni")
-                return refused, omni, http_get(url + "/status", {"Authorization": f"Bearer {key}"})
+                status = http_get(url + "/status", {"Authorization": f"Bearer {key}"})
+                stored = await page.evaluate("sessionStorage.getItem('omnistream.apiKey')")
+                await page.reload()  # the same tab: the key is remembered, no prompt
+                await page.get_by_role("button", name="Start").click()
+                await page.wait_for_function("window.omni.state === 'connected'")
+                reloaded = (await page.get_by_label("API key").is_visible(), page.url)
+                return asked, refused, omni, status, stored, reloaded
 
-        (reconnect_shown, refused_sid), omni, (code, status) = asyncio.run(body())
-    assert reconnect_shown and refused_sid is None
-    assert omni["sessionId"] and omni["errors"] == [], omni
+        asked, refused, omni, (code, status), stored, reloaded = asyncio.run(body())
+    prompt_again, reconnect_shown, refused_sid = refused
+    assert asked == ["idle", 0]  # asked for the key before connecting or capturing
+    assert prompt_again and reconnect_shown and refused_sid is None
+    assert omni["sessionId"] and omni["apiKeyRequired"] is True
+    assert [e for e in omni["errors"] if e.get("message") != "WebSocket error"] == [], omni["errors"]
     assert code == 200 and [s["id"] for s in json.loads(status)["sessions"]] == [omni["sessionId"]], status
+    assert stored == key and reloaded[0] is False
+
+
+COUNT_GET_USER_MEDIA = """(() => {
+  window.__getUserMedia = 0;  // calls the page makes: capture may only start after a click
+  const md = navigator.mediaDevices, orig = md.getUserMedia.bind(md);
+  md.getUserMedia = (c) => { window.__getUserMedia++; return orig(c); };
+})();"""
+
+NO_MICROPHONE = """navigator.mediaDevices.getUserMedia = () =>
+  Promise.reject(new DOMException("Permission denied", "NotAllowedError"));  // the user said no"""
+
+
+@pytest.mark.timeout(180)
+def test_page_connects_only_to_its_own_server_and_never_autostarts(media_files, live_server, tmp_path):
+    """A link cannot send the mic and camera elsewhere: ?ws=, ?autostart=1 and ?key= do nothing.
+    The page stays idle (no getUserMedia) until Start is clicked, then talks to its own server."""
+    from websockets.asyncio.server import serve
+
+    srv = live_server()
+    attempts: list[str] = []
+
+    def record(conn, req):
+        attempts.append(req.path)
+
+    async def body():
+        async with serve(lambda ws: ws.wait_closed(), "127.0.0.1", 0, process_request=record) as evil:
+            evil_url = f"ws://127.0.0.1:{evil.sockets[0].getsockname()[1]}/v1/realtime"
+            async with chromium(*media_files, tmp_path / "profile") as browser:
+                page = await browser()
+                await page.add_init_script(COUNT_GET_USER_MEDIA)
+                await page.goto(f"{srv.url}/?ws={evil_url}&autostart=1&key=stolen&camera=0")
+                await asyncio.sleep(2.0)
+                idle = await page.evaluate("[window.omni.state, window.omni.capturedChunks, window.__getUserMedia]")
+                if idle != ["idle", 0, 0] or attempts:
+                    return idle, None
+                await page.get_by_role("button", name="Start").click()
+                await page.wait_for_function("window.omni.state === 'connected' && window.omni.sentAudioChunks > 0")
+                sessions = srv.get("/health")[1]["sessions"]
+                await page.get_by_role("button", name="Stop").click()
+                return idle, sessions
+
+    idle, sessions = asyncio.run(body())
+    assert idle == ["idle", 0, 0] and attempts == [] and sessions == 1, (idle, attempts, sessions)
+
+
+class VadScript(RealtimeServer):
+    """Plays the server's part of one spoken turn on a fixed clock, so the true latency is known:
+    the user's speech ends 1 s into the session's audio; once SILENCE_MS more has arrived, the
+    server says speech_stopped (audio_end_ms includes the silence, as the real VAD's does) and,
+    0.3 s later, sends the reply's first audio. ``timing`` holds the monotonic times of the
+    arrival of the audio chunk where the speech ended and of the sending of the first audio."""
+
+    SILENCE_MS = 700
+
+    async def _handle(self, ws) -> None:
+        self.timing = {}
+        td = {"type": "server_vad", "silence_duration_ms": self.SILENCE_MS}
+        await ws.send(json.dumps({"type": "session.created", "session": {
+            "id": "sess_script", "type": "realtime", "audio": {"input": {"turn_detection": td}}}}))
+        got, end = 0, 24000  # 24 kHz samples
+        async for msg in ws:
+            ev = json.loads(msg)
+            if ev.get("type") != "input_audio_buffer.append":
+                continue
+            got += len(base64.b64decode(ev["audio"])) // 2
+            if got >= end:
+                self.timing.setdefault("speech_end_received", time.monotonic())
+            if got >= end + self.SILENCE_MS * 24:
+                break
+        await ws.send(json.dumps({"type": "input_audio_buffer.speech_stopped",
+                                  "audio_end_ms": 1000 + self.SILENCE_MS, "item_id": "item_1"}))
+        await asyncio.sleep(0.3)  # the model's time to first audio
+        await ws.send(json.dumps({"type": "response.created", "response": {"id": "resp_1"}}))
+        pcm = np.full(4800, 3000, "<i2").tobytes()  # 0.2 s
+        self.timing["first_audio_sent"] = time.monotonic()
+        await ws.send(json.dumps({"type": "response.output_audio.delta", "response_id": "resp_1",
+                                  "delta": base64.b64encode(pcm).decode()}))
+        await ws.wait_closed()
+
+
+@pytest.mark.timeout(120)
+def test_latency_readout_runs_from_the_end_of_speech_to_the_first_sample_played(media_files, live_server,
+                                                                                 tmp_path):
+    """The readout starts where the speech ended (audio_end_ms less the session's silence, mapped to
+    the capture clock), not when speech_stopped arrives, and stops when the first reply sample
+    plays, not when it arrives. The oracle is the server's clock: it received the chunk where the
+    speech ended no earlier than the page captured it, and sent the first audio no later than the
+    page played it."""
+    srv = live_server(server_cls=VadScript)
+
+    async def body():
+        async with chromium(*media_files, tmp_path / "profile") as browser:
+            page = await browser()
+            await page.goto(srv.url + "/?camera=0")
+            await page.get_by_role("button", name="Start").click()
+            await page.wait_for_function("window.omni.lastLatencyMs !== null", timeout=30_000)
+            omni = await page.evaluate("window.omni")
+            shown = await page.locator("#latency").inner_text()
+            await page.get_by_role("button", name="Stop").click()
+            return omni, shown
+
+    omni, shown = asyncio.run(body())
+    t = srv.server.timing
+    oracle_ms = (t["first_audio_sent"] - t["speech_end_received"]) * 1000  # >= 700 + 300
+    print({"page_ms": omni["lastLatencyMs"], "oracle_ms": round(oracle_ms), "details": omni.get("latencyDetails")})
+    assert shown == str(omni["lastLatencyMs"])
+    # from receipt of speech_stopped to receipt of the audio (the old readout) would be ~300 ms
+    assert oracle_ms - 50 <= omni["lastLatencyMs"] <= oracle_ms + 300, (omni["lastLatencyMs"], oracle_ms)
+
+
+@pytest.mark.timeout(180)
+def test_typed_question_gets_a_spoken_reply_without_a_microphone(media_files, live_server, tmp_path):
+    """No microphone (the user refused it): the page says so, and a typed question's spoken reply
+    still plays to its last sample."""
+    srv = live_server(max_speech_s=1.0)
+
+    async def body():
+        async with chromium(*media_files, tmp_path / "profile") as browser:
+            page = await browser()
+            await page.add_init_script(NO_MICROPHONE)
+            await page.goto(srv.url + "/?camera=0")
+            await page.get_by_role("button", name="Start").click()
+            await page.wait_for_function("window.omni.state === 'connected'")
+            error = await page.get_by_role("alert").inner_text()
+            await page.get_by_label("Type a message").fill("Hello there")
+            await page.get_by_role("button", name="Send").click()
+            await page.wait_for_function("window.omni.responsesDone >= 1 && window.omni.receivedAudioSamples > 0 && "
+                                         "window.omni.playedSamples >= window.omni.receivedAudioSamples - 1",
+                                         timeout=120_000)
+            return await page.evaluate("window.omni"), error
+
+    omni, error = asyncio.run(body())
+    assert "microphone unavailable (NotAllowedError)" in error
+    assert omni["capturedChunks"] == 0 and omni["lastResponse"]["status"] in ("completed", "incomplete")
+    assert omni["receivedAudioSamples"] == int(omni["lastResponse"]["metadata"]["audio_samples"]) == 24000
+    assert omni["playedSamples"] >= 24000 - 1
 
 
 @pytest.mark.slow
@@ -545,7 +709,9 @@ def test_interrupt_by_speaking(media_files, live_server, tmp_path):
     that reply arrives after it, the server cancels the reply (turn_detected) and truncates the item,
     and the second turn gets its own reply."""
     speech = hello_pcm(WAV_RATE)
-    z = lambda s: np.zeros(int(s * WAV_RATE), np.float32)
+    def z(seconds):
+        return np.zeros(int(seconds * WAV_RATE), np.float32)
+
     wav = write_wav(tmp_path / "twice.wav", np.concatenate([z(LEAD_S), speech, z(9.0), speech, z(TAIL_S)]),
                     rate=WAV_RATE)
     srv = live_server(max_new_tokens=200, max_speech_s=12.0)

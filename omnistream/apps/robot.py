@@ -7,21 +7,14 @@ Processes (each one can die without taking the others' safety with it):
 * the **agent stage**: the navigation agent (oracle | random | janus), supervised by this app: death or a
   hang is noticed within 50 ms / `agent_timeout_s`, the base is stopped at once, the stage restarted
   and the task resumed (omnistream/robot/agent_stage.py);
-* **this app**: the camera reader, the navigation loop (a thread), the control socket (ZeroMQ ROUTER,
-  JSON commands validated by msgspec), `/health` and `/status` over HTTP, and the talk mode.
+* **this app**: the camera reader, the navigation loop (a thread, robot_nav.py), the control socket and
+  `/health` + `/status` over HTTP (robot_control.py), and the talk mode (omnistream/robot/talk.py). This
+  module holds them together: start-up, the task and e-stop state they share, status, and shutdown.
 
-Discrete actions become velocity commands over time (not position deltas): MOVE_FORWARD is
-`forward_speed` m/s for `forward_step_m / forward_speed` s, TURN_LEFT/RIGHT is `turn_speed` rad/s for
-`turn_deg / turn_speed` s, re-sent every `command_period_s` (which also feeds the robot's watchdog) and
-followed by an explicit zero. Why velocity: a position-delta command needs a controller on the robot that
-the watchdog cannot interrupt mid-move, and an interrupted move (e-stop, camera lost, agent down) would
-leave the robot's goal pending; velocity streaming makes "stop sending" equal "stop", which is what the
-watchdog guarantees. The price is open-loop step lengths (timing jitter); the agents re-observe after
-every step (the oracle re-plans from the reported pose), so the error does not accumulate.
-
-Navigation runs only while everything it needs is fresh: a camera frame younger than `max_frame_age_s`,
-an observation from the robot, a serving agent stage and no e-stop; otherwise the base is stopped and
-the task paused (`status.pause_reason`) until it is.
+Every way out stops the base first: a signal (SIGINT/SIGTERM, at any moment, start-up included: the app
+exits within about 1 s), a start-up failure (one line, exit 2 for bad configuration or an address in use,
+1 otherwise), a crashed loop (exit 1). A temporary run directory (no `run_dir`) and every temporary file
+the app's processes make (TMPDIR points inside the run directory) are removed on each of them.
 """
 
 from __future__ import annotations
@@ -30,26 +23,31 @@ import argparse
 import contextlib
 import json
 import logging
-import math
+import os
+import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Annotated
+from typing import NoReturn
 
-import msgspec
 import zmq
 
-from omnistream.navigation.agents import ACTIONS
+from omnistream.apps.robot_control import ControlServer, HttpServer, StartupError
+from omnistream.apps.robot_nav import Navigator, Task
 from omnistream.robot.agent_stage import AgentStage, StageDown
 from omnistream.robot.config import RobotConfig, add_config_args, config_from_args
 from omnistream.robot.interfaces import RobotError
 
+__all__ = ["RobotApp", "StartupError", "add_config_args", "main", "run", "run_cli"]
+
 log = logging.getLogger("omnistream.robot")
+
+CONFIRM_S = 1.0  # how long e-stop / resume wait for the robot to report the new state
+
 
 # ---------------------------------------------------------------------------------------------- logs
 class JsonFormatter(logging.Formatter):
@@ -72,87 +70,59 @@ def setup_logging(cfg: RobotConfig) -> None:
     root.setLevel(cfg.log_level.upper())
 
 
-# ---------------------------------------------------------------------------------------------- control
-class _Cmd(msgspec.Struct, forbid_unknown_fields=True, tag_field="type"):
-    pass
-
-
-class InstructionCmd(_Cmd, tag="instruction"):
-    text: Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
-    max_steps: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
-
-
-class EStopCmd(_Cmd, tag="estop"):
-    pass
-
-
-class ResumeCmd(_Cmd, tag="resume"):
-    pass
-
-
-class CancelCmd(_Cmd, tag="cancel"):
-    pass
-
-
-class StatusCmd(_Cmd, tag="status"):
-    pass
-
-
-CONTROL_DECODER = msgspec.json.Decoder(InstructionCmd | EStopCmd | ResumeCmd | CancelCmd | StatusCmd)
-
-
 # ---------------------------------------------------------------------------------------------- the app
-@dataclass
-class Task:
-    instruction: str
-    max_steps: int
-    source: str  # config | control | voice
-    id: int = 0
-    steps: int = 0
-    state: str = "running"  # running | done | failed | cancelled
-    goal: list | None = None
-    target: str | None = None
-    actions: list = field(default_factory=list)
-    error: str | None = None
-
-
 class RobotApp:
-    def __init__(self, cfg: RobotConfig):
+    def __init__(self, cfg: RobotConfig, stop_event: threading.Event | None = None):
         self.cfg = cfg
+        self.own_run_dir = not cfg.run_dir
         self.run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="omnistream-robot-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.run_dir / "tmp"  # TMPDIR of the app's processes, removed with them
+        self.tmp_dir.mkdir(exist_ok=True)
         self.ctx = zmq.Context()
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event or threading.Event()
         self.lock = threading.RLock()
         self.task: Task | None = None
         self._task_ids = 0
         self.new_task = threading.Event()
-        self.estop = False
-        self.pause_reason: str | None = "starting"
+        self.estop = False  # latched by the control socket until `resume`
+        self.held = False  # an e-stop stopped the task: it goes on only on `continue` or a new instruction
+        self.crashed: str | None = None  # the loop that crashed (the exit status is then 1)
         self.sim = None
         self.robot = None
         self.camera = None
         self.stage: AgentStage | None = None
         self.talk = None
-        self.counts = {"control_rejected": 0, "control_ok": 0, "steps": 0, "pauses": 0, "stage_lost": 0}
-        self.last_reject: str | None = None
-        self.latencies: list[float] = []  # frame capture -> first velocity command of the step (s)
-        self.trajectory: list[list[float]] = []  # [t, x, z, heading] after each step
+        self.nav = Navigator(self)
+        self.control = ControlServer(self)
+        self.http = HttpServer(self) if cfg.http_port >= 0 else None
         self.started = time.time()
         self.threads: list[threading.Thread] = []
-        self.http = None
-        self.http_port: int | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     # ------------------------------------------------------------------ lifecycle
+    def _check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise InterruptedError("stopped during start-up")
+
     def start(self) -> None:
-        from omnistream.robot.zmq_robot import ZmqCamera, ZmqRobot
+        """Bind, start the robot (process) and wait for it, start the stage, then serve. Raises StartupError
+        (or ValueError: configuration) on a failure and InterruptedError when stopped meanwhile."""
+        from omnistream.robot.devices import open_camera, open_robot
 
         cfg = self.cfg
-        if "talk" in cfg.modes:  # first: a missing audio device fails the start before anything runs
+        self.control.bind(cfg.control)  # first: a taken address fails the start before anything runs
+        if self.http is not None:
+            self.http.bind(cfg.http_host, cfg.http_port)
+        if "talk" in cfg.modes:  # a missing audio device fails the start before the robot runs
             from omnistream.robot.talk import TalkLoop
 
             self.talk = TalkLoop(self)
             self.talk.open_devices()
+        self._check_stop()
         cmd, obs, cam = cfg.robot_cmd, cfg.robot_obs, cfg.camera
         if cfg.sim:
             from omnistream.robot.sim_robot import SimRobotProcess
@@ -162,33 +132,49 @@ class RobotApp:
                                        limits=cfg.limits, watchdog_s=cfg.watchdog_s).start()
             cmd, obs, cam = self.sim.cmd_addr, self.sim.obs_addr, "zmq:" + self.sim.camera_addr
             log.info("simulated robot started (pid %d), trajectory %s", self.sim.pid, self.sim.trajectory)
-        self.robot = ZmqRobot(cmd, obs, limits=cfg.limits, ctx=self.ctx)
+        self.robot = open_robot(cmd, obs, limits=cfg.limits, ctx=self.ctx)
         self.robot.connect()
-        if cam.startswith("zmq:"):
-            self.camera = ZmqCamera(cam[4:], ctx=self.ctx)
-        else:
-            from omnistream.robot.cameras import open_camera
-
-            self.camera = open_camera(cam)
+        self.camera = open_camera(cam, ctx=self.ctx)
         self.camera.connect()
-        self.robot.fresh_observation(timeout_s=60.0)  # the robot process answers before anything moves
+        self._wait_for_robot(obs)
         self.robot.stop()
-        self._start_thread(self._control_loop, "control")
-        if cfg.http_port >= 0:
-            self._start_http()
+        self._start_thread(self.control.run, "control")
+        if self.http is not None:
+            self.http.start()
         if "navigate" in cfg.modes:
             self.stage = AgentStage(self.run_dir, cfg.agent, cfg.model, cfg.scene_seed,
                                     load_timeout_s=cfg.agent_load_timeout_s, act_timeout_s=cfg.agent_timeout_s,
                                     threads=cfg.agent_threads, log_level="WARNING", ctx=self.ctx)
-            self.stage.start()
+            log.info("agent stage %s starting", cfg.agent)
+            try:
+                self.stage.start(abort=self.stop_event.is_set)
+            except StageDown as e:
+                raise StartupError(f"agent stage {cfg.agent} did not start: {e}") from None
             if cfg.instruction:
                 self.submit(cfg.instruction, None, "config")
-            self._start_thread(self._nav_loop, "navigate")
+            self._start_thread(self.nav.run, "navigate")
         if self.talk is not None:
             self._start_thread(self.talk.run, "talk")
-        self.pause_reason = None
+        self._check_stop()
+        self.nav.pause_reason = None
         log.info("robot app running: modes %s, control %s, http %s", ",".join(cfg.modes), cfg.control,
                  self.http_port)
+
+    def _wait_for_robot(self, obs_addr: str) -> None:
+        """The robot process answers before anything moves; a signal or a dead --sim process ends the wait."""
+        log.info("waiting for the robot at %s (up to %.0f s)", obs_addr, self.cfg.robot_timeout_s)
+        sim_died = lambda: self.sim is not None and not self.sim.alive()
+        try:
+            self.robot.fresh_observation(timeout_s=self.cfg.robot_timeout_s,
+                                         abort=lambda: self.stop_event.is_set() or sim_died())
+        except RobotError:
+            raise StartupError(f"the robot at {obs_addr} did not answer within {self.cfg.robot_timeout_s:g} s: "
+                               "is its bridge (omnistream.robot.bridge) running there?") from None
+        except InterruptedError:
+            if sim_died():
+                raise StartupError(f"the simulated robot exited at start-up (code {self.sim.proc.returncode})") \
+                    from None
+            raise
 
     def _start_thread(self, fn, name: str) -> None:
         t = threading.Thread(target=self._guarded(fn, name), name=name, daemon=True)
@@ -201,274 +187,128 @@ class RobotApp:
                 fn()
             except Exception:  # a crashed loop must not leave the base moving
                 log.exception("%s loop crashed: stopping the robot", name)
+                self.crashed = name
                 self.safe_stop()
                 self.stop_event.set()
         return run
 
     def wait(self) -> None:
-        while not self.stop_event.wait(0.2):
-            pass
+        # polls (no Event.wait in the main thread): the signal handler sets the event from this thread
+        while not self.stop_event.is_set():
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
-        """Base stopped first, then everything else; idempotent."""
+        """Base stopped first, then everything else, each step bounded (about 1 s in all); idempotent."""
         self.stop_event.set()
         self.new_task.set()
         self.safe_stop()
+        end = time.monotonic() + 0.5
         for t in self.threads:
-            t.join(5)
+            t.join(max(0.0, end - time.monotonic()))
         if self.talk is not None:
             self.talk.close()
+        if not any(t.name == "control" and t.is_alive() for t in self.threads):
+            self.control.close()
         if self.http is not None:
-            self.http.shutdown()
-            self.http.server_close()
-        if self.stage is not None:
-            self.stage.close()
+            self.http.close()
         if self.robot is not None:
-            with contextlib.suppress(RobotError):
+            with contextlib.suppress(RobotError, zmq.ZMQError):
                 self.robot.disconnect()  # sends a final stop, flushed (LINGER)
+        for proc in (self.stage, self.sim):  # both at once: each takes ~0.25 s to exit
+            if proc is not None:
+                proc.terminate()
         if self.camera is not None:
             self.camera.disconnect()
+        if self.stage is not None:
+            self.stage.close()
         if self.sim is not None:
-            rc = self.sim.stop()
+            rc = self.sim.stop(timeout_s=1.0)
             log.info("simulated robot exited (%s)", rc)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # sockets already closed keep their linger (the final stop is flushed)
+        shutil.rmtree(self.run_dir if self.own_run_dir else self.tmp_dir, ignore_errors=True)
 
     def safe_stop(self) -> None:
         if self.robot is not None and self.robot.is_connected:
             with contextlib.suppress(RobotError, zmq.ZMQError):
                 self.robot.stop()
 
-    # ------------------------------------------------------------------ tasks
+    # ------------------------------------------------------------------ tasks and e-stop
     def submit(self, instruction: str, max_steps: int | None, source: str) -> Task:
         with self.lock:
             self._task_ids += 1
             self.task = Task(instruction, max_steps or self.cfg.max_steps, source, id=self._task_ids)
+            if not self.estop:
+                self.held = False  # a new explicit command after the release: it may move
             log.info("task %d from %s: %r", self.task.id, source, instruction)
             self.new_task.set()
             return self.task
 
-    def _pause(self, reason: str | None) -> None:
-        if reason != self.pause_reason:
-            if reason:
-                self.counts["pauses"] += 1
-                log.warning("navigation paused: %s (base stopped)", reason)
-            else:
-                log.info("navigation resumed")
-            self.pause_reason = reason
-        if reason:
-            self.safe_stop()
-
-    def _blocker(self) -> str | None:
-        """Why the robot may not move now (None: it may)."""
-        if self.estop:
-            return "emergency stop"
-        if self.stage is not None and not self.stage.alive():
-            return "agent stage down"
-        obs = self.robot.get_observation()
-        if not obs or obs.get("age_s", 1e9) > 1.0:
-            return "no observation from the robot"
-        if obs.get("estop"):
-            return "robot e-stop latched"
-        if self.camera.read_latest(self.cfg.max_frame_age_s) is None:
-            return "camera: no fresh frame"
-        if self.talk is not None and not self.talk.stages_ready():
-            return "talk stages down"
-        return None
-
-    # ------------------------------------------------------------------ navigation
-    def _nav_loop(self) -> None:
-        reset_for: int | None = None  # the task id the agent stage was reset for
-        while not self.stop_event.is_set():
-            with self.lock:
-                task = self.task
-            if task is None or task.state != "running":
-                self.new_task.wait(0.2)
-                self.new_task.clear()
-                self._check_stage()
-                continue
-            why = self._blocker()
-            if why is not None:
-                if why == "agent stage down":
-                    self._stage_lost("died")
-                    reset_for = None
-                self._pause(why)
-                self.stop_event.wait(0.05)
-                continue
-            self._pause(None)
-            try:
-                if reset_for != task.id:
-                    obs = self.robot.get_observation()
-                    r = self.stage.call({"op": "reset", "instruction": task.instruction, "pose": _pose(obs)},
-                                        timeout_s=self.cfg.agent_timeout_s)
-                    task.goal, task.target, reset_for = r.get("goal"), r.get("target"), task.id
-                self._step(task)
-            except StageDown as e:
-                self._stage_lost(str(e))
-                reset_for = None  # the new stage needs the task again (its memory starts over)
-            except ValueError as e:  # the agent cannot take this task (e.g. no such room)
-                log.error("task %d failed: %s", task.id, e)
-                task.state = "failed"
-                task.error = str(e)
-                self.safe_stop()
-            except InterruptedError:
-                self.safe_stop()
-
-    def _check_stage(self) -> None:
-        if self.stage is not None and not self.stage.alive():
-            self._stage_lost("died while idle")
-
-    def _stage_lost(self, reason: str) -> None:
-        self.safe_stop()  # first: the base must not move on a dead agent's last command
-        self.counts["stage_lost"] += 1
-        self._pause("agent stage down")
-        while not self.stop_event.is_set():
-            try:
-                self.stage.restart(reason)
-                return
-            except StageDown as e:
-                log.error("agent stage restart failed: %s; retrying", e)
-                self.stop_event.wait(1.0)
-
-    def _step(self, task: Task) -> None:
-        got = self.camera.read_latest(self.cfg.max_frame_age_s)
-        if got is None:
+    def _confirm(self, what: str, sent: float, until) -> None:
+        """Wait (bounded) until the robot reports the state a command (sent at wall time `sent`) asked for,
+        so that the reply shows the state after the command, not before it."""
+        with contextlib.suppress(RobotError):
+            self.robot.fresh_observation(timeout_s=CONFIRM_S, after=sent, until=until)
             return
-        rgb, _ = got
-        frame_wall = getattr(self.camera, "capture_wall_time", None) or time.time()
-        obs = self.robot.get_observation()
-        header = {"op": "act", "w": int(rgb.shape[1]), "h": int(rgb.shape[0]), "pose": _pose(obs),
-                  "step": task.steps}
-        interrupted = lambda: self.stop_event.is_set() or self.estop or self.task is not task
-        r = self.stage.call(header, rgb.tobytes(), timeout_s=self.cfg.agent_timeout_s, abort=interrupted)
-        action = r["action"]
-        task.steps += 1
-        self.counts["steps"] += 1
-        task.actions.append(action)
-        if action == "STOP" or task.steps >= task.max_steps:
-            self.safe_stop()
-            self._record_latency(frame_wall)
-            task.state = "done"
-            log.info("task %d done after %d steps (%s)", task.id, task.steps, action)
-        else:
-            self._execute(action, frame_wall, interrupted)
-        obs = self.robot.get_observation()
-        if obs:
-            self.trajectory.append([round(time.time(), 3), obs.get("x"), obs.get("z"), obs.get("heading")])
-
-    def _record_latency(self, frame_wall: float) -> None:
-        self.latencies.append(time.time() - frame_wall)
-        del self.latencies[:-1000]
-
-    def _execute(self, action: str, frame_wall: float, interrupted) -> None:
-        cfg = self.cfg
-        if action == "MOVE_FORWARD":
-            v, w, dur = cfg.forward_speed, 0.0, cfg.forward_step_m / cfg.forward_speed
-        else:
-            sign = 1.0 if action == "TURN_LEFT" else -1.0
-            v, w, dur = 0.0, sign * cfg.turn_speed, math.radians(cfg.turn_deg) / cfg.turn_speed
-        t0 = time.monotonic()
-        next_send = t0
-        first = True
-        try:
-            while (now := time.monotonic()) - t0 < dur:
-                if interrupted():
-                    return
-                if not self.stage.alive() or (self.talk is not None and not self.talk.stages_ready()):
-                    return  # a supervised stage (agent or talk) is down: stop now, not at the step's end
-                if self.camera.read_latest(cfg.max_frame_age_s) is None:
-                    return  # camera lost mid-move: stop; the loop pauses until it is back
-                if now >= next_send:
-                    self.robot.send_action({"x.vel": v, "theta.vel": w})
-                    if first:
-                        self._record_latency(frame_wall)
-                        first = False
-                    next_send += cfg.command_period_s
-                time.sleep(min(0.01, max(0.0, dur - (time.monotonic() - t0))))
-        finally:
-            self.safe_stop()
-
-    # ------------------------------------------------------------------ control socket
-    def _control_loop(self) -> None:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.cfg.control)
-        try:
-            while not self.stop_event.is_set():
-                if not sock.poll(100):
-                    continue
-                frames = sock.recv_multipart()
-                ident, rest = frames[0], frames[1:]
-                envelope = [b""] if rest and rest[0] == b"" else []  # a REQ client's delimiter
-                body = rest[len(envelope):]
-                reply = self.handle_control(body[0] if len(body) == 1 else None, len(body))
-                sock.send_multipart([ident, *envelope, json.dumps(reply).encode()])
-        finally:
-            sock.close(0)
-
-    def handle_control(self, raw: bytes | None, nparts: int = 1) -> dict:
-        """One control message -> reply; bad ones are rejected with a logged reason, nothing else happens."""
-        if raw is None:
-            return self._reject(f"expected one message frame, got {nparts}")
-        try:
-            cmd = CONTROL_DECODER.decode(raw)
-        except msgspec.DecodeError as e:  # ValidationError is a DecodeError
-            return self._reject(str(e))
-        self.counts["control_ok"] += 1
-        if isinstance(cmd, InstructionCmd):
-            if "navigate" not in self.cfg.modes:
-                return self._reject("navigate mode is off")
-            t = self.submit(cmd.text, cmd.max_steps, "control")
-            return {"ok": True, "task": t.id}
-        if isinstance(cmd, EStopCmd):
-            self.emergency_stop()
-        elif isinstance(cmd, ResumeCmd):
-            self.resume()
-        elif isinstance(cmd, CancelCmd):
-            with self.lock:
-                if self.task is not None and self.task.state == "running":
-                    self.task.state = "cancelled"
-            self.safe_stop()
-        return {"ok": True, "status": self.status()}
-
-    def _reject(self, why: str) -> dict:
-        self.counts["control_rejected"] += 1
-        self.last_reject = why
-        log.warning("control: rejected command: %s", why)
-        return {"ok": False, "error": why}
+        log.error("the robot did not confirm the %s within %.1f s", what, CONFIRM_S)
 
     def emergency_stop(self) -> None:
-        self.estop = True
+        with self.lock:
+            self.estop = self.held = True
         log.warning("EMERGENCY STOP (control socket)")
         if self.robot is not None:
+            sent = time.time()
             self.robot.emergency_stop()
             self.robot.stop()
+            self._confirm("e-stop", sent, lambda o: o.get("estop") and not o.get("x.vel") and not o.get("theta.vel"))
 
     def resume(self) -> None:
-        self.estop = False
+        """Release the latch; the robot stays still (ISO 13850: a reset does not restart the machine)."""
+        with self.lock:
+            self.estop = False
         if self.robot is not None:
+            sent = time.time()
             self.robot.resume()
-        log.warning("emergency stop released")
+            self._confirm("e-stop release", sent, lambda o: not o.get("estop"))
+        log.warning("emergency stop released; %s", "the task waits for continue" if self.held else "robot still")
 
-    # ------------------------------------------------------------------ status / http
+    def continue_task(self) -> str | None:
+        """Go on with the task an e-stop held; the reason why not, or None."""
+        with self.lock:
+            if self.estop:
+                return "the emergency stop is latched: send resume first"
+            if self.robot is not None and self.robot.get_observation().get("estop"):
+                return "the robot's own e-stop is latched"
+            if self.task is None or self.task.state != "running":
+                return "no running task to continue"
+            self.held = False
+            self.new_task.set()
+        log.info("task %d continues", self.task.id)
+        return None
+
+    def cancel(self) -> None:
+        with self.lock:
+            if self.task is not None and self.task.state == "running":
+                self.task.state = "cancelled"
+        self.safe_stop()
+
+    # ------------------------------------------------------------------ status / health
     def status(self) -> dict:
         obs = self.robot.get_observation() if self.robot is not None else {}
         task = self.task
-        lat = sorted(self.latencies)
+        lat = sorted(self.nav.latencies)
         return {
             "uptime_s": round(time.time() - self.started, 1), "modes": list(self.cfg.modes), "estop": self.estop,
-            "pause_reason": self.pause_reason, "moving": bool(obs and (obs.get("x.vel") or obs.get("theta.vel"))),
+            "held": self.held, "pause_reason": self.nav.pause_reason,
+            "moving": bool(obs and (obs.get("x.vel") or obs.get("theta.vel"))),
             "robot": {k: obs.get(k) for k in ("x", "z", "heading", "x.vel", "theta.vel", "estop", "watchdog",
                                                "watchdog_trips", "rejected", "last_reject", "age_s", "sim_t",
                                                "room", "odometer")} if obs else None,
             "camera": self.camera.stats() if self.camera is not None else None,
             "agent_stage": self.stage.status() if self.stage is not None else None,
-            "task": None if task is None else {
-                "id": task.id, "instruction": task.instruction, "source": task.source, "state": task.state,
-                "steps": task.steps, "goal": task.goal, "target": task.target, "actions": "".join("SFLR"[ACTIONS.index(a)] for a in task.actions[-200:]),
-                "error": task.error},
-            "counts": dict(self.counts), "last_control_reject": self.last_reject,
+            "task": None if task is None else task.summary(),
+            "counts": {**self.control.counts, **self.nav.counts}, "last_control_reject": self.control.last_reject,
             "camera_to_action_s": {"median": statistics.median(lat) if lat else None, "n": len(lat)},
-            "trajectory_tail": self.trajectory[-20:],
+            "trajectory_tail": self.nav.trajectory[-20:],
             "sim": {"pid": self.sim.pid, "trajectory": self.sim.trajectory} if self.sim is not None else None,
             "talk": self.talk.status() if self.talk is not None else None,
         }
@@ -485,72 +325,94 @@ class RobotApp:
         return not problems, {"status": "ok" if not problems else "degraded", "problems": problems,
                               "estop": self.estop}
 
-    def _start_http(self) -> None:
-        app = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path == "/health":
-                    ok, body = app.health()
-                    self._send(200 if ok else 503, body)
-                elif self.path == "/status":
-                    self._send(200, app.status())
-                else:
-                    self._send(404, {"error": f"no such endpoint {self.path}; try /health or /status"})
-
-            def _send(self, code: int, body: dict) -> None:
-                data = json.dumps(body, default=str).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):  # access logs at debug level, not on stderr
-                log.debug("http: " + a[0], *a[1:])
-
-        self.http = ThreadingHTTPServer((self.cfg.http_host, self.cfg.http_port), Handler)
-        self.http.daemon_threads = True
-        self.http_port = self.http.server_address[1]
-        threading.Thread(target=self.http.serve_forever, name="http", daemon=True).start()
-
-
-def _pose(obs: dict) -> list[float]:
-    return [float(obs.get("x", 0.0)), 0.0, float(obs.get("z", 0.0)), float(obs.get("heading", 0.0))] if obs else \
-        [0.0, 0.0, 0.0, 0.0]
-
 
 # ---------------------------------------------------------------------------------------------- entry
-def run(cfg: RobotConfig) -> int:
-    """Run until SIGTERM/SIGINT; the base is stopped on every way out."""
-    app = RobotApp(cfg)
-
-    def on_signal(signum, _frame):
-        log.warning("%s: stopping the robot and exiting", signal.Signals(signum).name)
-        app.safe_stop()
-        app.stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+@contextlib.contextmanager
+def _temp_inside(path: Path):
+    """TMPDIR (this process's tempfile and its children's) inside `path` while the app runs."""
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(path)
     try:
-        app.start()
-        if app.http_port is not None:
-            print(json.dumps({"event": "ready", "http_port": app.http_port, "control": cfg.control,
-                              "run_dir": str(app.run_dir)}), flush=True)
-        app.wait()
+        yield
     finally:
-        app.shutdown()
-    log.info("robot app exited cleanly")
-    return 0
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
 
 
-def run_cli(args) -> int:
+def run(cfg: RobotConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0); start-up failures are one logged line and exit 2 (configuration,
+    address in use) or 1; a crashed loop exits 1. The base is stopped on every way out."""
+    stop = threading.Event()
+    signalled: list[int] = []
+
+    def on_signal(signum, _frame):  # no logging or robot I/O here: their locks may be held by this thread
+        signalled.append(signum)
+        stop.set()
+
+    saved = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    app, code = None, 0
+    try:
+        try:
+            app = RobotApp(cfg, stop)
+        except OSError as e:  # the run directory cannot be made (permissions, a file in the way, ...)
+            log.error("run directory %s: %s", cfg.run_dir or tempfile.gettempdir(), e)
+            return 2
+        with _temp_inside(app.tmp_dir):
+            try:
+                app.start()
+                if app.http_port is not None:
+                    print(json.dumps({"event": "ready", "http_port": app.http_port, "control": cfg.control,
+                                      "run_dir": str(app.run_dir)}), flush=True)
+                app.wait()
+            except InterruptedError:
+                pass  # a signal during start-up: logged below
+            except StartupError as e:
+                log.error("%s", e)
+                code = e.code
+            except ValueError as e:  # configuration problems found at start-up (audio device, agent task, ...)
+                log.error("%s", e)
+                code = 2
+            except (RobotError, OSError, zmq.ZMQError) as e:
+                log.error("start-up failed: %s: %s", type(e).__name__, e)
+                code = 1
+            if signalled:
+                log.warning("%s: stopping the robot and exiting", signal.Signals(signalled[0]).name)
+            elif app.crashed:
+                log.error("the %s loop crashed: robot stopped, exiting", app.crashed)
+                code = 1
+    finally:
+        if app is not None:
+            app.shutdown()
+        for s, h in saved.items():
+            signal.signal(s, h)
+    if code == 0:
+        log.info("robot app exited cleanly")
+    return code
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process once `run` has returned: it stopped the base, its processes and its threads, so the
+    interpreter's teardown has nothing left to do for the robot, and with torch imported (the CLI imports it)
+    that teardown alone takes ~0.6 s -- too long for "a signal ends the app within 1 s"."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def run_cli(args) -> NoReturn:
+    """`omnistream robot` (cli.py): a configuration error raises ValueError (one line, exit 2, by the CLI);
+    otherwise the process ends here with run's exit status."""
     cfg = config_from_args(args)
     setup_logging(cfg)
-    return run(cfg)
+    exit_now(run(cfg))
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> NoReturn:
     p = argparse.ArgumentParser(prog="omnistream robot", description="Headless robot app (see omnistream robot -h).")
     add_config_args(p)
     args = p.parse_args(argv)
@@ -559,11 +421,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     setup_logging(cfg)
-    try:
-        return run(cfg)
-    except ValueError as e:  # configuration problems found at start-up (audio device, agent task, ...)
-        log.error("%s", e)
-        return 2
+    exit_now(run(cfg))
 
 
 if __name__ == "__main__":

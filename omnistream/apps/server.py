@@ -9,19 +9,26 @@ Endpoints (one port; plain HTTP is answered from ``process_request`` before any 
 - ``GET /v1/realtime`` (WebSocket): the Realtime protocol (:mod:`omnistream.apps.realtime`).
 - ``GET /health``: 200 ``{"status": "ok"}`` while the server runs.
 - ``GET /status``: the pipeline's stages (name, pid, alive, last heartbeat), sessions and queue
-  depths, from ``Client.status()`` (needs the API key when one is set).
-- ``GET /`` and ``GET /web/<file>``: the browser client's static files.
+  depths, from ``Client.status()``; with an API key set, a request without it gets counts only
+  (connections, stages alive): pids, ipc paths and session ids are operator data.
+- ``GET /config.json``: what the browser page needs to know before connecting (whether it must
+  ask for an API key).
+- ``GET /`` and ``GET /web/<file>``: the browser client's static files (GET and HEAD only).
 
 Per session (:mod:`omnistream.apps.realtime_session`): server VAD with silero-vad
 (:mod:`omnistream.apps.vad`), reply audio paced in 40 ms deltas, barge-in that truncates the
 conversation to what was played.
 
-Security: loopback bind by default; optional API key (``Authorization: Bearer KEY`` or the
-browser-compatible ``openai-insecure-api-key.KEY`` subprotocol); an Origin allow-list (browser
-pages from other origins are refused unless listed; same-origin pages and clients that send no
-Origin pass); 15 MiB per message (a larger one gets an ``error`` event, one over 16 MiB closes
-the connection with 1009, as the frame is never read); a session cap (HTTP 503 at the
-handshake); a per-session token-bucket rate limit on client events.
+Security: loopback bind by default; the Host header must name this server (an IP literal, a
+localhost name, the bound host name or one of ``--allowed-hosts``), so a page on a DNS-rebinding
+domain gets 403 for HTTP and WebSocket alike; malformed requests (a non-ASCII path, a duplicated
+Host/Origin/Authorization header) get 400, other methods than GET/HEAD 405; optional API key
+(``Authorization: Bearer KEY`` or the browser-compatible ``openai-insecure-api-key.KEY``
+subprotocol); an Origin allow-list (browser pages from other origins are refused unless listed;
+same-origin pages and clients that send no Origin pass); 15 MiB per message (a larger one gets
+an ``error`` event, one over 16 MiB closes the connection with 1009, as the frame is never read);
+a session cap and the client's admission check (HTTP 503 at the handshake, with the reason); a
+per-session token-bucket rate limit on client events.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import http
+import ipaddress
 import json
 import logging
 import mimetypes
+import os
 import re
 import signal
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -42,7 +52,10 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidMessage
 from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING
+from websockets.server import ServerProtocol
 
 from omnistream.apps.realtime_session import RealtimeSession, subprotocols
 from omnistream.runtime.client import Client, SessionOptions
@@ -52,6 +65,11 @@ MiB = 1 << 20
 WEB_DIR = Path(__file__).parent / "web"
 REALTIME_PATHS = ("/v1/realtime", "/realtime")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# headers a request may carry once: a second copy is ambiguous (which one did the proxy check?)
+_SINGLE_HEADERS = ("Host", "Origin", "Authorization", "OpenAI-Beta", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
+_METHODS = ("GET", "HEAD")
+_LOCAL_NAMES = ("localhost", "localhost.localdomain")
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # a DNS name or an IPv4 address, lowercased
 
 
 @dataclass
@@ -60,6 +78,8 @@ class ServerConfig:
     port: int = 8000  # 0: any free port (tests)
     api_key: str | None = None
     allow_origins: tuple[str, ...] = ()  # browser origins allowed besides the server's own; "*": any
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and `host`;
+    # ".example.com" also matches its subdomains; "*": any (turns the DNS-rebinding check off)
     max_sessions: int = 8
     rate_limit: float = 100.0  # client events per second per session (token bucket); 0: off
     rate_burst: float | None = None  # bucket size; None: 2 s worth of events (at least 50)
@@ -114,12 +134,15 @@ class RealtimeServer:
         self._server = None
         self.started_at = time.monotonic()
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` when given (``serve`` binds it before loading the model), else bind
+        ``config.host:port`` now."""
         c = self.config
+        where = {"sock": sock} if sock is not None else {"host": c.host, "port": c.port}
         self._server = await serve(
-            self._handle, c.host, c.port, process_request=self._process_request,
+            self._handle, process_request=self._process_request, create_connection=_Connection,
             select_subprotocol=_select_subprotocol, max_size=c.hard_max_message, compression=None,
-            ping_interval=20, ping_timeout=20, max_queue=64,
+            ping_interval=20, ping_timeout=20, max_queue=64, **where,
         )
         log.info("serving the OpenAI Realtime protocol on ws://%s:%d/v1/realtime", c.host, self.port)
 
@@ -134,17 +157,24 @@ class RealtimeServer:
 
     # ------------------------------------------------------------------ HTTP + handshake
     def _process_request(self, conn: ServerConnection, req: Request) -> Response | None:
+        """Every request, HTTP or WebSocket, passes here first: validation, Host, then the route."""
+        for name in _SINGLE_HEADERS:
+            if len(req.headers.get_all(name)) > 1:
+                return _http(400, f"bad request: more than one {name} header\n".encode())
+        host = self._request_host(req)
+        if host is None:
+            return _http(400, b"bad request: missing or malformed Host header\n")
+        if not self._host_ok(host):
+            log.warning("refused a request for Host %r (see --allowed-hosts)", host)
+            return _http(403, f"host {host} is not allowed (see --allowed-hosts)\n".encode())
+        if req.method not in _METHODS:
+            return _http(405, f"method {req.method} not allowed\n".encode(), extra=[("Allow", ", ".join(_METHODS))])
         path = urlsplit(req.path).path
-        if path == "/health":
-            return _http(200, _json({"status": "ok", "sessions": len(self.sessions)}), "application/json")
-        if path == "/status":
-            if not self._authorized(req.headers):
-                return _http(401, b"unauthorized: give Authorization: Bearer KEY\n")
-            return _http(200, _json(self.status()), "application/json")
-        if path in ("/", "/index.html") or path.startswith("/web/"):
-            return self._static("index.html" if path in ("/", "/index.html") else path[len("/web/"):])
         if path not in REALTIME_PATHS:
-            return _http(404, b"not found\n")
+            resp = self._route(path, req.headers)
+            if req.method == "HEAD":  # the same headers, Content-Length included, without the body
+                resp = Response(resp.status_code, resp.reason_phrase, resp.headers, b"")
+            return resp
         origin = req.headers.get("Origin")
         if origin is not None and not self._origin_ok(origin, req.headers.get("Host", "")):
             log.warning("refused a WebSocket from origin %r (not in --allow-origin)", origin)
@@ -155,7 +185,77 @@ class RealtimeServer:
         if len(self.sessions) >= self.config.max_sessions:
             return _http(503, f"too many sessions (max {self.config.max_sessions}); try again later\n".encode(),
                          extra=[("Retry-After", "5")])
+        reason = self._admission()
+        if reason is not None:
+            return _http(503, f"server busy: {reason}\n".encode(), extra=[("Retry-After", "5")])
         return None
+
+    def _route(self, path: str, headers: Headers) -> Response:
+        """The plain HTTP endpoints (GET or HEAD)."""
+        if path == "/health":
+            return _http(200, _json({"status": "ok", "sessions": len(self.sessions)}), "application/json")
+        if path == "/status":
+            return _http(200, _json(self.status(full=self._authorized(headers))), "application/json")
+        if path == "/config.json":
+            return _http(200, _json(self.page_config()), "application/json")
+        if path in ("/", "/index.html") or path.startswith("/web/"):
+            return self._static("index.html" if path in ("/", "/index.html") else path[len("/web/"):])
+        return _http(404, b"not found\n")
+
+    def _admission(self) -> str | None:
+        """``Client.admission()``'s reason to refuse one more session, or None. A check that fails
+        refuses (fail closed): admitting a session the pipeline cannot serve hurts every session."""
+        try:
+            reason = self.client.admission()
+        except Exception:
+            log.exception("the admission check failed; refusing the session")
+            return "the admission check failed"
+        return None if reason is None else (str(reason).splitlines() or ["busy"])[0][:200]
+
+    @staticmethod
+    def _request_host(req: Request) -> str | None:
+        """The Host header's name, lowercased, without port or IPv6 brackets; None when it is
+        missing (HTTP/1.0 may omit it: then the request is for this server) or malformed."""
+        raw = req.headers.get("Host")
+        if raw is None:
+            return "localhost" if req.protocol == "HTTP/1.0" else None
+        try:
+            u = urlsplit("//" + raw.strip())
+            u.port  # noqa: B018 (raises ValueError on a bad port)
+        except ValueError:
+            return None
+        if not u.hostname or u.username is not None or u.password is not None or u.path or u.query or u.fragment:
+            return None
+        name = u.hostname.rstrip(".")
+        if not _HOST_NAME.fullmatch(name):
+            try:
+                ipaddress.IPv6Address(name)  # "[::1]:8000" -> "::1"
+            except ValueError:
+                return None
+        return name
+
+    def _host_ok(self, host: str) -> bool:
+        """DNS rebinding defence: a page on a rebinding domain sends that domain as its Host, so
+        only names this server answers to pass. IP literals pass (a rebinding page's origin is a
+        DNS name, never an address), as do localhost names (browsers resolve them to loopback
+        themselves), the ``--host`` name, this machine's name and ``--allowed-hosts``."""
+        allowed = self.config.allowed_hosts
+        if "*" in allowed:
+            return True
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            pass
+        if host in _LOCAL_NAMES or host.endswith(".localhost"):
+            return True
+        if host in (self.config.host.lower().rstrip("."), socket.gethostname().lower()):
+            return True
+        for a in allowed:
+            a = a.lower().rstrip(".")
+            if host == a or (a.startswith(".") and (host.endswith(a) or host == a[1:])):
+                return True
+        return False
 
     def _origin_ok(self, origin: str, host: str) -> bool:
         allowed = self.config.allow_origins
@@ -192,11 +292,21 @@ class RealtimeServer:
             ctype += "; charset=utf-8"
         return _http(200, f.read_bytes(), ctype)
 
-    def status(self) -> dict:
+    def status(self, full: bool = True) -> dict:
+        """``full``: the client's status (stages with pids, sessions, queues) and the counts;
+        else the counts only (connections, stages alive): safe to show anyone who can connect."""
         s = dict(self.client.status())
-        s["connections"] = len(self.sessions)
-        s["uptime_s"] = round(time.monotonic() - self.started_at, 1)
+        stages = s.get("stages") or []
+        counts = {"connections": len(self.sessions), "stages_alive": sum(bool(st.get("alive")) for st in stages),
+                  "stages_total": len(stages)}
+        if not full:
+            return counts
+        s.update(counts, uptime_s=round(time.monotonic() - self.started_at, 1))
         return s
+
+    def page_config(self) -> dict:
+        """What the browser page reads before it connects: whether to ask for an API key."""
+        return {"api_key_required": bool(self.config.api_key), "realtime_path": REALTIME_PATHS[0]}
 
     # ------------------------------------------------------------------ sessions
     async def _handle(self, ws: ServerConnection) -> None:
@@ -212,6 +322,26 @@ class RealtimeServer:
             await conn.cleanup()
 
 
+
+
+class _Protocol(ServerProtocol):
+    """websockets' server protocol, answering a request it cannot parse (a non-ASCII path, a bad
+    request line, a request body) with 400 instead of closing the connection without a word."""
+
+    def send_eof(self) -> None:
+        exc = self.handshake_exc
+        if (self.state is CONNECTING and not self.writes and isinstance(exc, InvalidMessage)
+                and not isinstance(exc.__cause__, EOFError)):
+            self.writes.append(_http(400, b"bad request: malformed HTTP request\n").serialize())
+        super().send_eof()
+
+
+class _Connection(ServerConnection):
+    """Each connection's protocol is a :class:`_Protocol` (serve() builds the plain one)."""
+
+    def __init__(self, protocol: ServerProtocol, *args, **kwargs):
+        protocol.__class__ = _Protocol  # only send_eof differs; the running parser is unaffected
+        super().__init__(protocol, *args, **kwargs)
 
 
 def _select_subprotocol(conn: ServerConnection, offered) -> str | None:
@@ -267,12 +397,31 @@ def build_client(args):
     return InProcClient(load_omni(args.model), **opts)
 
 
+def bind_socket(host: str, port) -> socket.socket:
+    """A listening TCP socket on ``host:port``, or ValueError with one line saying why not.
+    ``serve`` calls it before loading the model: a port in use fails in a second, not after the
+    model and the stages have started."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a port is 0..65535 (0: any free port)")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]  # "localhost" may give ::1 and 127.0.0.1: the resolver's first
+    try:
+        return socket.create_server(addr, family=family)
+    except OSError as e:  # e.strerror carries a "(while attempting to bind ...)" tail: the plain reason
+        raise ValueError(f"cannot listen on {host}:{port}: {os.strerror(e.errno) if e.errno else e}") from None
+
+
 def run_server(args) -> int:
-    """``omnistream serve``: run until SIGINT/SIGTERM, then close sessions and the pipeline."""
+    """``omnistream serve``: bind, load the model, serve until SIGINT/SIGTERM, then close
+    sessions and the pipeline."""
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     config = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key, allow_origins=tuple(args.allow_origin or ()),
+        allowed_hosts=tuple(getattr(args, "allowed_hosts", None) or ()),
         max_sessions=args.max_sessions, rate_limit=args.rate_limit, voice=args.voice,
         defaults=SessionOptions(window=args.window, max_new_tokens=args.max_new_tokens,
                                 max_speech_s=args.max_speech_s),
@@ -280,12 +429,17 @@ def run_server(args) -> int:
     )
     if not getattr(args, "verbose", False):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per HTTP request
-    client = build_client(args)
+    sock = bind_socket(args.host, args.port)  # before the model: a bad port fails at once
+    try:
+        client = build_client(args)
+    except BaseException:
+        sock.close()
+        raise
 
     async def main() -> None:
         await client.start()
         server = RealtimeServer(client, config)
-        await server.start()
+        await server.start(sock)
         print(f"omnistream: serving ws://{args.host}:{server.port}/v1/realtime (browser page: "
               f"http://{args.host}:{server.port}/)", flush=True)
         stop = asyncio.Event()
@@ -298,5 +452,8 @@ def run_server(args) -> int:
         drain = getattr(client, "drain", None)  # stage runtime: running replies finish first (bounded)
         await (drain() if drain is not None else client.close())
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
     return 0

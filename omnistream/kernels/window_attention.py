@@ -43,11 +43,15 @@ class DecodeHandle:
     as the already-rotated query), the RoPE frequencies, and the layer (to mark the handle consumed)."""
 
     layer: object
-    slot_pos: torch.Tensor  # (1, 3, N) int32
+    slot_pos: torch.Tensor  # (1, 3, N) int32, or (B, 3, N) for a batch
     inv_freq: torch.Tensor  # (D/2,) float32, on the cache's device
     mrope_section: Sequence[int]
     q_pos: torch.Tensor  # (B, 3) int32 zeros: the query is already rotated
     consumed: bool = False
+    # a batched decode step (omnistream.memory.batch.BatchCache): slot_pos is per row (B, 3, N), valid
+    # (B, N) masks each row's padding, and consuming the batch handle consumes its rows' handles
+    valid: torch.Tensor | None = None
+    parts: tuple = ()
 
 
 def window_attention_forward(
@@ -69,12 +73,15 @@ def window_attention_forward(
     B, _, T, _ = query.shape
     if T != 1:
         raise RuntimeError("window decode handle on a multi-token forward (a WindowCache bug)")
-    # attention_mask is ignored: one session per cache, every held slot is visible to the new token
+    # attention_mask is ignored: every held slot of a row is visible to its new token; a batch of
+    # sessions (ragged rows) masks each row's padding with h.valid
     out = window_decode_attention(
-        query[:, :, 0], h.q_pos[:B], key, value, h.slot_pos.expand(B, -1, -1), None, h.inv_freq, h.mrope_section,
-        scaling,
+        query[:, :, 0], h.q_pos[:B], key, value, h.slot_pos.expand(B, -1, -1), h.valid, h.inv_freq,
+        h.mrope_section, scaling,
     )  # (B, H_q, D)
     h.consumed = True
+    for part in h.parts:
+        part.consumed = True
     STATS["kernel_calls"] += 1
     return out.unsqueeze(1), None
 

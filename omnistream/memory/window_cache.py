@@ -39,7 +39,8 @@ Usage::
     cache = WindowCache(lm.config, WindowConfig(sink_tokens=4, window_tokens=4096))
     out = lm(inputs_embeds=x, position_ids=cache.cache_positions(pos), cache=cache, use_cache=True)
 
-or :func:`window_thinker` for a ``StreamingThinker`` over a window cache.
+or :func:`window_thinker` for a ``StreamingThinker`` over a window cache. Several sessions' caches
+decode in one forward through :class:`omnistream.memory.batch.BatchCache` (each keeps its own plan).
 """
 
 from __future__ import annotations
@@ -302,6 +303,7 @@ class _PositionMappingLM:
 
     def __init__(self, lm):
         self._lm = lm
+        self.inner = lm  # the wrapped model (batched decode maps positions per row itself)
 
     def __getattr__(self, name):
         return getattr(self._lm, name)

@@ -193,23 +193,24 @@ class AgentStage:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> None:
-        """Spawn and wait until it answers a ping (the model is loaded); StageDown if it does not."""
+    def start(self, abort=lambda: False) -> None:
+        """Spawn and wait until it answers a ping (the model is loaded); StageDown if it does not,
+        InterruptedError as soon as `abort()` is true (a signal must not wait for a model to load)."""
         self._kill()
         self.proc = subprocess.Popen(self.argv)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(self.addr)
         self.state = "starting"
-        self.call({"op": "ping"}, timeout_s=self.load_timeout_s)
+        self.call({"op": "ping"}, timeout_s=self.load_timeout_s, abort=abort)
         self.state = "ready"
         log.info("agent stage %s ready (pid %d)", self.kind, self.proc.pid)
 
-    def restart(self, reason: str) -> None:
+    def restart(self, reason: str, abort=lambda: False) -> None:
         self.restarts += 1
         self.history.append((time.time(), reason))
         log.error("agent stage %s: restarting", reason)
-        self.start()
+        self.start(abort)
 
     def call(self, header: dict, pixels: bytes | None = None, timeout_s: float | None = None,
              abort=lambda: False) -> dict:
@@ -245,11 +246,17 @@ class AgentStage:
             self.proc.kill()
             self.proc.wait(5)
 
-    def close(self) -> None:
+    def terminate(self) -> None:
+        """Ask the stage to exit (SIGTERM) without waiting: the app stops all its processes at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def close(self, timeout_s: float = 0.5) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`: the app's shutdown is bounded (it exits within 1 s)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 pass
         self._kill()

@@ -8,8 +8,10 @@
 * `FileSource` replays an audio file (anything PyAV decodes) in blocks, paced at real time by default,
   then reports the end; `FileSink` collects what the speaker would play and writes a WAV on close.
 
-`sounddevice` is imported only when a real device is used: it needs the PortAudio library
-(`libportaudio2`), which a CI box has but the code paths with file: endpoints do not need.
+`sounddevice` is imported only when a real device is used (`_sounddevice`): it needs the PortAudio
+library (`libportaudio2`), which the code paths with file: endpoints do not, so a machine without it
+imports the robot package and replays files fine; asking it for a real device is one configuration error
+that names the package to install, not an `OSError` traceback from inside sounddevice.
 """
 
 from __future__ import annotations
@@ -29,9 +31,18 @@ class AudioDeviceError(ValueError):
     because it is a configuration problem, reported by the CLI as one line."""
 
 
-def list_devices() -> list[dict]:
-    import sounddevice as sd
+def _sounddevice():
+    """The sounddevice module, or AudioDeviceError naming the missing system library."""
+    try:
+        import sounddevice
+    except OSError as e:  # sounddevice raises OSError at import when libportaudio is not installed
+        raise AudioDeviceError(f"real audio devices need the PortAudio library ({e}): install libportaudio2 "
+                               "(apt-get install libportaudio2), or use file: endpoints") from None
+    return sounddevice
 
+
+def list_devices() -> list[dict]:
+    sd = _sounddevice()
     return [dict(d, index=i) for i, d in enumerate(sd.query_devices())]
 
 
@@ -95,7 +106,7 @@ class MicSource:
     """A PortAudio input stream; `read` returns the next block (or None after `timeout_s` of nothing)."""
 
     def __init__(self, device: str | int, rate: int = 16000, block_s: float = 0.04, max_queue_s: float = 2.0):
-        import sounddevice as sd
+        sd = _sounddevice()
 
         self.device = resolve_device(device, "input")
         self.rate = rate
@@ -158,7 +169,7 @@ class SpeakerSink:
     """A PortAudio output stream (blocking writes pace the caller at real time)."""
 
     def __init__(self, device: str | int, rate: int = 24000):
-        import sounddevice as sd
+        sd = _sounddevice()
 
         self.device = resolve_device(device, "output")
         self.rate = rate

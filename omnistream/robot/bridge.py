@@ -18,17 +18,23 @@ Wire (one host: ipc://, across hosts: tcp://): the bridge binds
   ``{"seq": n, "estop": true}`` or ``{"seq": n, "resume": true}``. Each tick drains everything queued
   and applies only the newest drive command (latest-only, like ``ZMQ_CONFLATE``), but processes every
   e-stop/resume in order: CONFLATE would let a drive command sent just after an e-stop overwrite it.
-* a ``PUB`` of observations, single-frame JSON, every tick (the app's ``SUB`` keeps only the latest).
+* a ``PUB`` of observations, single-frame JSON, every tick (the app's ``SUB`` keeps only the latest);
+* (optionally) a ``PUB`` camera, one frame per message: ``[u32 header length][JSON header][H*W*3 RGB bytes]``,
+  header ``{"seq", "t" (wall capture time), "w", "h"}`` (`pack_frame` / `unpack_frame`). The wire format lives
+  here, with the rest of the link's protocol, so the app side (zmq_robot.py) and any robot process share it
+  without the app importing a robot implementation.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
 import threading
 import time
 from abc import ABC, abstractmethod
 
+import numpy as np
 import zmq
 
 from omnistream.robot.interfaces import Limits
@@ -38,6 +44,25 @@ log = logging.getLogger("omnistream.robot.bridge")
 WATCHDOG_S = 0.5
 COMMAND_FIELDS = {"seq", "x.vel", "theta.vel", "estop", "resume", "t"}
 MAX_COMMAND_BYTES = 4096
+
+
+def pack_frame(header: dict, rgb: np.ndarray) -> bytes:
+    """One camera frame (H, W, 3) uint8 as one message (the camera wire format of the module doc)."""
+    h = json.dumps(header).encode()
+    return struct.pack("<I", len(h)) + h + np.ascontiguousarray(rgb, np.uint8).tobytes()
+
+
+def unpack_frame(buf: bytes) -> tuple[dict, np.ndarray]:
+    """Inverse of pack_frame; ValueError on a malformed message."""
+    if len(buf) < 4:
+        raise ValueError("frame message too short")
+    (n,) = struct.unpack_from("<I", buf)
+    header = json.loads(bytes(buf[4:4 + n]))
+    w, h = int(header["w"]), int(header["h"])
+    pix = memoryview(buf)[4 + n:]
+    if len(pix) != w * h * 3:
+        raise ValueError(f"frame has {len(pix)} bytes, expected {w}x{h}x3")
+    return header, np.frombuffer(pix, np.uint8).reshape(h, w, 3)
 
 
 class BaseDriver(ABC):

@@ -1,5 +1,6 @@
 """Cameras read latest-only in a background thread: V4L2 devices, RTSP/HTTP streams and files through
-PyAV, and (in zmq_robot.py) a robot process's published camera.
+PyAV, and (in zmq_robot.py, built on `ThreadedCamera`) a robot process's published camera; `devices.open_camera`
+picks one for a source string.
 
 A robot acts on what it sees *now*: a reader thread decodes continuously and keeps only the newest frame
 (older ones are dropped and counted), and `read_latest(max_age_s)` returns None when even the newest is
@@ -64,10 +65,11 @@ class ThreadedCamera(Camera):
         self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
         self._thread.start()
 
-    def disconnect(self) -> None:
+    def disconnect(self, timeout_s: float = 1.0) -> None:
+        """Stop the reader; bounded: a reader stuck opening a stream (a daemon thread) is left behind."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(timeout_s)
             self._thread = None
 
     def _run(self) -> None:
@@ -194,12 +196,3 @@ class AvCamera(ThreadedCamera):
         if self._container is not None:
             self._container.close()
             self._container = None
-
-
-def open_camera(source: str, **kw) -> Camera:
-    """`zmq:ADDR` (a robot process's camera) or anything AvCamera reads."""
-    if source.startswith("zmq:"):
-        from omnistream.robot.zmq_robot import ZmqCamera
-
-        return ZmqCamera(source[4:])
-    return AvCamera(source, **kw)

@@ -30,6 +30,7 @@ class RobotConfig:
     robot_obs: str = "tcp://127.0.0.1:5611"
     camera: str = "zmq:tcp://127.0.0.1:5612"  # zmq:ADDR (the robot's camera), /dev/videoN, rtsp://, http://, a file
     max_frame_age_s: float = 0.5
+    robot_timeout_s: float = 60.0  # start-up: how long to wait for the robot process's first observation
     # simulated robot
     scene_seed: int = 1
     start_room: str | None = None
@@ -88,7 +89,7 @@ class RobotConfig:
         if self.agent == "oracle" and not self.sim and "navigate" in self.modes:
             raise ValueError("the oracle agent needs the simulator's map: use --sim, or agent random/janus")
         for name in ("forward_speed", "turn_speed", "forward_step_m", "turn_deg", "command_period_s",
-                     "max_frame_age_s", "watchdog_s", "camera_fps"):
+                     "max_frame_age_s", "watchdog_s", "camera_fps", "robot_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")

@@ -9,8 +9,8 @@ e-stop, limits and command validation are the real ones) and publishes its camer
   along axis-aligned obstacles as the navigation simulator. `sim_t` counts simulated seconds.
 * Camera: MuJoCo renders the scene from the robot's pose (1.25 m high, HFOV 79 degrees, as in the
   navigation simulator) in the navigation simulator's child renderer process (Mesa's LLVM never enters
-  this process), at `fps`, on a ``PUB`` socket: one frame per message, ``[u32 header length][JSON header]
-  [H*W*3 RGB bytes]``, header ``{"seq", "t" (wall capture time), "w", "h"}``.
+  this process), at `fps`, on a ``PUB`` socket, one frame per message (`bridge.pack_frame`: the robot
+  link's camera wire format).
 * Trajectory: every tick appends ``{"t", "sim_t", "x", "z", "heading", "x.vel", "theta.vel"}`` to a JSON
   lines file when `--trajectory` is given (the tests measure stop times and motion from it).
 * Fault injection: SIGUSR1 cuts the camera stream (as an unplugged camera), SIGUSR2 restores it.
@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -37,7 +36,7 @@ import zmq
 
 from omnistream.navigation.scenes import Scene, generate_scene, scene_id_for
 from omnistream.navigation.sim import slide_move
-from omnistream.robot.bridge import BaseDriver, RobotBridge
+from omnistream.robot.bridge import BaseDriver, RobotBridge, pack_frame
 from omnistream.robot.interfaces import Limits
 
 log = logging.getLogger("omnistream.robot.sim")
@@ -123,24 +122,6 @@ class DiffDriveDriver(BaseDriver):
             self._traj = None
 
 
-def pack_frame(header: dict, rgb: np.ndarray) -> bytes:
-    h = json.dumps(header).encode()
-    return struct.pack("<I", len(h)) + h + np.ascontiguousarray(rgb, np.uint8).tobytes()
-
-
-def unpack_frame(buf: bytes) -> tuple[dict, np.ndarray]:
-    """Inverse of pack_frame; ValueError on a malformed message."""
-    if len(buf) < 4:
-        raise ValueError("frame message too short")
-    (n,) = struct.unpack_from("<I", buf)
-    header = json.loads(bytes(buf[4:4 + n]))
-    w, h = int(header["w"]), int(header["h"])
-    pix = memoryview(buf)[4 + n:]
-    if len(pix) != w * h * 3:
-        raise ValueError(f"frame has {len(pix)} bytes, expected {w}x{h}x3")
-    return header, np.frombuffer(pix, np.uint8).reshape(h, w, 3)
-
-
 class SimCamera(threading.Thread):
     """Renders the robot's view at `fps` and publishes it (latest-only on the subscriber's side)."""
 
@@ -222,7 +203,8 @@ def main(argv=None) -> int:
     from omnistream.runtime.stage import die_with_parent
 
     die_with_parent(args.parent_pid)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s sim-robot[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s sim-robot[%(process)d] %(levelname)s %(message)s")
     scene = load_sim_scene(args.scene_seed)
     driver = DiffDriveDriver(scene, start_pose(scene, args.start_room), args.trajectory)
     ctx = zmq.Context()
@@ -273,6 +255,11 @@ class SimRobotProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (the process stops its base, then exits); `stop` waits for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         if self.proc is None:

@@ -7,7 +7,9 @@ is kept: an old pose is worse than none). `send_action` returns the action as th
 app can tell a silent robot process from a quiet one.
 
 `ZmqCamera` reads a camera published by the robot process (the simulated robot's, or a real robot's
-bridge) the same latest-only way.
+bridge) the same latest-only way. Layers point one way: this module builds on `interfaces`, `cameras`
+(the reader thread) and `bridge` (the wire format); the factories that choose between implementations
+live above all of them, in `devices`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 
 import zmq
 
+from omnistream.robot.bridge import unpack_frame
 from omnistream.robot.cameras import ThreadedCamera
 from omnistream.robot.interfaces import Limits, Robot, RobotError
 
@@ -116,20 +119,25 @@ class ZmqRobot(Robot):
             return {}
         return {**self._last_obs, "age_s": round(time.monotonic() - self._last_obs_t, 4)}
 
-    def fresh_observation(self, timeout_s: float = 1.0, after: float | None = None) -> dict:
-        """Wait for an observation published after wall time `after` (default now)."""
+    def fresh_observation(self, timeout_s: float = 1.0, after: float | None = None, until=None,
+                          abort=None) -> dict:
+        """Wait for an observation published after wall time `after` (default now) for which `until(obs)`
+        holds (default: any); RobotError after `timeout_s`, InterruptedError as soon as `abort()` is true."""
         after = time.time() if after is None else after
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             obs = self.get_observation()
-            if obs and obs.get("t", 0) > after:
+            if obs and obs.get("t", 0) > after and (until is None or until(obs)):
                 return obs
+            if abort is not None and abort():
+                raise InterruptedError("aborted")
             time.sleep(0.01)
-        raise RobotError(f"no observation from the robot at {self.obs_addr} within {timeout_s:.1f} s")
+        what = "no observation" if until is None else "no confirming observation"
+        raise RobotError(f"{what} from the robot at {self.obs_addr} within {timeout_s:.1f} s")
 
 
 class ZmqCamera(ThreadedCamera):
-    """A camera published by the robot process (see sim_robot.pack_frame), read latest-only.
+    """A camera published by the robot process (see bridge.pack_frame), read latest-only.
 
     The ``SUB`` socket keeps only the newest message (CONFLATE); the reader thread counts gaps in the
     publisher's sequence numbers as `dropped` (frames this process was too busy to take at all), which is
@@ -154,8 +162,6 @@ class ZmqCamera(ThreadedCamera):
         self.sock.connect(self.addr)
 
     def _frames(self):
-        from omnistream.robot.sim_robot import unpack_frame
-
         while not self._stop.is_set():
             if not self.sock.poll(100):
                 continue

@@ -4,9 +4,9 @@ Every worker of every stage keeps one :class:`Slot` per session. Three rules mak
 independent processes behave like one in-process conversation:
 
 * **Order.** A session's ops reach a worker in the order the client sent them (one ordered
-  chain of PUSH/PULL links). While the session has a running *task* -- a generator that does one
-  bounded piece of work per :meth:`Slot.step`, e.g. one decoded token -- newer ops wait in
-  ``backlog`` and run after it, exactly as the in-process client's single worker thread would.
+  chain of links). While the session has a running *task* -- a generator the stage's scheduler
+  advances one model call per tick, batched with the other sessions' (:mod:`omnistream.engine.scheduler`)
+  -- newer ops wait in ``backlog`` and run after it.
 * **Epochs.** The client bumps a session's epoch on barge-in (broadcast as ``Epoch`` over PUB and
   carried by every later op). :meth:`Slot.see` keeps the largest epoch seen; reply work of an
   older epoch (decode steps, codec codes, PCM) is *stale* and dropped. Conversation state updates
@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
+from omnistream.engine.scheduler import Running
 from omnistream.runtime.client import SessionOptions
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SessionOptions)}
@@ -53,6 +54,8 @@ def options_from_wire(d: Any) -> SessionOptions:
         v = getattr(o, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"session option {name} must be a number >= 0, got {v!r}")
+    if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0):
+        raise ValueError(f"seed must be an int >= 0 or null, got {o.seed!r}")
     if o.fps <= 0:
         raise ValueError(f"fps must be > 0, got {o.fps}")
     return o
@@ -70,9 +73,10 @@ class Slot:
         self.options = options
         self.state = state
         self.epoch = epoch
-        self.task: Iterator | None = None
-        self.task_epoch = 0
+        self.run: Running | None = None  # the running task (see omnistream.engine.scheduler)
+        self.task_epoch = 0  # epoch of the reply the task serves
         self.backlog: deque = deque()  # (msg, tensors) waiting for the task to end
+        self.pending_open = None  # an OpenSession whose rebuild waits for the next turn (thinker)
 
     def see(self, epoch: int) -> None:
         """Note an epoch carried by a message or broadcast (epochs only grow)."""
@@ -82,23 +86,9 @@ class Slot:
         """Work of ``epoch`` belongs to a reply that was interrupted."""
         return epoch < self.epoch
 
-    def start(self, task: Iterator, epoch: int) -> None:
-        self.task, self.task_epoch = task, epoch
+    def start(self, task: Generator, epoch: int) -> None:
+        self.run, self.task_epoch = Running(task), epoch
 
     @property
     def busy(self) -> bool:
-        return self.task is not None or bool(self.backlog)
-
-    def step(self) -> bool:
-        """Advance the running task by one piece of work; False once it has ended."""
-        if self.task is None:
-            return False
-        try:
-            next(self.task)
-            return True
-        except StopIteration:
-            self.task = None
-            return False
-        except BaseException:
-            self.task = None
-            raise
+        return self.run is not None or bool(self.backlog)

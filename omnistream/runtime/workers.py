@@ -1,38 +1,43 @@
 """The four pipeline workers -- encoders, thinker, talker, token2wav -- as message handlers.
 
-A stage process hosts one or more workers (see :mod:`omnistream.runtime.layout`); a worker never
-knows whether its neighbour runs in the same process (the message is handed over in memory) or
-in another one (it travels over ZeroMQ). Each worker does what :class:`omnistream.chat.OmniChat`
-does for its part of the model, with the same calls in the same order, so a conversation gives
-the same reply text in process and across processes:
+A worker never knows whether its neighbour runs in the same process (the message is handed over in
+memory: the stage hosting several workers, or the in-process client hosting all four) or in another
+one (it travels over ZeroMQ). The rules of the conversation live in the engine core
+(:class:`omnistream.engine.conversation.Conversation`); the workers only move its inputs and outputs:
 
-* ``encoders``: user PCM and camera frames -> audio blocks / video patches (``Embeds``), per turn;
-* ``thinker``: the conversation's KV cache; prefill, greedy/sampled decode -> ``TextDelta`` to the
-  client, ``Step`` (token, embedding, hidden state) and ``PromptRows`` (what ``StreamingTalker.sync``
-  would read) to the talker;
+* ``encoders``: user PCM and camera frames -> audio blocks / video patches (``Embeds``), per turn
+  (the rules of when a turn opens live here, once);
+* ``thinker``: the conversation; prefill, greedy/sampled decode -> ``TextDelta`` to the client,
+  ``Step`` (token, embedding, hidden state) and ``PromptRows`` (the Talker's prompt) to the talker;
 * ``talker``: ``feed_prompt`` / ``push`` / ``finish`` -> codec ``Codes``;
 * ``token2wav``: codes -> 24 kHz PCM ``AudioChunk`` to the client, then ``Done``.
 
 Session ops (open, commit, respond, ...) travel the chain encoders -> thinker -> talker ->
 token2wav in order; every worker acts on the ones it cares about and forwards them.
 Long work (decoding a reply, the Talker's tail after the text ended) runs as a per-session task
-advanced one token per tick, so the stage's main loop answers pings and sees barge-in epochs
-between tokens (:mod:`omnistream.runtime.session`).
+(a generator) that the worker's :class:`~omnistream.engine.scheduler.Scheduler` advances one model
+call per tick, batched across sessions, so the stage's loop answers pings and sees barge-in
+epochs between steps (:mod:`omnistream.runtime.session`).
+
+Prefill is budgeted: at most ``prefill_tokens`` tokens of user media / text are prefilled per tick
+(the rest waits in order for the next tick), so a session streaming a long video does not stall
+the replies of the others (chunked prefill between decode steps, as vLLM schedules it).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 import numpy as np
 import torch
 
+from omnistream.engine.conversation import SAMPLE_RATE, SYSTEM_PROMPT, Conversation, SpeechRates
+from omnistream.engine.scheduler import Need, Scheduler
 from omnistream.runtime import wire
 from omnistream.runtime.layout import PIPELINE
-from omnistream.runtime.session import Slot, needs_rebuild, options_from_wire
+from omnistream.runtime.session import Slot, options_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,6 @@ Send = Callable[..., None]  # send(dest worker name or "client", msg, *tensors)
 _TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                  torch.int16: "int16", torch.int32: "int32", torch.int64: "int64", torch.uint8: "uint8",
                  torch.bool: "bool"}
-SAMPLES_PER_CODE = 480  # one codec token = 2 mel frames of 240 samples at 24 kHz
 
 
 def ref(x, frame: int) -> wire.TensorRef:
@@ -60,17 +64,21 @@ def error_code(e: BaseException) -> str:
 
 
 class Worker:
-    """Dispatch, per-session slots and task stepping shared by the four workers."""
+    """Dispatch, per-session slots, the prefill budget and the batching scheduler shared by the workers."""
 
     name = ""
     handles: tuple[type, ...] = ()  # message types acted on here
     forwards: tuple[type, ...] = (wire.OpenSession, wire.CloseSession)  # passed on after handling
+    batchers: dict = {}  # Need kind -> batched call (see omnistream.engine.scheduler)
+    prefill_tokens = 0  # per-tick budget of prefill tokens (0: unbudgeted)
 
-    def __init__(self, ck, send: Send, device: str = "cpu"):
+    def __init__(self, ck, send: Send, device: str = "cpu", *, max_batch: int = 64):
         self.ck, self.send, self.device = ck, send, device
         i = PIPELINE.index(self.name)
         self.next = PIPELINE[i + 1] if i + 1 < len(PIPELINE) else None
         self.slots: dict[str, Slot] = {}
+        self.scheduler = Scheduler(self.batchers, max_batch=max_batch)
+        self._budget = self.prefill_tokens
 
     # ------------------------------------------------------------------ entry points
     def deliver(self, msg, tensors) -> None:
@@ -80,14 +88,16 @@ class Worker:
                 s.see(msg.epoch)
                 self.on_epoch(s)
             return
-        if isinstance(msg, wire.OpenSession):
-            return self._open(msg)
         if isinstance(msg, wire.CloseSession):
             s = self.slots.pop(msg.session, None)
             if s is not None:
+                if s.run is not None and s.run.gen is not None:
+                    s.run.gen.close()  # the task's cleanup runs (its end-of-reply messages)
                 self.close(s)
             return self._forward(msg, tensors)
         s = self.slots.get(msg.session)
+        if isinstance(msg, wire.OpenSession) and (s is None or not s.busy):
+            return self._open(msg)
         if s is None:  # e.g. work queued for a stage that was restarted meanwhile
             log.debug("%s: dropping %s for unknown session %s", self.name, type(msg).__name__, msg.session)
             if getattr(msg, "req", 0):
@@ -96,26 +106,36 @@ class Worker:
         if hasattr(msg, "epoch"):
             s.see(msg.epoch)
             self.on_epoch(s)
-        if s.busy:
+        cost = self.cost(msg, tensors)
+        if s.busy or (cost and self._budget <= 0):  # in order behind the task / the next tick's budget
             s.backlog.append((msg, tensors))
         else:
+            self._budget -= cost
             self._dispatch(s, msg, tensors)
 
     def tick(self) -> bool:
-        """Advance every session's task by one step; True if work remains."""
-        more = False
+        """Advance every session's task by one model call (batched); True if work remains."""
+        self._budget = self.prefill_tokens
+        more = self.scheduler.tick(((s, s.run) for s in list(self.slots.values()) if s.run is not None),
+                                   self._ended, self.priority)
         for s in list(self.slots.values()):
-            if s.task is not None:
-                try:
-                    s.step()
-                except Exception as e:  # one session's failure stays its own
-                    log.exception("%s: task of session %s failed", self.name, s.sid)
-                    self.send("client", wire.ReplyError(session=s.sid, epoch=s.task_epoch, code=error_code(e),
-                                                        message=f"{self.name}: {e}"))
-            while s.task is None and s.backlog:
-                self._dispatch(s, *s.backlog.popleft())
-            more = more or s.task is not None
+            while s.run is None and s.backlog and (self._budget > 0 or not self.prefill_tokens):
+                msg, tensors = s.backlog.popleft()
+                if isinstance(msg, wire.OpenSession):
+                    self._open(msg)
+                    s = self.slots.get(msg.session, s)
+                    continue
+                self._budget -= self.cost(msg, tensors)
+                self._dispatch(s, msg, tensors)
+            more = more or s.busy
         return more
+
+    def _ended(self, s: Slot, error: BaseException | None) -> None:
+        s.run = None
+        if error is not None:
+            log.error("%s: task of session %s failed: %s", self.name, s.sid, error, exc_info=error)
+            self.send("client", wire.ReplyError(session=s.sid, epoch=s.task_epoch, code=error_code(error),
+                                                message=f"{self.name}: {error}"))
 
     # ------------------------------------------------------------------ plumbing
     def _open(self, msg: wire.OpenSession) -> None:
@@ -130,19 +150,31 @@ class Worker:
             if msg.req:  # not forwarded: every worker checks the same, so none changes anything
                 self.send("client", wire.Result(session=msg.session, req=msg.req, error=str(e)))
             return
+        rebuild = s is None or msg.fresh or self.rebuilds(s, options)
+        if rebuild and s is not None and not msg.fresh and self.defer_rebuild(s):
+            s.pending_open = msg  # applied when the next user turn begins (see ThinkerWorker)
+            if msg.req:
+                self.send("client", wire.Result(session=msg.session, req=msg.req))
+            return
+        if rebuild and not msg.fresh and s is not None:
+            msg = wire.OpenSession(session=msg.session, epoch=msg.epoch, options=msg.options, req=msg.req, fresh=True)
         if self.next is not None:
             self.send(self.next, msg)
         elif msg.req:
             self.send("client", wire.Result(session=msg.session, req=msg.req))
-        if s is not None and not msg.fresh and not needs_rebuild(s.options, options):
+        if not rebuild:
             s.options = options
             s.see(msg.epoch)
+            self.update(s)
             return
         if s is not None:
             self.close(s)
             self.slots.pop(msg.session, None)
         try:
-            self.slots[msg.session] = Slot(msg.session, options, self.build(options, msg.session), epoch=msg.epoch)
+            new = self.slots[msg.session] = Slot(msg.session, options, self.build(options, msg.session),
+                                                 epoch=max(msg.epoch, s.epoch if s is not None else 0))
+            if s is not None:
+                new.backlog = s.backlog  # ops queued behind the old state keep their order
         except Exception as e:
             log.exception("%s: building session %s failed", self.name, msg.session)
             self.send("client", wire.Error(session=msg.session, code="server_error", message=f"{self.name}: {e}"))
@@ -164,6 +196,11 @@ class Worker:
             else:
                 self.send("client", wire.Error(session=s.sid, code=error_code(e), message=str(e)))
 
+    def status(self) -> dict:
+        """Batch sizes and call times of this worker's scheduler (``/status``)."""
+        return {"sessions": len(self.slots), "running": sum(s.run is not None for s in self.slots.values()),
+                "backlog": sum(len(s.backlog) for s in self.slots.values()), **self.scheduler.status()}
+
     # ------------------------------------------------------------------ per worker
     def check(self, options) -> None:
         """Raise ValueError if ``options`` cannot be served (the first worker of the chain rejects them
@@ -172,6 +209,25 @@ class Worker:
 
         _check_voice(self.ck, options.voice)
         parse_window(options.window, video=True)
+
+    def rebuilds(self, s: Slot, options) -> bool:
+        """Does changing ``s.options`` to ``options`` need a fresh session state? (Only the thinker
+        decides: it forwards ``fresh`` to the workers after it.)"""
+        return False
+
+    def defer_rebuild(self, s: Slot) -> bool:
+        return False
+
+    def update(self, s: Slot) -> None:
+        """Options changed without a rebuild (limits, temperature): apply what the state keeps."""
+
+    def cost(self, msg, tensors) -> int:
+        """Prefill tokens ``msg`` costs (counted against the per-tick budget)."""
+        return 0
+
+    def priority(self, s: Slot) -> float:
+        """Lower runs first when a batch is full (e.g. the seconds of audio queued ahead of playback)."""
+        return 0.0
 
     def build(self, options, sid: str):
         return None
@@ -268,177 +324,113 @@ class EncodersWorker(Worker):
 
 
 # ====================================================================== thinker
-class _Conversation:
-    """The Thinker's side of :class:`omnistream.chat.OmniChat`: same appends, same decode; the
-    rows a ``StreamingTalker.sync`` would read go to the talker as ``PromptRows`` instead."""
+class _WireFeed:
+    """The staged :class:`~omnistream.engine.conversation.TalkerFeed`: prompt rows as messages."""
 
-    def __init__(self, ck, options, sid: str, send: Send):
-        from omnistream.chat import SYSTEM_PROMPT, parse_window
-        from omnistream.talker.thinker import StreamingThinker
+    def __init__(self, send: Send, sid: str):
+        self.send, self.sid = send, sid
 
-        self.ck, self.tok, self.sid, self.send = ck, ck.tokenizer, sid, send
-        self.options, self.voice = options, options.voice
-        window = parse_window(options.window, video=True)
-        record = self.voice is not None
-        if window is None:
-            self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=record)
-        else:
-            from omnistream.memory.window_cache import window_thinker
+    def prompt_rows(self, embeds, hidden, positions, next_position) -> None:
+        pos = positions.contiguous()  # (3, n)
+        self.send("talker", wire.PromptRows(session=self.sid, embeds=ref(embeds, 1), hidden=ref(hidden, 2),
+                                            positions=ref(pos, 3), next_position=next_position), embeds, hidden, pos)
 
-            self.thinker = window_thinker(ck.thinker, window, tokenizer=ck.tokenizer, record=record)
-        self.stop_ids = {self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<|endoftext|>")}
-        self.sent = 0  # prompt rows the talker holds (its n_prompt)
-        self.replying = False
-        self.turn_start: int | None = None
-        self.last_reply: tuple[int, int] | None = None
-        self.end_of_input_s = 0.0
-        prompt = options.system_prompt or SYSTEM_PROMPT
-        self._text(f"<|im_start|>system\n{prompt}<|im_end|>\n")
+    def truncate_prompt(self, n_tokens: int) -> None:
+        self.send("talker", wire.TruncatePrompt(session=self.sid, n_tokens=n_tokens))
 
-    def _text(self, s: str) -> None:
-        self.thinker.append_text(self.tok(s, add_special_tokens=False).input_ids)
-        self._sync()
 
-    def _sync(self) -> None:
-        """``StreamingTalker.sync`` over the wire: the new records as prompt rows."""
-        if self.voice is None or self.replying:
-            return
-        th, start, end = self.thinker, self.sent, self.thinker.n_tokens
-        if end < start:
-            self._truncate_prompt(end)
-            start = end
-        e, h = th.records(start, end)  # (n, D) each
-        pos = th.rope.positions[:, start:end].contiguous()  # (3, n)
-        self.send("talker", wire.PromptRows(session=self.sid, embeds=ref(e, 1), hidden=ref(h, 2), positions=ref(pos, 3),
-                                            next_position=int(th.rope.next_position)), e, h, pos)
-        th.release_records(end)
-        self.sent = end
+def decode_rows(rows: list[tuple]) -> list[None]:
+    """The Thinker's batched decode step: ``rows`` are ``(StreamingThinker, token)``; each thinker
+    gets its token appended (one forward for all of them)."""
+    from omnistream.talker.thinker import step_tokens
 
-    def _truncate_prompt(self, n: int) -> None:
-        if self.voice is not None and self.sent > n:
-            self.send("talker", wire.TruncatePrompt(session=self.sid, n_tokens=n))
-            self.sent = n
-
-    def begin_turn(self, video: bool) -> None:
-        self.turn_start = self.thinker.n_tokens
-        self._text("<|im_start|>user\n")
-        if video:
-            self.thinker.begin_video(2.0 / self.options.fps, with_audio=True)
-        else:
-            self.thinker.begin_audio()
-
-    def append(self, kind: str, embeds: torch.Tensor, grid) -> None:
-        if self.turn_start is None:
-            raise RuntimeError("media for a turn that was not opened")
-        if kind == "audio":
-            self.thinker.append_audio_block(embeds)
-        else:
-            self.thinker.append_video_patch(embeds, tuple(grid))
-        self._sync()
-
-    def commit(self, text: str | None) -> None:
-        t0 = time.perf_counter()
-        if self.turn_start is not None:
-            try:
-                self.thinker.end_segment()
-            except Exception:
-                self.abort()  # a turn that cannot be closed is dropped, so the next one starts clean
-                raise
-            self._sync()
-        else:
-            self.turn_start = self.thinker.n_tokens
-            self._text("<|im_start|>user\n")
-        self._text(f"{text or ''}<|im_end|>\n<|im_start|>assistant\n")
-        self.turn_start = None
-        self.end_of_input_s = time.perf_counter() - t0
-
-    def abort(self) -> None:
-        if self.turn_start is None:
-            return
-        self.thinker.truncate(self.turn_start)
-        self._truncate_prompt(self.turn_start)
-        self.turn_start = None
-
-    def reply(self, epoch: int, slot: Slot) -> Iterator[None]:
-        """OmniChat.reply's text side, one decoded token per step."""
-        o, speak = slot.options, self.voice is not None
-        from omnistream.chat import TextDeltas
-
-        deltas, texts, ended = TextDeltas(self.tok), [], False
-        reply_start, ids = self.thinker.n_tokens, deltas.ids
-        self.replying = True
-        cancelled = False
-        try:
-            steps = self.thinker.decode(o.max_new_tokens, self.stop_ids, do_sample=o.temperature > 0,
-                                        temperature=o.temperature)
-            for step in steps:
-                if step.token in self.stop_ids:
-                    ended = True
-                else:
-                    if text := deltas.push(step.token):
-                        texts.append(text)
-                        self.send("client", wire.TextDelta(session=self.sid, epoch=epoch, seq=len(texts), text=text))
-                if speak:
-                    self.send("talker", wire.Step(session=self.sid, epoch=epoch, token=step.token,
-                                                  embed=ref(step.embed, 1), hidden=ref(step.hidden, 2)),
-                              step.embed, step.hidden)
-                yield
-                if slot.stale(epoch):
-                    cancelled = True
-                    break
-            if text := deltas.flush():
-                texts.append(text)
-                self.send("client", wire.TextDelta(session=self.sid, epoch=epoch, seq=len(texts), text=text))
-        finally:
-            if speak:
-                self.send("talker", wire.EndReply(session=self.sid, epoch=epoch, cancelled=cancelled))
-            self.replying = False
-        if not ended:
-            self._text("<|im_end|>")
-        self._text("\n")
-        self.last_reply = (reply_start, len(ids))
-        self.send("client", wire.Done(session=self.sid, epoch=epoch, part="text", cancelled=cancelled,
-                                      text="".join(texts), reply_tokens=len(ids), speech=speak,
-                                      stats={"end_of_input_s": self.end_of_input_s}))
-
-    def truncate_to_played(self, played: int) -> int:
-        if self.last_reply is None:
-            raise RuntimeError("no reply to truncate")
-        start, n_text = self.last_reply
-        kept = min(n_text, math.ceil(max(0, played) / SAMPLES_PER_CODE))
-        self.thinker.truncate(start + kept)
-        self._truncate_prompt(start + kept)
-        self._text("<|im_end|>\n")
-        self.last_reply = (start, kept)
-        return kept
+    step_tokens([th for th, _ in rows], [tok for _, tok in rows])  # grouped by model and cache kind inside
+    return [None] * len(rows)
 
 
 class ThinkerWorker(Worker):
     name = "thinker"
     handles = (wire.BeginTurn, wire.Embeds, wire.Commit, wire.Clear, wire.Respond, wire.Truncate)
     forwards = Worker.forwards
+    batchers = {"thinker.decode": decode_rows}
+    prefill_tokens = 512  # ~ two 2-s audio+video chunks per tick
+    REBUILD_KEYS = ("voice", "system_prompt", "window", "fps")  # baked into the conversation
 
     def build(self, options, sid):
-        return _Conversation(self.ck, options, sid, self.send)
+        from omnistream.chat import parse_window
+
+        feed = _WireFeed(self.send, sid) if options.voice is not None else None
+        return Conversation(self.ck, system_prompt=options.system_prompt or SYSTEM_PROMPT, fps=options.fps,
+                            window=parse_window(options.window, video=True), feed=feed)
+
+    def rebuilds(self, s, options):
+        return any(getattr(s.options, k) != getattr(options, k) for k in self.REBUILD_KEYS)
+
+    def defer_rebuild(self, s):
+        """A new voice / prompt / cache applies from the next user turn: never inside an open one."""
+        return s.state.turn_open
+
+    def cost(self, msg, tensors):
+        return int(tensors[0].shape[0]) if isinstance(msg, wire.Embeds) else 0
 
     def handle(self, s, msg, tensors):
-        c: _Conversation = s.state
+        c: Conversation = s.state
+        if isinstance(msg, (wire.BeginTurn, wire.Commit)) and not c.turn_open and s.pending_open is not None:
+            pending, s.pending_open = s.pending_open, None  # the deferred new settings start this turn
+            self._open(wire.OpenSession(session=s.sid, epoch=s.epoch, options=pending.options, fresh=True))
+            s = self.slots[s.sid]
+            c = s.state
         if isinstance(msg, wire.BeginTurn):
-            c.begin_turn(msg.video)
+            c.begin_turn(audio=True, video=msg.video)
         elif isinstance(msg, wire.Embeds):
-            c.append(msg.kind, tensors[0], msg.grid)
+            if msg.kind == "audio":
+                c.append_audio(tensors[0])
+            else:
+                c.append_video(tensors[0], msg.grid)
         elif isinstance(msg, wire.Commit):
-            c.commit(msg.text)
+            c.end_turn(msg.text)
             self._ack(s, msg.req)
         elif isinstance(msg, wire.Clear):
-            c.abort()
+            c.abort_turn()
             self._ack(s, msg.req)
         elif isinstance(msg, wire.Truncate):
             self._ack(s, msg.req, c.truncate_to_played(msg.played_samples))
         elif isinstance(msg, wire.Respond):
-            if c.voice is not None:
+            if c.feed is not None:
                 self.send("talker", msg)
-            s.start(c.reply(msg.epoch, s), msg.epoch)
+            s.start(self._reply(s, c, msg.epoch), msg.epoch)
+
+    def _reply(self, s: Slot, c: Conversation, epoch: int) -> Generator:
+        """The text side of a reply, one token per scheduler tick (batched with the other sessions)."""
+        o, speak = s.options, c.feed is not None
+        r = c.begin_reply(o.max_new_tokens, o.temperature, o.seed)
+        end_of_input_s, cancelled, seq = c.stats.end_of_input_s, False, 0
+        try:
+            while not r.done:
+                tok = r.next_token()
+                yield Need("thinker.decode", (c.thinker, tok))
+                step, text = r.accept(tok)
+                if text:
+                    seq += 1
+                    self.send("client", wire.TextDelta(session=s.sid, epoch=epoch, seq=seq, text=text))
+                if speak:
+                    self.send("talker", wire.Step(session=s.sid, epoch=epoch, token=step.token,
+                                                  embed=ref(step.embed, 1), hidden=ref(step.hidden, 2)),
+                              step.embed, step.hidden)
+                yield  # the next tick resumes here, after the epochs that arrived meanwhile
+                if s.stale(epoch):
+                    cancelled = True
+                    break
+            if text := r.flush():
+                seq += 1
+                self.send("client", wire.TextDelta(session=s.sid, epoch=epoch, seq=seq, text=text))
+        finally:
+            if speak:
+                self.send("talker", wire.EndReply(session=s.sid, epoch=epoch, cancelled=cancelled))
+            c.end_reply(cancelled)
+        self.send("client", wire.Done(session=s.sid, epoch=epoch, part="text", cancelled=cancelled, text=r.text,
+                                      reply_tokens=len(r.ids), speech=speak,
+                                      stats={"end_of_input_s": end_of_input_s}))
 
     def _ack(self, s: Slot, req: int, value: int = 0) -> None:
         if req:
@@ -446,22 +438,46 @@ class ThinkerWorker(Worker):
 
 
 # ====================================================================== talker
+def talker_steps(talkers: list) -> list:
+    """The Talker's batched decode step: every given ``StreamingTalker`` emits its next code (None at eos)."""
+    from omnistream.talker.talker import step_talkers
+
+    return step_talkers(talkers)
+
+
 class TalkerWorker(Worker):
     name = "talker"
     handles = (wire.PromptRows, wire.TruncatePrompt, wire.Respond, wire.Step, wire.EndReply)
     forwards = Worker.forwards + (wire.Respond,)
+    batchers = {"talker.step": talker_steps}
 
     def build(self, options, sid):
         from omnistream.talker.talker import StreamingTalker, TalkerConfig
 
         if options.voice is None:
             return None
-        cfg = TalkerConfig(max_new_tokens=max(1, int(options.max_speech_s * 50)))
+        cfg = TalkerConfig(max_new_tokens=self._codes(options), seed=options.seed)
         return StreamingTalker.from_checkpoint(self.ck, options.voice, cfg)
+
+    def _codes(self, options) -> int:
+        return max(1, int(options.max_speech_s * SpeechRates.from_checkpoint(self.ck).codes_per_second))
+
+    def update(self, s):
+        if s.state is not None:
+            s.state.config.max_new_tokens = self._codes(s.options)  # read when the next reply starts
+            s.state.config.seed = s.options.seed
 
     def on_epoch(self, s):
         if s.state is not None and s.state.started and s.stale(s.task_epoch):  # task_epoch: the reply's epoch
             s.state.cancel()
+
+    def priority(self, s):
+        """Seconds of speech coded ahead of real time since the reply's first code (lower: more urgent)."""
+        t0 = getattr(s, "t_first_code", None)
+        if t0 is None or s.state is None:
+            return 0.0
+        rates = SpeechRates.from_checkpoint(self.ck)
+        return len(s.state.codes) / rates.codes_per_second - (time.perf_counter() - t0)
 
     def handle(self, s, msg, tensors):
         talker = s.state
@@ -472,76 +488,129 @@ class TalkerWorker(Worker):
         elif isinstance(msg, wire.TruncatePrompt):
             talker.truncate_prompt(msg.n_tokens)
         elif isinstance(msg, wire.Respond):
-            s.task_epoch = msg.epoch
+            s.task_epoch, s.t_first_code = msg.epoch, None
         elif isinstance(msg, wire.Step):
             from omnistream.talker.thinker import ThinkerStep
 
             if s.stale(msg.epoch):
                 talker.cancel()
                 return
-            codes = talker.push(ThinkerStep(msg.token, tensors[0], tensors[1]))
-            if codes:
-                self.send("token2wav", wire.Codes(session=s.sid, epoch=msg.epoch, codes=codes))
+            self._send_codes(s, msg.epoch, talker.feed(ThinkerStep(msg.token, tensors[0], tensors[1])))
+            if talker.ready():
+                s.start(self._decode(s, msg.epoch, last=False), msg.epoch)
         elif isinstance(msg, wire.EndReply):
-            s.start(self._finish(s, msg), msg.epoch)
+            if msg.cancelled or s.stale(msg.epoch):
+                talker.cancel()
+            talker.close_text()
+            s.start(self._decode(s, msg.epoch, last=True), msg.epoch)
 
-    def _finish(self, s: Slot, msg: wire.EndReply) -> Iterator[None]:
-        """OmniChat.reply's speech tail: the Talker's remaining codes, one per step, then end_turn."""
-        talker, cancelled = s.state, msg.cancelled or s.stale(msg.epoch)
+    def _send_codes(self, s: Slot, epoch: int, codes: list[int]) -> None:
+        if codes:
+            s.t_first_code = getattr(s, "t_first_code", None) or time.perf_counter()
+            self.send("token2wav", wire.Codes(session=s.sid, epoch=epoch, codes=codes))
+
+    def _decode(self, s: Slot, epoch: int, last: bool) -> Generator:
+        """The codec steps that can run now, one per tick (batched with the other sessions'); after
+        the text ended (``last``) the tail until codec eos, then the turn is closed."""
+        talker = s.state
         try:
-            if not cancelled:
-                for code in talker.finish():
-                    self.send("token2wav", wire.Codes(session=s.sid, epoch=msg.epoch, codes=[code]))
-                    yield
-                    if s.stale(msg.epoch):
-                        talker.cancel()
-                        cancelled = True
-                        break
+            while talker.ready():
+                code = yield Need("talker.step", talker)
+                if code is not None:
+                    self._send_codes(s, epoch, [code])
+                yield  # the next tick resumes here, after the epochs that arrived meanwhile
+                if s.stale(epoch):
+                    talker.cancel()
         finally:
-            talker.end_turn()
-            self.send("token2wav", wire.EndReply(session=s.sid, epoch=msg.epoch, cancelled=cancelled))
+            if last:
+                cancelled = talker.stop_reason == "cancelled" or s.stale(epoch)
+                talker.end_turn()
+                self.send("token2wav", wire.EndReply(session=s.sid, epoch=epoch, cancelled=cancelled))
 
 
 # ====================================================================== token2wav
+def run_t2w_jobs(jobs: list) -> list:
+    """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked."""
+    from omnistream.talker.token2wav import run_jobs
+
+    return run_jobs(jobs)
+
+
+class _Voice:
+    """One session's speech output at the token2wav worker: the reply's stream and its playout clock."""
+
+    def __init__(self):
+        self.t2w = None  # StreamingToken2Wav of the reply being spoken
+        self.epoch = -1
+        self.seq = 0
+        self.samples = 0
+        self.t_first: float | None = None  # when its first PCM left
+        self.ended = False  # EndReply arrived: the tail is due, then Done
+
+    def lead_s(self) -> float:
+        """Seconds of audio sent ahead of real-time playback (negative: the listener ran dry)."""
+        if self.t_first is None:
+            return 0.0
+        return self.samples / SAMPLE_RATE - (time.perf_counter() - self.t_first)
+
+
 class Token2WavWorker(Worker):
     name = "token2wav"
     handles = (wire.Respond, wire.Codes, wire.EndReply)
     forwards = ()
+    batchers = {"token2wav.job": run_t2w_jobs}
 
     def build(self, options, sid):
-        return {"t2w": None, "epoch": -1}
+        return _Voice()
 
     def on_epoch(self, s):
-        st = s.state
-        if st["t2w"] is not None and s.stale(st["epoch"]):
-            st["t2w"].cancel()
+        v: _Voice = s.state
+        if v.t2w is not None and s.stale(v.epoch):
+            v.t2w.cancel()
+
+    def priority(self, s):
+        return s.state.lead_s()  # the session closest to running dry goes first
 
     def handle(self, s, msg, tensors):
-        st = s.state
+        v: _Voice = s.state
         if isinstance(msg, wire.Respond):
             from omnistream.talker.token2wav import StreamingToken2Wav
 
-            v = self.ck.voices[s.options.voice]
-            st["t2w"] = StreamingToken2Wav.from_config(self.ck.token2wav, v["cond"], v["ref_mel"])
-            st["epoch"], st["seq"] = msg.epoch, 0
-        elif isinstance(msg, wire.Codes):
-            if st["t2w"] is None or msg.epoch != st["epoch"] or s.stale(msg.epoch):
-                return
-            self._pcm(s, st["t2w"].push(msg.codes))
-        elif isinstance(msg, wire.EndReply):
-            cancelled = msg.cancelled or s.stale(msg.epoch) or st["t2w"] is None or msg.epoch != st["epoch"]
-            if not cancelled:
-                self._pcm(s, st["t2w"].finish())
-            st["t2w"] = None
-            self.send("client", wire.Done(session=s.sid, epoch=msg.epoch, part="audio", cancelled=cancelled))
+            spk = self.ck.voices[s.options.voice]
+            v.t2w = StreamingToken2Wav.from_config(self.ck.token2wav, spk["cond"], spk["ref_mel"], seed=s.options.seed)
+            v.epoch, v.seq, v.samples, v.t_first, v.ended = msg.epoch, 0, 0, None, False
+            return
+        if v.t2w is None or msg.epoch != v.epoch:
+            if isinstance(msg, wire.EndReply):  # a reply this worker never started (e.g. restarted meanwhile)
+                self.send("client", wire.Done(session=s.sid, epoch=msg.epoch, part="audio", cancelled=True))
+            return
+        if isinstance(msg, wire.Codes):
+            if not s.stale(msg.epoch):
+                v.t2w.feed(msg.codes)
+        else:  # EndReply
+            v.ended = True
+            if msg.cancelled or s.stale(msg.epoch):
+                v.t2w.cancel()
+            v.t2w.close_input()
+        s.start(self._speak(s, v), v.epoch)
 
-    def _pcm(self, s: Slot, chunks) -> None:
-        st = s.state
-        for pcm in chunks:  # (n,) float32 24 kHz
-            pcm = np.ascontiguousarray(pcm, dtype=np.float32)
-            st["seq"] += 1
-            self.send("client", wire.AudioChunk(session=s.sid, epoch=st["epoch"], seq=st["seq"], sample_rate=24000,
-                                                pcm=wire.TensorRef.of(pcm)), pcm)
+    def _speak(self, s: Slot, v: _Voice) -> Generator:
+        """Run the stream's ready jobs (batched with the other sessions'), one per tick; after the
+        reply's end, its tail and then ``Done``."""
+        t2w = v.t2w
+        while jobs := t2w.pending():
+            result = yield Need("token2wav.job", jobs[0])
+            for pcm in t2w.accept(jobs[0], result):  # (n,) float32 24 kHz
+                pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+                v.seq += 1
+                v.samples += pcm.shape[0]
+                v.t_first = v.t_first or time.perf_counter()
+                self.send("client", wire.AudioChunk(session=s.sid, epoch=v.epoch, seq=v.seq, sample_rate=SAMPLE_RATE,
+                                                    pcm=wire.TensorRef.of(pcm)), pcm)
+        if v.ended:
+            self.send("client", wire.Done(session=s.sid, epoch=v.epoch, part="audio",
+                                          cancelled=t2w.cancelled or s.stale(v.epoch)))
+            v.t2w = None
 
 
 def _check_voice(ck, voice) -> None:

@@ -32,12 +32,17 @@ replies included, as plain prompt rows). The Talker's cache holds exactly that p
 and the codec steps of the turn), and the next :meth:`sync` appends the Thinker's records of the
 reply tokens and the new user turn as prompt rows: the same input as transformers' for the
 conversation the Thinker's cache holds, without re-running the prompt.
+
+Many sessions: a scheduler queues each session's rows with :meth:`StreamingTalker.feed` /
+:meth:`StreamingTalker.close_text` (``push``/``finish`` = those + decoding while ``ready()``) and
+runs :func:`step_talkers` on every ``ready()`` talker: one batched Talker forward per tick, each row
+against its own cache and sampled with its own generator, exactly as alone.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +94,7 @@ class StreamingTalker:
         self.reset()
 
     @classmethod
-    def from_checkpoint(cls, ckpt, voice: str = "Chelsie", config: TalkerConfig | None = None) -> "StreamingTalker":
+    def from_checkpoint(cls, ckpt, voice: str = "Chelsie", config: TalkerConfig | None = None) -> StreamingTalker:
         """A Talker for ``ckpt`` (an :class:`~omnistream.checkpoints.OmniCheckpoint`) speaking as ``voice``."""
         if voice not in ckpt.voices:
             raise ValueError(f"unknown voice {voice!r}; available voices: {', '.join(sorted(ckpt.voices))}")
@@ -195,6 +200,26 @@ class StreamingTalker:
     # ------------------------------------------------------------------ reply
     def push(self, step: ThinkerStep) -> list[int]:
         """Take the Thinker's next reply token; return the codec tokens that became computable."""
+        return self.feed(step) + list(self._drain())
+
+    def finish(self) -> Iterator[int]:
+        """The text has ended: yield the remaining codec tokens (until codec eos or the limit)."""
+        if not self.close_text():
+            return iter(())
+        return self._drain()
+
+    def stream(self, steps: Iterable[ThinkerStep]) -> Iterator[int]:
+        """All codec tokens for a reply given as Thinker steps (push each, then finish)."""
+        for s in steps:
+            yield from self.push(s)
+        yield from self.finish()
+
+    # ------------------------------------------------------------------ the scheduler's half
+    # push() = feed() + decode while ready(); finish() = close_text() + decode while ready(). A scheduler
+    # calls feed()/close_text() per session and step_talkers() on every ready() talker at once instead.
+    def feed(self, step: ThinkerStep) -> list[int]:
+        """Queue the Thinker's next reply token without decoding (the first one runs the reply
+        prefill, per session, and returns its codec token). Decode with :func:`step_talkers`."""
         if self.done:
             return []
         if self.finished:
@@ -205,29 +230,31 @@ class StreamingTalker:
         if self._held is not None:
             self._queue.append(self._held)
         self._held = row
-        return list(self._drain())
+        return []
 
-    def finish(self) -> Iterator[int]:
-        """The text has ended: yield the remaining codec tokens (until codec eos or the limit)."""
+    def close_text(self) -> bool:
+        """The text has ended: queue the text-eos and pad rows. False when there is nothing to
+        decode (no reply started, or already closed)."""
         if self.finished or not self.started:
             self.finished = True
-            return iter(())
+            return False
         self.finished = True
         self._held = None  # the last reply token is never read (transformers neither)
         self._queue.append(self._text_eos_e)
         self._queue.append(self._text_pad_e)
-        return self._drain()
+        return True
 
-    def stream(self, steps: Iterable[ThinkerStep]) -> Iterator[int]:
-        """All codec tokens for a reply given as Thinker steps (push each, then finish)."""
-        for s in steps:
-            yield from self.push(s)
-        yield from self.finish()
+    def ready(self) -> bool:
+        """Whether a decode step can run now (a reply row is queued and the codec has not ended)."""
+        return self.started and not self.done and bool(self._queue)
+
+    def _take_row(self) -> torch.Tensor:
+        """The next decode step's reply row (D_thinker,); once the text ended, the pad row repeats."""
+        return self._queue.popleft() if (len(self._queue) > 1 or not self.finished) else self._queue[0]
 
     def _drain(self) -> Iterator[int]:
-        while not self.done and self._queue:
-            row = self._queue.popleft() if (len(self._queue) > 1 or not self.finished) else self._queue[0]
-            tok = self._decode_step(row)
+        while self.ready():
+            tok = self._decode_step(self._take_row())
             if tok is not None:
                 yield tok
 
@@ -297,6 +324,61 @@ class StreamingTalker:
         if self.n_generated >= c.max_new_tokens:
             self.done, self.stop_reason = True, "length"
         return tok
+
+
+def step_talkers(talkers: Sequence[StreamingTalker]) -> list[int | None]:
+    """One Talker decode step for every given talker, in one batched forward per Talker model.
+
+    Each talker consumes its next reply row and emits its next codec token (None when it emitted
+    its codec eos: it is then ``done``), sampled exactly as alone: its own generator, repetition
+    penalty, top-k/top-p, eos ids and length limit (``_emit``). Every talker must be :meth:`ready`
+    (checked before any advances); a group of one runs the solo step. Each row attends to its own
+    session's cache (:class:`~omnistream.memory.batch.BatchCache`). The reply prefill (the first
+    step, two rows) stays per session (:meth:`StreamingTalker.feed`).
+    """
+    if len({id(t) for t in talkers}) != len(talkers):
+        raise ValueError("a StreamingTalker appears twice in one step")
+    for i, t in enumerate(talkers):
+        if not t.ready():
+            raise RuntimeError(f"talker {i} has no decode row ready (check ready() first)")
+    out: list[int | None] = [None] * len(talkers)
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(talkers):
+        groups.setdefault(id(t.talker), []).append(i)
+    for idx in groups.values():
+        if len(idx) == 1:
+            t = talkers[idx[0]]
+            out[idx[0]] = t._decode_step(t._take_row())
+        else:
+            for i, tok in zip(idx, _step_group([talkers[i] for i in idx])):
+                out[i] = tok
+    return out
+
+
+@torch.inference_mode()
+def _step_group(talkers: list[StreamingTalker]) -> list[int | None]:
+    """One forward of B talkers (same Talker model): the batched form of ``_decode_step``."""
+    from omnistream.memory.batch import BatchCache
+
+    t0 = talkers[0]
+    batch = BatchCache([t.cache for t in talkers])  # validates before any row is consumed
+    rows = torch.stack([t._take_row().to(t0.device, t0.dtype) for t in talkers])  # (B, D_thinker)
+    last = torch.tensor([t._last for t in talkers], device=t0.device)
+    x = t0._codec_embed(last) + rows  # (B, D_thinker)
+    pos = [torch.full((3, 1), t.cache.get_seq_length() if t.config.hf_dropped_mask else t._pos) for t in talkers]
+    out = t0.model(
+        inputs_embeds=t0.talker.thinker_to_talker_proj(x)[:, None],  # (B, 1, D_talker)
+        position_ids=batch.prepare(pos, t0.device),  # (3, B, 1)
+        attention_mask=batch.mask_mapping(t0.model),
+        cache=batch,
+        use_cache=True,
+    )
+    logits = t0.talker.codec_head(out.last_hidden_state[:, -1]).float()  # (B, V)
+    toks = []
+    for b, t in enumerate(talkers):
+        toks.append(t._emit(logits[b]))
+        t._pos += 1
+    return toks
 
 
 def _warp(logits: torch.Tensor, c: TalkerConfig) -> torch.Tensor:

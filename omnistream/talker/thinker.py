@@ -11,6 +11,10 @@ audio/image/video feature slots, as ``Qwen2_5OmniForConditionalGeneration.genera
 and its last hidden state (after the final norm: what ``output_hidden_states`` returns as its last
 entry). Both come out of the forward that runs anyway; with recording off (the default) nothing is
 kept. ``decode`` yields :class:`ThinkerStep` (token, embedding, hidden state) for a live Talker.
+
+Many sessions: :func:`step_tokens` appends one token to each of several thinkers in one batched
+forward (a scheduler tick), each row against its own cache (growing or window, see
+:mod:`omnistream.memory.batch`), leaving every thinker as ``append_text`` would have alone.
 """
 
 from __future__ import annotations
@@ -89,7 +93,11 @@ class StreamingThinker:
             cache=self.cache,
             use_cache=True,
         )
-        hidden = out.last_hidden_state[0]
+        self._commit(embeds, out.last_hidden_state[0], start, feat_mask)
+
+    def _commit(self, embeds, hidden, start: int, feat_mask=None, logits=None) -> None:
+        """After a forward of ``embeds`` (n, D) -> ``hidden`` (n, D) appended at token ``start``: the
+        records, the last embed / hidden / logits (``logits`` (V,) when a batched step computed them)."""
         if self.record:
             if self._rec and self._rec_end() != start:  # recording was off for a while: not contiguous
                 self._rec_starts, self._rec = [], []
@@ -98,7 +106,7 @@ class StreamingThinker:
             self._rec.append((rec_e, hidden))
         self.last_embed = embeds[-1]
         self.last_hidden = hidden[-1]
-        self.last_logits = self.thinker.lm_head(self.last_hidden)
+        self.last_logits = self.thinker.lm_head(self.last_hidden) if logits is None else logits
         self._hidden_at[self.n_tokens] = self.last_hidden
         if len(self._hidden_at) > self.KEEP_HIDDEN:
             del self._hidden_at[min(self._hidden_at)]
@@ -335,6 +343,76 @@ class StreamingThinker:
             e, h = self._rec[-1]
             k = n_tokens - self._rec_starts[-1]
             self._rec[-1] = (e[:k], h[:k])
+
+
+# ---------------------------------------------------------------------- batched decode
+def step_tokens(thinkers: Sequence[StreamingThinker], tokens: Sequence[int]) -> None:
+    """Append ``tokens[b]`` to ``thinkers[b]`` for every b, in one batched forward per group.
+
+    Afterwards each thinker (cache, positions, ``last_embed``/``last_hidden``/``last_logits``, Talker
+    records) is as if ``thinkers[b].append_text([tokens[b]])`` had run alone, up to fp32 rounding (a
+    batched matmul may sum in another order: logits agree to ~1e-6 on the tiny model). This is the
+    Thinker half of a scheduler tick: one forward for the decode steps of all replying sessions.
+
+    Rows are grouped by language model and by :func:`~omnistream.memory.batch.cache_kind` (a kernel-mode
+    window cache holds pre-RoPE keys and cannot share a forward with post-RoPE caches); one forward per
+    group, a group of one runs the solo path. Each row attends to its own session's cache
+    (:class:`~omnistream.memory.batch.BatchCache`: gathered into padded buffers per step). The thinkers
+    must be distinct, with no media segment open; everything is checked before any row advances.
+    """
+    from omnistream.memory.batch import BatchCache, cache_kind, check_model
+
+    if len(thinkers) != len(tokens):
+        raise ValueError(f"{len(thinkers)} thinkers but {len(tokens)} tokens")
+    if len({id(t) for t in thinkers}) != len(thinkers):
+        raise ValueError("a StreamingThinker appears twice in one step")
+    for i, th in enumerate(thinkers):
+        if th.rope.open_segment is not None:
+            raise RuntimeError(f"thinker {i}: a {th.rope.open_segment} segment is open; end_segment() first")
+    groups: dict[tuple, list[int]] = {}
+    for i, th in enumerate(thinkers):
+        groups.setdefault((id(_base_lm(th)), cache_kind(th.cache)), []).append(i)
+    runs = []
+    for idx in groups.values():  # validate every group before any row advances
+        rows = [thinkers[i] for i in idx]
+        batch = None
+        if len(idx) > 1:
+            check_model(_base_lm(rows[0]))
+            batch = BatchCache([th.cache for th in rows])
+        runs.append((rows, [int(tokens[i]) for i in idx], batch))
+    for rows, toks, batch in runs:
+        if batch is None:
+            rows[0].append_text(toks)
+        else:
+            _step_group(rows, toks, batch)
+
+
+def _base_lm(th: StreamingThinker):
+    """The language model itself (a window thinker wraps it to map positions; the batch maps them per row)."""
+    return getattr(th.lm, "inner", th.lm)
+
+
+@torch.inference_mode()
+def _step_group(thinkers: list[StreamingThinker], tokens: list[int], batch) -> None:
+    """One forward of B rows (same language model, same cache kind; ``batch`` the BatchCache of
+    their caches), one new token each."""
+    t0 = thinkers[0]
+    lm = _base_lm(t0)
+    pieces = [th.rope.text([tok]) for th, tok in zip(thinkers, tokens)]  # one text piece of one token each
+    starts = [th.n_tokens for th in thinkers]
+    embeds = t0.embed(torch.tensor(tokens, device=t0.device)).to(t0.device, t0.dtype)  # (B, D)
+    position_ids = batch.prepare([p[0].pos for p in pieces], t0.device)  # (3, B, 1), each in its cache's frame
+    out = lm(
+        inputs_embeds=embeds[:, None],  # (B, 1, D)
+        position_ids=position_ids,
+        attention_mask=batch.mask_mapping(lm),
+        cache=batch,
+        use_cache=True,
+    )
+    hidden = out.last_hidden_state[:, -1]  # (B, D)
+    logits = t0.thinker.lm_head(hidden)  # (B, V)
+    for b, th in enumerate(thinkers):
+        th._commit(embeds[b : b + 1], hidden[b : b + 1], starts[b], logits=logits[b])
 
 
 def sample(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, generator=None) -> int:

@@ -21,13 +21,30 @@ each side gives nearly the offline samples of that span.
 from :class:`SeededNoise`, drawn per code position in order, so frame ``f``'s noise never depends on
 how many codes exist yet, and it equals ``torch.manual_seed(seed); torch.randn(1, 2n, 80)``, the
 draw transformers' ``sample`` makes. :func:`decode_offline` is the one-chunk special case of the
-same code path and reproduces transformers' offline decode exactly.
+same code path and reproduces transformers' offline decode exactly (its BigVGAN run on the same
+conv backend, see :func:`batch_invariant_convs`).
+
+Batched across sessions (one engine core serving many replies): a stream's work is planned as jobs --
+:class:`DiTJob` (one window: codes, noise slice) and :class:`VocoderJob` (one mel span) -- by
+:meth:`StreamingToken2Wav.pending`, run by :func:`run_jobs`, which stacks the jobs of equal shape of
+all streams into one forward (per-row codes, noise, conditioning and speaker features; the block
+masks depend on the window length only), and handed back with :meth:`StreamingToken2Wav.accept`,
+which returns the PCM chunks. :func:`step_batch` is the scheduler's tick over it::
+
+    pcm = step_batch(streams, new_codes={st: [codes...]}, finals={st_done})  # {stream: [pcm chunks]}
+
+Every stream gets the chunks it would get alone: same boundaries, and on CPU the same samples bit
+for bit, because the batch-dependent roundings are designed out (the time-step path of the DiT runs
+on a batch-1 shape, the vocoder on batch-invariant convs). ``push``/``finish`` are the batch-1 case.
+A stream offers one job per round (its chunk's vocoder span before its next window), so a burst of
+k ready chunks takes k rounds of a tick; steady streaming has one chunk per tick.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -160,8 +177,10 @@ class StreamingToken2Wav:
 
     A DiT chunk ``[a, b)`` runs when codes up to ``b + right_codes`` exist (or at ``finish``);
     its mel frames are appended, and every mel frame that has ``vocoder_context_frames`` of mel
-    after it is vocoded and returned. Not thread-safe except :meth:`cancel`, which may be called
-    from any thread and stops work at the next DiT evaluation.
+    after it is vocoded and returned. The work is planned as jobs (:meth:`pending`), run by
+    :func:`run_jobs` (which batches jobs of many streams) and taken back by :meth:`accept`; ``push``
+    and ``finish`` run the same jobs one at a time. Not thread-safe except :meth:`cancel`, which
+    may be called from any thread and stops work at the next DiT evaluation.
     """
 
     def __init__(self, token2wav, conditioning, reference_mel, *, chunk_codes: int, left_codes: int,
@@ -172,6 +191,8 @@ class StreamingToken2Wav:
                  return_numpy: bool = True):
         self.config = StreamingConfig(chunk_codes, left_codes, right_codes, vocoder_context_frames,
                                       first_chunk_codes, block_align)
+        if guidance_scale < 1e-5:
+            raise ValueError("guidance_scale 0 (no CFG) is not supported by the streaming DiT")
         self.dit = token2wav.code2wav_dit_model
         self.vocoder = token2wav.code2wav_bigvgan_model
         dcfg = self.dit.config
@@ -199,6 +220,8 @@ class StreamingToken2Wav:
         self._mel_parts: list[torch.Tensor] = []  # each (1, 80, frames)
         self._mel_frames = 0
         self._vocoded = 0  # mel frames already turned into PCM
+        self._vocode_due: bool | None = None  # after a DiT chunk: a vocoder pass is due (value: final)
+        self._flushed = False  # the final vocoder pass was planned
         self._finished = False
         self._cancel = threading.Event()
         # Work counters (first-packet cost and real-time factor measurements).
@@ -221,6 +244,10 @@ class StreamingToken2Wav:
         return self._cancel.is_set()
 
     @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
     def mel(self) -> torch.Tensor:
         """All mel frames decided so far: (1, 80, frames)."""
         if not self._mel_parts:
@@ -229,32 +256,96 @@ class StreamingToken2Wav:
 
     def push(self, codes) -> list:
         """Add codes; return the PCM chunks that became decidable. Bad codes: ValueError, none added."""
-        if self._finished:
-            raise RuntimeError("push() after finish()")
-        new = self._validate(codes)
-        if self.cancelled:
-            return []
-        if self.repeats * (len(self.codes) + len(new)) > self.max_frames:
-            raise ValueError(f"reply longer than the DiT's {self.max_frames // self.repeats} codes")
-        self.codes.extend(new)
-        return self._run(final=False)
+        self.feed(codes)
+        return [] if self.cancelled else self._run()
+
+    def feed(self, codes) -> None:
+        """Add codes without running anything: the caller runs :meth:`pending`'s jobs (batched)."""
+        new = self._checked(codes)
+        if not self.cancelled:
+            self.codes.extend(new)
 
     def finish(self) -> list:
         """No more codes: decode the tail with whatever right context exists and flush the vocoder."""
         if self._finished:
             return []
         self._finished = True
-        if self.cancelled:
-            return []
-        return self._run(final=True)
+        return [] if self.cancelled else self._run()
+
+    def close_input(self) -> None:
+        """No more codes (the batched path's :meth:`finish`): the tail's jobs come from :meth:`pending`."""
+        self._finished = True
 
     def cancel(self) -> None:
         """Stop: pending codes are dropped, the running DiT chunk aborts at its next evaluation."""
         self._cancel.set()
 
+    def pending(self) -> list:
+        """The stream's next job -- a :class:`DiTJob` or a :class:`VocoderJob` -- or [] when it must wait
+        for codes (or is done, or cancelled).
+
+        Only one job at a time: each DiT chunk's vocoder pass comes before the next chunk's window,
+        which keeps a stream's PCM chunk boundaries (and its cancel points) those of solo use. Calling
+        it again before :meth:`accept` returns the same job. Whether the reply is final is the stream's
+        own state (:meth:`finish`, or ``finals`` of :func:`step_batch`)."""
+        if self.cancelled:
+            return []
+        while True:
+            if self._vocode_due is not None:
+                job = self._plan_vocode(self._vocode_due)
+                if job is not None:
+                    return [job]
+                self._vocode_due = None  # every frame that has its right context is vocoded already
+            n, a = len(self.codes), self._next_chunk
+            if a < n:
+                b = self._chunk_end(a)
+                if self._finished or b + self.config.right_codes <= n:
+                    return [self._plan_dit(a, min(b, n))]
+            if not self._finished or self._flushed:
+                return []
+            self._flushed, self._vocode_due = True, True  # the tail: vocode every frame left
+
+    def accept(self, job, result) -> list:
+        """Take back ``job``'s result from :func:`run_jobs`; return the PCM chunks it completes.
+
+        ``result`` None (the job was dropped) or a cancelled stream: nothing changes, []."""
+        if job.stream is not self:
+            raise ValueError("accept(): the job belongs to another stream")
+        if result is None or self.cancelled:
+            return []
+        if isinstance(job, DiTJob):
+            if job.a != self._next_chunk:
+                raise ValueError(f"accept(): stale DiT job for codes [{job.a}, {job.b}), next is {self._next_chunk}")
+            r = self.repeats
+            # a copy: the slice is a view of the whole batch's ODE trajectory, which it would keep alive
+            self._mel_parts.append(result[:, :, (job.a - job.ws) * r : (job.b - job.ws) * r].clone())
+            self._mel_frames += (job.b - job.a) * r
+            self._next_chunk = job.b
+            self._vocode_due = self._finished and job.b == len(self.codes)
+            return []
+        if job.start != self._vocoded:
+            raise ValueError(f"accept(): stale vocoder job from frame {job.start}, {self._vocoded} vocoded")
+        pcm = result[(job.start - job.s) * self.hop : (job.end - job.s) * self.hop].float().clone()  # not a batch view
+        self.vocoder_frames += job.e - job.s
+        self._vocoded, self._vocode_due = job.end, None
+        self.samples_out += pcm.numel()
+        if self.first_packet is None:
+            self.first_packet = {"codes": len(self.codes), "dit_frame_evals": self.dit_frame_evals,
+                                 "vocoder_frames": self.vocoder_frames, "samples": pcm.numel()}
+        return [pcm.numpy() if self.return_numpy else pcm]
+
     # ---------------------------------------------------------------- internals
+    def _checked(self, codes) -> list[int]:
+        """``codes`` as ints, or ValueError (RuntimeError after finish); nothing is added here."""
+        if self._finished:
+            raise RuntimeError("push() after finish()")
+        new = self._validate(codes)
+        if self.repeats * (len(self.codes) + len(new)) > self.max_frames:
+            raise ValueError(f"reply longer than the DiT's {self.max_frames // self.repeats} codes")
+        return new
+
     def _validate(self, codes) -> list[int]:
-        if isinstance(codes, torch.Tensor) or isinstance(codes, np.ndarray):
+        if isinstance(codes, (torch.Tensor, np.ndarray)):
             codes = codes.reshape(-1).tolist()
         elif isinstance(codes, Integral) and not isinstance(codes, bool):
             codes = [codes]
@@ -270,62 +361,34 @@ class StreamingToken2Wav:
     def _chunk_end(self, start: int) -> int:
         return start + (self.config.first_codes if start == 0 else self.config.chunk_codes)
 
-    def _run(self, final: bool) -> list:
+    def _run(self) -> list:
+        """Solo use: run this stream's jobs one by one (batch 1) until it has to wait."""
         out = []
-        try:
-            n = len(self.codes)
-            while self._next_chunk < n:
-                a = self._next_chunk
-                b = self._chunk_end(a)
-                if not final and b + self.config.right_codes > n:
-                    break  # the chunk's look-ahead does not exist yet
-                b = min(b, n)
-                self._decode_chunk(a, b, final)
-                self._next_chunk = b
-                out.extend(self._vocode(final and b == n))
-            if final:
-                out.extend(self._vocode(True))
-        except _Cancelled:
-            return out
+        while jobs := self.pending():
+            out.extend(self.accept(jobs[0], run_jobs(jobs)[0]))
         return out
 
-    def _decode_chunk(self, a: int, b: int, final: bool) -> None:
-        """DiT over the window around codes [a, b); keep the chunk's frames."""
-        c = self.config
+    def _plan_dit(self, a: int, b: int) -> DiTJob:
+        """The DiT window around codes [a, b): codes and noise of [ws, we)."""
+        c, r = self.config, self.repeats
         ws = max(0, a - c.left_codes)
-        if c.block_align and self.block_size % self.repeats == 0:
-            block_codes = self.block_size // self.repeats
+        if c.block_align and self.block_size % r == 0:
+            block_codes = self.block_size // r
             ws = ws // block_codes * block_codes
         we = min(len(self.codes), b + c.right_codes)
-        r = self.repeats
         noise = self.noise.frames(we)[:, ws * r : we * r].to(self.device)  # (1, W, 80)
         code = torch.tensor([self.codes[ws:we]], dtype=torch.long, device=self.device)  # (1, W / r)
-        mel = self._sample(code, noise)  # (1, 80, W)
-        self._mel_parts.append(mel[:, :, (a - ws) * r : (b - ws) * r])
-        self._mel_frames += (b - a) * r
+        return DiTJob(self, a, b, ws, code, noise)
 
-    @torch.no_grad()
-    def _sample(self, code: torch.Tensor, initial_state: torch.Tensor) -> torch.Tensor:
-        """``Qwen2_5OmniToken2WavDiTModel.sample`` with the initial noise passed in (same ops, same
-        order), its per-window constants computed once instead of at each of the ODE's evaluations."""
-        window = _DiTWindow(self.dit, code, self.cond, self._speaker_features(), initial_state.shape[1])
-        g = self.guidance_scale
-
-        def ode_function(time_step, hidden_states):
-            if self._cancel.is_set():
-                raise _Cancelled
-            self.dit_evals += 1
-            self.dit_frame_evals += window.n_frames
-            guided, null = torch.chunk(window(hidden_states, time_step), 2, dim=0)
-            return guided + (guided - null) * g
-
-        if g < 1e-5:
-            raise ValueError("guidance_scale 0 (no CFG) is not supported by the streaming DiT")
-        t = torch.linspace(0, 1, self.num_steps, dtype=self.cond.dtype, device=self.device)
-        if self.sway is not None:
-            t += self.sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
-        trajectory = RungeKutta4ODESolver(function=ode_function, initial_value=initial_state).integrate(t)
-        return trajectory[-1].permute(0, 2, 1)  # (1, 80, W)
+    def _plan_vocode(self, final: bool) -> VocoderJob | None:
+        """The vocoder span for every mel frame that has its right context (all of them when final)."""
+        ctx, total = self.config.vocoder_context_frames, self._mel_frames
+        end = total if final else total - ctx
+        if end <= self._vocoded:
+            return None
+        s = max(0, self._vocoded - ctx)
+        e = min(total, end + ctx)
+        return VocoderJob(self, s, e, self._vocoded, end, self._mel_span(s, e))
 
     def _speaker_features(self) -> torch.Tensor:
         """The ECAPA speaker encoder's output for [reference mel, zeros (the CFG branch)]: (2, enc_dim).
@@ -335,7 +398,8 @@ class StreamingToken2Wav:
         if self._spk is None:
             ref = self.ref_mel
             cond = torch.cat([ref, torch.zeros_like(ref)], dim=0)  # (2, T_ref, 80)
-            self._spk = self.dit.input_embed.spk_encoder(cond)
+            with torch.no_grad():
+                self._spk = self.dit.input_embed.spk_encoder(cond)
         return self._spk
 
     def _mel_span(self, s: int, e: int) -> torch.Tensor:
@@ -350,44 +414,181 @@ class StreamingToken2Wav:
             end = start
         return torch.cat(parts[::-1], dim=2)
 
-    @torch.no_grad()
-    def _vocode(self, final: bool) -> list:
-        """Vocode every mel frame that has its right context (all of them when final)."""
-        ctx, total = self.config.vocoder_context_frames, self._mel_frames
-        end = total if final else total - ctx
-        if end <= self._vocoded or self.cancelled:
-            return []
-        s = max(0, self._vocoded - ctx)
-        e = min(total, end + ctx)
-        mel = self._mel_span(s, e)  # (1, 80, e - s)
-        wav = self.vocoder(mel).reshape(-1)  # (240 * (e - s),)
-        if wav.numel() != self.hop * (e - s):
-            raise RuntimeError(f"BigVGAN gave {wav.numel()} samples for {e - s} frames, expected hop {self.hop}")
-        pcm = wav[(self._vocoded - s) * self.hop : (end - s) * self.hop].float()
-        self.vocoder_frames += e - s
-        self._vocoded = end
-        self.samples_out += pcm.numel()
-        if self.first_packet is None:
-            self.first_packet = dict(codes=len(self.codes), dit_frame_evals=self.dit_frame_evals,
-                                     vocoder_frames=self.vocoder_frames, samples=pcm.numel())
-        return [pcm.numpy() if self.return_numpy else pcm]
+
+@dataclass(eq=False)
+class DiTJob:
+    """One DiT window of one stream: codes [ws, we) integrated from their noise, frames of [a, b) kept.
+
+    Windows of equal frame count (and ODE settings) batch into one forward: block masks and rotary
+    tables depend on the window length only, the rest is per row."""
+
+    stream: StreamingToken2Wav
+    a: int
+    b: int
+    ws: int
+    code: torch.Tensor  # (1, W / repeats) long
+    noise: torch.Tensor  # (1, W, 80), the stream's initial noise of the window
+
+    @property
+    def key(self) -> tuple:
+        s = self.stream
+        return ("dit", id(s.dit), self.noise.shape[1], s.num_steps, s.guidance_scale, s.sway, self.noise.dtype,
+                str(self.noise.device))
+
+
+@dataclass(eq=False)
+class VocoderJob:
+    """One BigVGAN span of one stream: mel frames [s, e) vocoded, the samples of [start, end) kept.
+
+    Only spans of equal length batch: zero padding would change the convolutions near the pad."""
+
+    stream: StreamingToken2Wav
+    s: int
+    e: int
+    start: int
+    end: int
+    mel: torch.Tensor  # (1, 80, e - s)
+
+    @property
+    def key(self) -> tuple:
+        return ("vocoder", id(self.stream.vocoder), self.e - self.s, self.mel.dtype, str(self.mel.device))
+
+
+def run_jobs(jobs: list) -> list:
+    """Run ``jobs`` of any streams, one batched forward per group of equal :attr:`key`; results in
+    ``jobs`` order (a DiT job's (1, 80, W) mel, a vocoder job's (240 (e - s),) samples).
+
+    A job whose stream is cancelled -- before or while its group runs -- gets None; a group stops
+    early only when every stream in it is cancelled, so one cancel never disturbs the others."""
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if not job.stream.cancelled:
+            groups.setdefault(job.key, []).append(i)
+    results: list = [None] * len(jobs)
+    for idx in groups.values():
+        group = [jobs[i] for i in idx]
+        try:
+            outs = _run_dit(group) if isinstance(group[0], DiTJob) else _run_vocoder(group)
+        except _Cancelled:
+            continue
+        for i, out in zip(idx, outs):
+            results[i] = None if jobs[i].stream.cancelled else out
+    return results
+
+
+@torch.no_grad()
+def _run_dit(jobs: list[DiTJob]) -> list[torch.Tensor]:
+    """``Qwen2_5OmniToken2WavDiTModel.sample`` for B windows of equal length, the initial noise passed
+    in (same ops, same order as transformers), per-window constants computed once, not per evaluation."""
+    first = jobs[0].stream
+    n_frames = jobs[0].noise.shape[1]
+    code = torch.cat([j.code for j in jobs])  # (B, W / r)
+    x0 = torch.cat([j.noise for j in jobs])  # (B, W, 80)
+    cond = torch.cat([j.stream.cond for j in jobs])  # (B, enc_emb_dim)
+    spk = [j.stream._speaker_features() for j in jobs]  # each (2, enc_dim): [voice, CFG zeros]
+    spk = torch.cat([f[:1] for f in spk] + [f[1:] for f in spk])  # (2B, enc_dim): guided rows, then null rows
+    window = _DiTWindow(first.dit, code, cond, spk, n_frames)
+    g = first.guidance_scale
+
+    def ode_function(time_step, hidden_states):  # (B, W, 80) -> (B, W, 80)
+        live = [j.stream for j in jobs if not j.stream.cancelled]
+        if not live:
+            raise _Cancelled
+        for st in live:
+            st.dit_evals += 1
+            st.dit_frame_evals += n_frames
+        guided, null = torch.chunk(window(hidden_states, time_step), 2, dim=0)  # (B, W, 80) each
+        return guided + (guided - null) * g
+
+    t = torch.linspace(0, 1, first.num_steps, dtype=cond.dtype, device=cond.device)
+    if first.sway is not None:
+        t += first.sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
+    trajectory = RungeKutta4ODESolver(function=ode_function, initial_value=x0).integrate(t)
+    mel = trajectory[-1].permute(0, 2, 1)  # (B, 80, W)
+    return [mel[i : i + 1] for i in range(len(jobs))]
+
+
+@contextmanager
+def batch_invariant_convs():
+    """CPU convolutions that give each row the same result whatever the batch size.
+
+    oneDNN (mkldnn) picks its conv blocking by batch size, so a span vocoded in a batch of 4 differs
+    from the same span alone by ~2e-7 per conv, which the BigVGAN stack amplifies to ~5e-5 (tiny
+    checkpoint). ATen's own conv loops over the rows (same GEMMs as batch 1); it costs 1.5-1.9x the
+    oneDNN time on the tiny vocoder (measured, CPU, 1 thread) -- the price of exact batching.
+    The switch is process-wide for the call; solo and batched decoding both run under it, so they
+    match bitwise, while transformers' own vocoder (oneDNN) differs by that rounding unless it too
+    runs under this context. No effect on GPU tensors."""
+    prev = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(prev)
+
+
+@torch.no_grad()
+def _run_vocoder(jobs: list[VocoderJob]) -> list[torch.Tensor]:
+    """BigVGAN over B mel spans of equal length in one call."""
+    frames, hop = jobs[0].e - jobs[0].s, jobs[0].stream.hop
+    with batch_invariant_convs():
+        wav = jobs[0].stream.vocoder(torch.cat([j.mel for j in jobs]))  # (B, 240 F); BigVGAN squeezes B = 1
+    if wav.numel() != len(jobs) * hop * frames:
+        raise RuntimeError(f"BigVGAN gave {wav.numel()} samples for {len(jobs)} x {frames} frames, expected hop {hop}")
+    wav = wav.reshape(len(jobs), -1)  # (B, 240 F)
+    return [wav[i] for i in range(len(jobs))]
+
+
+def step_batch(streams, new_codes: dict | None = None, finals=()) -> dict:
+    """One scheduler tick over many streams: feed each its new codes, mark ``finals`` finished, then
+    run every stream's ready jobs batched across streams (:func:`run_jobs`) until all must wait.
+
+    Returns ``{stream: [pcm chunks in order]}`` for every stream of ``streams``, each exactly the
+    chunks solo ``push``/``finish`` would have returned (bit for bit on CPU, see the module docstring).
+    Bad codes for any stream: ValueError (RuntimeError for a finished one) before anything is fed,
+    so the caller can drop that stream and call again. Cancelled streams are skipped, even when
+    ``cancel`` comes from another thread while their batch runs."""
+    streams = list(streams)
+    new_codes, finals = dict(new_codes or {}), set(finals)
+    known = set(streams)
+    if len(known) != len(streams):
+        raise ValueError("step_batch(): a stream is listed twice")
+    if not (set(new_codes) | finals) <= known:
+        raise ValueError("step_batch(): new_codes/finals name a stream not in streams")
+    checked = {}
+    for i, st in enumerate(streams):
+        if st in new_codes:
+            try:
+                checked[st] = st._checked(new_codes[st])
+            except (ValueError, RuntimeError) as e:
+                raise type(e)(f"stream #{i}: {e}") from None
+    for st, codes in checked.items():
+        st.feed(codes)
+    for st in finals:
+        st.close_input()
+    out: dict = {st: [] for st in streams}
+    while jobs := [job for st in streams for job in st.pending()]:
+        for job, result in zip(jobs, run_jobs(jobs)):
+            out[job.stream].extend(job.stream.accept(job, result))
+    return out
 
 
 class _DiTWindow:
-    """``Qwen2_5OmniToken2WavDiTModel.forward`` (classifier-free guidance on) for one fixed window.
+    """``Qwen2_5OmniToken2WavDiTModel.forward`` (classifier-free guidance on) for B windows of one length.
 
     Everything but the noisy mel and the time step is the same at every ODE evaluation of a
     window: the codec embeddings (conditioned and dropped), the speaker features, the rotary
     tables and the per-layer block masks. They are built once here; each call then runs the same
-    modules, in the same order, as the transformers forward (so the result is identical).
+    modules, in the same order, as the transformers forward (so the result is identical). Rows are
+    laid out as transformers' CFG batch: the B guided rows, then the B null rows.
     """
 
     def __init__(self, dit, code: torch.Tensor, cond: torch.Tensor, spk: torch.Tensor, n_frames: int):
         self.dit, self.n_frames = dit, n_frames
-        code_embed = dit.text_embed(code, drop_code=False)  # (1, T, emb_dim)
+        code_embed = dit.text_embed(code, drop_code=False)  # (B, T, emb_dim)
         code_uncond = dit.text_embed(code, drop_code=True)
-        speaker = cond.unsqueeze(1).repeat(1, n_frames, 1)  # (1, T, enc_emb_dim)
-        # input_embed's cat((x, spk features, code embeds, speaker), -1) minus x: (2, T, ...)
+        speaker = cond.unsqueeze(1).repeat(1, n_frames, 1)  # (B, T, enc_emb_dim)
+        # input_embed's cat((x, spk features, code embeds, speaker), -1) minus x: (2B, T, ...)
         self.static = torch.cat(
             (
                 spk.unsqueeze(1).repeat(1, n_frames, 1),
@@ -396,9 +597,10 @@ class _DiTWindow:
             ),
             dim=-1,
         )
-        positions = torch.arange(n_frames, device=code.device)[None, :].repeat(2, 1)
+        rows = self.static.shape[0]  # 2B
+        positions = torch.arange(n_frames, device=code.device)[None, :].repeat(rows, 1)  # (2B, T)
         self.rope = dit.rotary_embed(self.static, positions)
-        block_diff = dit._create_block_diff(self.static)  # (2, H, T, T)
+        block_diff = dit._create_block_diff(self.static)  # (2B, H, T, T)
         masks: dict = {}
         self.masks = []
         for layer in dit.transformer_blocks:
@@ -408,16 +610,32 @@ class _DiTWindow:
             self.masks.append(masks[key])
 
     def __call__(self, x: torch.Tensor, time_step: torch.Tensor) -> torch.Tensor:
-        dit = self.dit
+        """One DiT evaluation: x (B, T, 80) at ``time_step`` -> (2B, T, 80), guided rows then null rows.
+
+        The time-step path (time MLP, each layer's AdaLayerNormZero linear) runs on the 2 rows of a
+        batch-1 call and is then repeated per window: its values are the same for every window, and
+        a GEMM of 2B rows may round differently from one of 2 (measured 3e-7), which would make a
+        session's audio depend on who shares its batch. The rest is row-wise and batch-invariant."""
+        dit, b = self.dit, x.shape[0]
+
+        def per_row(m):  # (2, D) -> (2B, D): the guided row for the B guided rows, then the null row
+            return m.repeat_interleave(b, dim=0)
+
         t = dit.time_embed(time_step.repeat(2))  # (2, hidden)
-        h = dit.input_embed.proj(torch.cat((torch.cat([x, x], dim=0), self.static), dim=-1))  # (2, T, hidden)
+        h = dit.input_embed.proj(torch.cat((torch.cat([x, x], dim=0), self.static), dim=-1))  # (2B, T, hidden)
         for layer, mask in zip(dit.transformer_blocks, self.masks):
-            norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.attn_norm(h, emb=t)
+            an = layer.attn_norm  # Qwen2_5_OmniAdaLayerNormZero.forward, its linear on the 2 time rows
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(
+                per_row(an.linear(an.silu(t))), 6, dim=1)  # each (2B, hidden)
+            norm = an.norm(h) * (1 + scale_msa[:, None]) + shift_msa[:, None]
             h = h + gate_msa.unsqueeze(1) * layer.attn(hidden_states=norm, position_embeddings=self.rope,
                                                        attention_mask=mask)
             norm = layer.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
             h = h + gate_mlp.unsqueeze(1) * layer.ff(norm)
-        return dit.proj_out(dit.norm_out(h, t))  # (2, T, mel_dim)
+        no = dit.norm_out  # Qwen2_5_OmniAdaLayerNormZero_Final.forward, likewise
+        scale, shift = torch.chunk(per_row(no.linear(no.silu(t))), 2, dim=1)  # each (2B, hidden)
+        h = no.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
+        return dit.proj_out(h)  # (2B, T, mel_dim)
 
 
 def decode_stream(token2wav, codes, cond, ref_mel, config: StreamingConfig = None, *, noise=None, seed=None,
@@ -464,5 +682,6 @@ def wave_snr_db(ref_pcm, est_pcm) -> float:
     return snr_db(ref_pcm, est_pcm)
 
 
-__all__ = ["StreamingConfig", "QWEN_REFERENCE", "DEFAULT", "SeededNoise", "StreamingToken2Wav", "Token2WavOutput",
-           "decode_stream", "decode_offline", "snr_db", "mel_snr_db", "wave_snr_db", "SAMPLE_RATE"]
+__all__ = ["DEFAULT", "QWEN_REFERENCE", "SAMPLE_RATE", "DiTJob", "SeededNoise", "StreamingConfig", "StreamingToken2Wav",
+           "Token2WavOutput", "VocoderJob", "batch_invariant_convs", "decode_offline", "decode_stream", "mel_snr_db",
+           "run_jobs", "snr_db", "step_batch", "wave_snr_db"]

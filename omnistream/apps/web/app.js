@@ -1,10 +1,18 @@
 // omnistream browser client: mic + camera in, streamed speech + transcript out, over the OpenAI
 // Realtime protocol (WebSocket /v1/realtime, pcm16 24 kHz base64 both ways). Plain script, no build.
 //
-// URL parameters: ?key=API_KEY (sent as the `openai-insecure-api-key.<KEY>` subprotocol, since
-// browsers cannot set headers on a WebSocket), ?ws=URL (another server), ?voice=, ?instructions=,
-// ?max_tokens= (reply length), ?camera=0, ?aec=0 (no echo cancellation etc.), ?autostart=1,
+// Safety: the page connects only to the server that served it (a link cannot point it at another
+// one), and captures nothing before the user presses Start (or "Use key" in the key prompt). When the
+// server says it needs an API key (GET config.json), the page asks for it; the key stays in this
+// tab (memory + sessionStorage), never in the URL, and rides in the `openai-insecure-api-key.<KEY>`
+// subprotocol, since browsers cannot set headers on a WebSocket.
+//
+// URL parameters (none of them changes where the page connects): ?voice=, ?instructions=,
+// ?max_tokens= (reply length), ?camera=0, ?aec=0 (no echo cancellation etc.),
 // ?record=1 (keep the first 30 s of sent-format mic PCM in window.omni.recorded, base64 chunks).
+//
+// Latency readout (latency.js): from the end of the user's speech as the server's VAD saw it to
+// the moment the playback worklet starts playing the reply's first sample.
 //
 // `window.omni` exposes counters read by tests/test_web.py (and handy in the console).
 "use strict";
@@ -16,6 +24,7 @@
   const FRAME_MS = 500; // camera at 2 fps, the rate the vision encoder samples at
   const FRAME_MAX_SIDE = 320;
   const MAX_BUFFERED = 1 << 20; // skip camera frames while 1 MiB is still unsent (slow link)
+  const KEY_STORE = "omnistream.apiKey"; // sessionStorage: survives a reload, not the tab
 
   const omni = (window.omni = {
     state: "idle",
@@ -36,7 +45,9 @@
     interruptions: 0,
     responsesCreated: 0,
     responsesDone: 0,
-    lastLatencyMs: null,
+    lastLatencyMs: null, // end of speech (VAD) -> first reply sample played, device latencies included
+    latencyDetails: [], // per reply: {speechEndT, playT, inputLatency, outputLatency} (AudioContext seconds)
+    apiKeyRequired: null, // from the server's config.json (null: not known yet / not served)
     truncatedMs: null, // the server's conversation.item.truncated after a barge-in
     lastResponse: null, // the last response.done's response object
     responses: [], // per reply: {id, status, reason, deltas, samples (received), serverSamples}
@@ -56,7 +67,7 @@
     status: $("status"), start: $("start"), stop: $("stop"), reconnect: $("reconnect"), camera: $("camera"),
     preview: $("preview"), level: $("level"), vad: $("vad"), latency: $("latency"), sentAudio: $("sent-audio"),
     sentFrames: $("sent-frames"), error: $("error"), transcript: $("transcript"), form: $("text-form"),
-    text: $("text"), send: $("send"),
+    text: $("text"), send: $("send"), keyForm: $("key-form"), key: $("api-key"), keyNote: $("key-note"),
   };
   if (params.get("camera") === "0") ui.camera.checked = false;
 
@@ -64,9 +75,13 @@
   if (recording) omni.recorded = [];
   let ws = null;
   let userClosed = false;
-  let media = null; // {ctx, stream, capture, player, mute, frameTimer, canvas}
+  let media = null; // {ctx, player, readPos, stream, capture, frameTimer, canvas}; stream null: no mic
   let writePos = 0; // 24 kHz samples handed to the player (mirrors its ring write position)
-  let speechStoppedAt = null;
+  let apiKey = null;
+  try {
+    apiKey = sessionStorage.getItem(KEY_STORE);
+  } catch (e) { /* storage disabled: keep the key in memory only */ }
+  const latency = new window.OmniLatency(RATE, CHUNK);
   let speechStartMs = null; // server VAD times (ms of audio sent), for the user's transcript entry
   let spokenMs = null;
   let assistant = null; // {li, textNode, responseId}
@@ -93,7 +108,7 @@
     return out;
   }
   function wsUrl() {
-    if (params.get("ws")) return params.get("ws");
+    // always this page's own server: a ?ws= link must not send the mic and camera elsewhere
     const u = new URL("v1/realtime", location.href);
     u.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     u.search = "";
@@ -144,6 +159,30 @@
   }
 
   // ---------------------------------------------------------------- connection
+  // What the server says about itself (config.json): whether it needs an API key. A server that
+  // does not serve it (an older one, a plain file server) is taken to need none.
+  const serverConfig = fetch("config.json", { cache: "no-store" })
+    .then((r) => (r.ok ? r.json() : {}))
+    .catch(() => ({}))
+    .then((c) => {
+      omni.apiKeyRequired = !!(c && c.api_key_required);
+      return c || {};
+    });
+
+  function askForKey(note) {
+    ui.keyNote.textContent = note;
+    ui.keyForm.hidden = false;
+    if (apiKey) ui.key.value = apiKey;
+    ui.key.focus();
+  }
+  function setKey(key) {
+    apiKey = key || null;
+    try {
+      if (apiKey) sessionStorage.setItem(KEY_STORE, apiKey);
+      else sessionStorage.removeItem(KEY_STORE);
+    } catch (e) { /* storage disabled: memory only */ }
+  }
+
   function sessionConfig() {
     const session = {
       type: "realtime",
@@ -170,10 +209,11 @@
     setState("connecting");
     // a new connection is a new conversation: nothing of the old one may play or be appended to
     assistant = userEntry = null;
-    speechStoppedAt = speechStartMs = spokenMs = null;
+    speechStartMs = spokenMs = null;
+    latency.reset();
     for (const k of Object.keys(nameOf)) delete nameOf[k];
     if (media && media.player) media.player.port.postMessage({ type: "flush", token: 0 });
-    const key = params.get("key");
+    const key = omni.apiKeyRequired ? apiKey : null;
     try {
       ws = key ? new WebSocket(wsUrl(), ["realtime", "openai-insecure-api-key." + key]) : new WebSocket(wsUrl());
     } catch (e) {
@@ -198,7 +238,9 @@
     sock.onerror = () => {
       if (sock !== ws) return;
       omni.errors.push({ type: "client", message: "WebSocket error" });
-      setState("error", "connection failed");
+      // the browser hides the HTTP status of a refused handshake: with a key, it may be the key
+      setState("error", key ? "connection failed (wrong API key, or the server is busy)" : "connection failed");
+      if (key && omni.state === "error") askForKey("The server refused the connection: check the API key.");
     };
     sock.onclose = (e) => {
       if (sock !== ws) return;
@@ -225,24 +267,28 @@
     switch (type) {
       case "session.created":
         omni.sessionId = (ev.session && ev.session.id) || null;
+        latency.configure(ev.session);
         setState("connected");
+        break;
+      case "session.updated":
+        latency.configure(ev.session);
         break;
       case "input_audio_buffer.speech_started":
         omni.speechStarted++;
         speechStartMs = ev.audio_start_ms;
-        speechStoppedAt = null;
+        latency.forgetSpeechEnd();
         ui.vad.textContent = "speaking";
         ui.vad.dataset.speaking = "1";
         interrupt();
         break;
-      case "input_audio_buffer.speech_stopped":
+      case "input_audio_buffer.speech_stopped": {
         omni.speechStopped++;
-        spokenMs = typeof ev.audio_end_ms === "number" && typeof speechStartMs === "number"
-          ? ev.audio_end_ms - speechStartMs : null;
-        speechStoppedAt = performance.now();
+        const endMs = latency.speechStopped(ev.audio_end_ms); // the VAD's silence wait taken off
+        spokenMs = endMs !== null && typeof speechStartMs === "number" ? Math.max(0, endMs - speechStartMs) : null;
         ui.vad.textContent = "silent";
         ui.vad.dataset.speaking = "0";
         break;
+      }
       case "input_audio_buffer.committed":
         userEntry = addEntry("user", spokenMs === null ? "(spoke)" : `(spoke, ${(spokenMs / 1000).toFixed(1)} s)`);
         spokenMs = null;
@@ -327,21 +373,29 @@
       r.deltas++;
       r.samples += pcm.length;
     }
-    if (speechStoppedAt !== null) {
-      omni.lastLatencyMs = Math.round(performance.now() - speechStoppedAt);
-      omni.latenciesMs.push(omni.lastLatencyMs);
-      ui.latency.textContent = omni.lastLatencyMs;
-      speechStoppedAt = null;
-    }
     if (!assistant) assistant = addEntry("assistant", "");
     if (assistant.interrupted) {
       omni.lateAudioDeltas++; // audio of a reply the user already talked over: never played
       return;
     }
     if (media && media.player) {
+      const token = latency.markReply(media.inputLatency); // the reply to a spoken turn: time its playback
+      if (token !== null) media.player.port.postMessage({ type: "mark", pos: writePos, token });
       media.player.port.postMessage({ type: "push", pcm }, [pcm.buffer]);
       writePos += pcm.length;
+    } else {
+      latency.forgetSpeechEnd(); // nothing plays this reply: no readout for it
     }
+  }
+
+  // The player started playing a marked sample (the first of a reply to speech) at AudioContext time t.
+  function onMarkReached(msg, m) {
+    const r = latency.reached(msg, m.ctx.outputLatency || 0);
+    if (!r) return;
+    omni.lastLatencyMs = r.ms;
+    omni.latenciesMs.push(r.ms);
+    if (omni.latencyDetails.length < 100) omni.latencyDetails.push(r);
+    ui.latency.textContent = r.ms;
   }
 
   // Barge-in: the user talks over the reply. Drop the queued audio at once. The server (server VAD
@@ -359,18 +413,21 @@
   }
 
   // ---------------------------------------------------------------- media
-  async function startMedia() {
+  // Playback first, then capture: without a microphone (denied, absent) the user can still type
+  // and hear the spoken replies, so the player must not depend on getUserMedia.
+  async function startPlayback() {
     const ctx = new AudioContext({ latencyHint: "interactive" });
+    const m = { ctx, player: null, stream: null, capture: null, frameTimer: null, readPos: 0, inputLatency: 0 };
+    media = m;
+    writePos = 0;
     await ctx.audioWorklet.addModule("web/audio-worklet.js");
     const player = new AudioWorkletNode(ctx, "omni-player", {
       numberOfInputs: 0, numberOfOutputs: 1, outputChannelCount: [2], processorOptions: { inRate: RATE },
     });
     player.connect(ctx.destination);
-    const m = { ctx, player, stream: null, capture: null, frameTimer: null, readPos: 0 };
-    media = m;
-    writePos = 0;
     player.port.onmessage = (e) => {
       const msg = e.data;
+      if (msg.type === "reached") return onMarkReached(msg, m);
       if (msg.type === "flushed" && msg.token && omni.flushes.length < 100) { // token 0: a reconnect
         omni.flushes.push({ played: msg.played, readPos: msg.readPos, writePos: msg.writePos });
       }
@@ -379,26 +436,37 @@
         m.readPos = msg.readPos;
       }
     };
+    m.player = player;
+    if (ctx.state !== "running") await ctx.resume();
+    return m;
+  }
+
+  async function startCapture(m) {
+    const ctx = m.ctx;
     const wantVideo = ui.camera.checked;
     // Echo cancellation keeps the assistant's own voice from triggering barge-in; ?aec=0 turns the
     // browser's processing off (a clean line-in, or tests comparing the sent PCM with the source).
     const proc = params.get("aec") !== "0";
     const audio = { channelCount: 1, echoCancellation: proc, noiseSuppression: proc, autoGainControl: proc };
     const video = { width: { ideal: 320 }, height: { ideal: 240 }, frameRate: { ideal: 15 } };
+    let stream;
     try {
-      m.stream = await navigator.mediaDevices.getUserMedia({ audio, video: wantVideo ? video : false });
+      stream = await navigator.mediaDevices.getUserMedia({ audio, video: wantVideo ? video : false });
     } catch (e) {
       if (!wantVideo) throw e;
-      m.stream = await navigator.mediaDevices.getUserMedia({ audio }); // no camera: voice only
+      stream = await navigator.mediaDevices.getUserMedia({ audio }); // no camera: voice only
       showError(`camera unavailable (${e.name}); voice only`);
     }
-    if (ctx.state !== "running") await ctx.resume();
     if (media !== m) { // Stop was pressed while the browser asked for the devices
-      m.stream.getTracks().forEach((t) => t.stop());
+      stream.getTracks().forEach((t) => t.stop());
       return;
     }
+    m.stream = stream;
+    const track = stream.getAudioTracks()[0];
+    const settings = track && track.getSettings ? track.getSettings() : {};
+    m.inputLatency = typeof settings.latency === "number" ? settings.latency : 0; // mic -> audio graph, s
 
-    const src = ctx.createMediaStreamSource(m.stream);
+    const src = ctx.createMediaStreamSource(stream);
     const capture = new AudioWorkletNode(ctx, "omni-capture", {
       numberOfInputs: 1, numberOfOutputs: 1, processorOptions: { outRate: RATE, chunkSamples: CHUNK },
     });
@@ -407,7 +475,7 @@
     src.connect(capture).connect(mute).connect(ctx.destination);
     m.capture = capture;
     capture.port.onmessage = (e) => {
-      const { pcm, rms } = e.data;
+      const { pcm, rms, t } = e.data;
       omni.capturedChunks++;
       omni.micLevel = rms;
       if (recording && omni.recorded.length < 750) omni.recorded.push(b64FromBytes(new Uint8Array(pcm))); // <= 30 s
@@ -416,12 +484,13 @@
         send({ type: "input_audio_buffer.append", audio: b64FromBytes(new Uint8Array(pcm)) });
         omni.sentAudioChunks++;
         omni.sentAudioSamples += pcm.byteLength / 2;
+        latency.chunkSent(pcm.byteLength / 2, t);
         if (omni.sentAudioChunks % 10 === 0) updateCounters();
       }
     };
 
-    if (m.stream.getVideoTracks().length) {
-      ui.preview.srcObject = m.stream;
+    if (stream.getVideoTracks().length) {
+      ui.preview.srcObject = stream;
       ui.preview.parentElement.dataset.live = "1";
       m.canvas = document.createElement("canvas");
       m.frameTimer = setInterval(() => captureFrame(m), FRAME_MS);
@@ -477,17 +546,34 @@
   }
 
   // ---------------------------------------------------------------- controls
+  // Only ever called from a click or a form submit: capture needs the user's gesture.
   async function start() {
     ui.start.disabled = true;
     showError("");
+    await serverConfig;
+    if (omni.apiKeyRequired && !apiKey) {
+      askForKey("This server needs an API key.");
+      refreshButtons();
+      return;
+    }
+    ui.keyForm.hidden = true;
     connect(); // in parallel with the media prompt: speech is sent from the moment both are up
     if (!media) {
+      let m;
       try {
-        await startMedia();
+        m = await startPlayback();
       } catch (e) {
         stopMedia();
-        omni.errors.push({ type: "client", message: `media: ${e.name || e}` });
-        showError(`microphone unavailable (${e.name || e}); you can still type`);
+        omni.errors.push({ type: "client", message: `audio output: ${e.name || e}` });
+        showError(`audio output unavailable (${e.name || e}); replies are text only`);
+      }
+      if (m) {
+        try {
+          await startCapture(m);
+        } catch (e) { // no microphone: typed questions still get spoken replies
+          omni.errors.push({ type: "client", message: `media: ${e.name || e}` });
+          showError(`microphone unavailable (${e.name || e}); you can still type`);
+        }
       }
     }
     refreshButtons();
@@ -506,6 +592,16 @@
   ui.start.addEventListener("click", start);
   ui.stop.addEventListener("click", stop);
   ui.reconnect.addEventListener("click", () => (media ? connect() : start()));
+  ui.keyForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = ui.key.value.trim();
+    if (!key) return;
+    setKey(key);
+    ui.key.value = "";
+    ui.keyForm.hidden = true;
+    if (media) connect();
+    else start();
+  });
   ui.form.addEventListener("submit", (e) => {
     e.preventDefault();
     const text = ui.text.value.trim();
@@ -519,6 +615,5 @@
   });
   window.addEventListener("pagehide", stop);
 
-  setState("idle");
-  if (params.get("autostart") === "1") start();
+  setState("idle"); // nothing starts by itself: no autostart, whatever the URL says
 })();

@@ -1,12 +1,16 @@
 // AudioWorklet processors of the omnistream browser client (no build step, loaded with addModule).
 //
-// omni-capture: microphone -> mono -> 24 kHz pcm16 chunks of `chunkSamples` (40 ms), posted to the page.
+// omni-capture: microphone -> mono -> 24 kHz pcm16 chunks of `chunkSamples` (40 ms), posted to the page
+//   with `t`, the AudioContext time just after the chunk's last sample (the page maps the server's
+//   audio_end_ms to the audio clock with it).
 //   The Realtime protocol wants 24 kHz pcm16 whatever rate the AudioContext runs at (44.1/48 kHz
 //   usually), so resampling happens here, on the audio thread, sample by sample: a box prefilter of
 //   round(step) taps (a zero at the output Nyquist for 48 -> 24 kHz) and linear interpolation.
 // omni-player: 24 kHz float chunks from the page -> a ring buffer -> the context rate (linear
 //   interpolation). `flush` drops everything queued at once (barge-in); the read position, in
 //   24 kHz samples, is reported so the page knows how much of each reply was really heard.
+//   `mark` {pos, token}: report {type: "reached", token, t} when sample `pos` starts playing, t its
+//   AudioContext time (the latency readout ends there), or {flushed: true} if it never plays.
 
 class CaptureProcessor extends AudioWorkletProcessor {
   constructor(options) {
@@ -48,7 +52,8 @@ class CaptureProcessor extends AudioWorkletProcessor {
         this.chunk[this.n++] = v < 0 ? Math.round(v * 32768) : Math.round(v * 32767);
         if (this.n === this.chunkSamples) {
           const rms = Math.sqrt(this.sumSq / Math.max(1, this.chunkSamples * this.step));
-          this.port.postMessage({ pcm: this.chunk.buffer, rms }, [this.chunk.buffer]);
+          const t = currentTime + (i + 1) / sampleRate; // the chunk ends with input frame i
+          this.port.postMessage({ pcm: this.chunk.buffer, rms, t }, [this.chunk.buffer]);
           this.chunk = new Int16Array(this.chunkSamples);
           this.n = 0;
           this.sumSq = 0;
@@ -78,6 +83,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
     this.played = 0; // 24 kHz samples actually sent to the speakers (flushed ones never count)
     this.blocks = 0;
     this.wasPlaying = false;
+    this.marks = []; // [{pos, token}] in pos order: samples whose playback start the page wants timed
     this.port.onmessage = (e) => this.onMessage(e.data);
   }
 
@@ -89,8 +95,12 @@ class PlayerProcessor extends AudioWorkletProcessor {
       for (let i = 0; i < n; i++) this.ring[(this.w + i) & this.mask] = pcm[i];
       this.w += n;
       this.dropped += pcm.length - n;
+    } else if (msg.type === "mark") {
+      this.marks.push({ pos: msg.pos, token: msg.token });
     } else if (msg.type === "flush") {
       const readPos = Math.floor(this.r);
+      for (const m of this.marks) this.port.postMessage({ type: "reached", token: m.token, flushed: true });
+      this.marks = [];
       this.r = this.w; // drop everything queued: the user is talking over the reply
       this.port.postMessage({
         type: "flushed", played: Math.floor(this.played), readPos, writePos: this.w, token: msg.token,
@@ -114,6 +124,10 @@ class PlayerProcessor extends AudioWorkletProcessor {
     for (let i = 0; i < frames; i++) {
       const ir = Math.floor(this.r);
       if (ir + 1 < this.w) {
+        while (this.marks.length && this.marks[0].pos <= ir) { // sample pos is in this frame's output
+          const m = this.marks.shift();
+          this.port.postMessage({ type: "reached", token: m.token, t: currentTime + i / sampleRate });
+        }
         const f = this.r - ir;
         const a = this.ring[ir & this.mask];
         ch0[i] = a + (this.ring[(ir + 1) & this.mask] - a) * f;

@@ -1,0 +1,434 @@
+"""The conversation core: the one place for the rules of a Thinker conversation.
+
+Both ways of running a conversation -- :class:`omnistream.chat.OmniChat` in process and the
+thinker stage worker (:mod:`omnistream.runtime.workers`, which also serves the in-process client)
+-- hold a :class:`Conversation` and only move its inputs and outputs. The rules it owns:
+
+* the system prompt and the chat-template framing of every turn (``<|im_start|>user`` ...
+  ``<|im_end|>\\n<|im_start|>assistant\\n``);
+* media segments: audio blocks and video patches go into the open segment; with a window, a long
+  media turn is cut into segments of at most ``segment_s`` seconds (see :class:`SegmentCutter`);
+* feeding the Talker: every row the Thinker prefills outside a reply is handed to a
+  :class:`TalkerFeed` as prompt rows (in process: the ``StreamingTalker`` itself; across stages: a
+  ``PromptRows`` message), and cut back when the Thinker is;
+* decoding: :meth:`Conversation.begin_reply` returns a :class:`Reply` whose ``next_token`` samples
+  from the Thinker's logits; the caller runs the forward that appends the token (alone, or batched
+  with other sessions' tokens by the stage scheduler) and hands the step back to ``accept``, which
+  returns the text delta; ``Conversation.end_reply`` closes the assistant turn;
+* truncation to what the user heard (one codec token per reply text token).
+
+Nothing here knows about sockets, threads or batches: that is what lets one copy serve all paths.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from omnistream.memory.window_config import AUDIO_TOKENS_PER_SECOND
+from omnistream.talker.thinker import StreamingThinker, ThinkerStep, sample
+
+SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+SAMPLE_RATE = 24000  # Token2Wav's output rate (BigVGAN at 24 kHz)
+
+
+@dataclass(frozen=True)
+class SpeechRates:
+    """How reply text, codec tokens and PCM line up, read from the checkpoint's Token2Wav config.
+
+    One codec token is ``repeats`` mel frames (the DiT's ``repeats``) of ``hop`` samples each (the
+    product of BigVGAN's ``upsample_rates``): 2 x 240 = 480 samples = 20 ms at 24 kHz in
+    Qwen2.5-Omni, so 50 codes per second.
+    """
+
+    samples_per_code: int = 480
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def codes_per_second(self) -> float:
+        return self.sample_rate / self.samples_per_code
+
+    @classmethod
+    def from_checkpoint(cls, ck) -> SpeechRates:
+        """From the checkpoint's config (present even when Token2Wav itself was not loaded)."""
+        t2w = getattr(ck.config, "token2wav_config", None)
+        if t2w is None:
+            return cls()
+        repeats = int(t2w.dit_config.repeats)
+        hop = math.prod(t2w.bigvgan_config.upsample_rates)
+        return cls(samples_per_code=repeats * hop)
+
+
+class TalkerFeed(Protocol):
+    """Where the Talker's prompt rows go (the Talker's KV cache follows the Thinker's)."""
+
+    def prompt_rows(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                    next_position: int) -> None:
+        """Rows ``(n, D)`` with their TMRoPE ``positions (3, n)``; ``next_position``: the voice bos slot."""
+
+    def truncate_prompt(self, n_tokens: int) -> None:
+        """The Thinker was cut back to ``n_tokens``."""
+
+
+@dataclass
+class TurnStats:
+    """Where the time of one turn went (seconds, wall clock)."""
+
+    audio_s: float = 0.0  # seconds of audio received
+    video_frames: int = 0  # frames received (before resampling)
+    video_s: float = 0.0  # time of the last frame received
+    audio_blocks: int = 0
+    video_patches: int = 0
+    encode_s: float = 0.0  # encoders, while streaming and at end of turn
+    prefill_s: float = 0.0  # Thinker forwards over encoded chunks and prompt text
+    end_of_input_s: float = 0.0  # end of turn -> the prompt fully prefilled
+    ttft_s: float = 0.0  # end of turn -> first reply token
+    first_audio_s: float = 0.0  # end of turn -> first PCM chunk of the reply
+    decode_s: float = 0.0  # end of turn -> reply complete (text and speech)
+    reply_tokens: int = 0
+    codec_tokens: int = 0
+    audio_out_s: float = 0.0  # seconds of speech produced
+    cancelled: bool = False
+    code_times: list = field(default_factory=list)  # perf_counter() when each codec token was ready
+
+    @property
+    def rtf(self) -> float:
+        """Reply compute time per second of speech produced (< 1: faster than real time)."""
+        return self.decode_s / self.audio_out_s if self.audio_out_s else math.nan
+
+
+class TextDeltas:
+    """Reply text as it decodes: whole UTF-8 characters only (byte-level BPE can split one across
+    tokens), decoding only the not-yet-shown tokens so each step costs O(1)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0  # tokens whose text was emitted (it ended on a whole character)
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the new text, or "" while a character is incomplete."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids[self.shown:], skip_special_tokens=True)
+        if not text or text.endswith("\ufffd"):
+            return ""
+        self.shown = len(self.ids)
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back (at the end of the reply)."""
+        text = self.tok.decode(self.ids[self.shown:], skip_special_tokens=True)
+        self.shown = len(self.ids)
+        return text
+
+
+class SegmentCutter:
+    """Cuts a long media turn into segments of at most ``segment_s`` seconds.
+
+    Why: inside ONE open audio-in-video segment TMRoPE keeps the video tokens' h/w positions at the
+    segment start while time advances, so the position span inside a sliding window grows with the
+    turn and no shift bounds it; cut segments bound it by about two segments. Audio blocks (2 s)
+    and video patches (``2 / fps`` s) that would overflow the open segment are held back until
+    every stream of the turn has one, then the cut is made (so each segment gets both audio and
+    video); turns shorter than ``segment_s`` are untouched. ``segment_s=None``: never cut.
+    """
+
+    def __init__(self, segment_s: float | None, streams: tuple[str, ...], feed, cut):
+        self.segment_s, self.streams = segment_s, streams
+        self.feed, self.cut = feed, cut  # feed(kind, item); cut(): close the segment and open the next
+        self.held: dict[str, list] = {k: [] for k in streams}
+        self.seg_s: dict[str, float] = {k: 0.0 for k in streams}
+        self.cuts = 0
+
+    def push(self, kind: str, item, seconds: float) -> None:
+        if self.segment_s is None:
+            self.feed(kind, item)
+            return
+        self._place(kind, item, seconds)
+        while all(self.held[k] for k in self.streams):  # every stream overflows: cut
+            self.cut()
+            self.cuts += 1
+            self.seg_s = {k: 0.0 for k in self.streams}
+            for k in self.streams:
+                queue, self.held[k] = self.held[k], []
+                for it, sec in queue:
+                    self._place(k, it, sec)
+
+    def _place(self, kind: str, item, seconds: float) -> None:
+        if self.held[kind] or (self.seg_s[kind] > 0 and self.seg_s[kind] + seconds > self.segment_s + 1e-6):
+            self.held[kind].append((item, seconds))
+        else:
+            self.feed(kind, item)
+            self.seg_s[kind] += seconds
+
+    def flush(self) -> None:
+        """End of turn: what is still held goes into the open segment (the other stream ended)."""
+        for k in ("video", "audio"):
+            for it, _ in self.held.get(k, []):
+                self.feed(k, it)
+            self.held[k] = []
+
+
+class Reply:
+    """One assistant reply being decoded. ``next_token`` -> (the caller appends the token to the
+    Thinker, alone or in a batch) -> ``accept(step)`` -> text delta; until ``done``."""
+
+    def __init__(self, conv: Conversation, max_new_tokens: int, temperature: float, seed: int | None):
+        self.conv = conv
+        self.start = conv.thinker.n_tokens
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.deltas = TextDeltas(conv.tok)
+        self.ended = False  # a stop token was decoded
+        self.n_decoded = 0
+        self.texts: list[str] = []
+        self.gen, self.top_k, self.top_p = None, None, None
+        if temperature > 0:  # the checkpoint's top-k / top-p, as the Thinker's generate uses them
+            gc = conv.thinker.thinker.generation_config
+            self.top_k, self.top_p = gc.top_k, gc.top_p
+            self.gen = torch.Generator(device=conv.thinker.device)
+            self.gen.manual_seed(seed) if seed is not None else self.gen.seed()  # global RNG untouched
+
+    @property
+    def ids(self) -> list[int]:
+        return self.deltas.ids
+
+    @property
+    def done(self) -> bool:
+        return self.ended or self.n_decoded >= self.max_new_tokens
+
+    def next_token(self) -> int:
+        """Sample the next token from the Thinker's logits (greedy at temperature 0)."""
+        return sample(self.conv.thinker.next_token_logits(), self.temperature, self.top_k, self.top_p, self.gen)
+
+    def accept(self, token: int) -> tuple[ThinkerStep, str]:
+        """The token was appended to the Thinker: its step (for the Talker) and the new text."""
+        th = self.conv.thinker
+        self.n_decoded += 1
+        step = ThinkerStep(token, th.last_embed, th.last_hidden)
+        if token in self.conv.stop_ids:
+            self.ended = True
+            return step, ""
+        text = self.deltas.push(token)
+        if text:
+            self.texts.append(text)
+        return step, text
+
+    def flush(self) -> str:
+        text = self.deltas.flush()
+        if text:
+            self.texts.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+class Conversation:
+    """A multi-turn Thinker conversation (see the module docstring for the rules it owns).
+
+    ``feed``: where the Talker's prompt rows go (None: text only, nothing is recorded).
+    ``window``: a :class:`~omnistream.memory.window_cache.WindowConfig` (sinks + sliding window)
+    or None (the growing cache). ``segment_s`` applies only with a window.
+    """
+
+    def __init__(self, ck, *, system_prompt: str | None = SYSTEM_PROMPT, fps: float = 2.0, window=None,
+                 segment_s: float | None = 60.0, feed: TalkerFeed | None = None):
+        if segment_s is not None and not segment_s > 0:
+            raise ValueError(f"segment_s must be > 0 or None, not {segment_s!r}")
+        self.ck, self.tok, self.fps, self.feed = ck, ck.tokenizer, fps, feed
+        self.segment_s = segment_s if window is not None else None
+        self.rates = SpeechRates.from_checkpoint(ck)
+        record = feed is not None
+        if window is None:  # the growing cache: exact, memory grows with the session
+            self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=record)
+        else:  # sinks + sliding window: bounded memory for hours-long sessions
+            from omnistream.memory.window_cache import window_thinker
+
+            self.thinker = window_thinker(ck.thinker, window, tokenizer=ck.tokenizer, record=record)
+        self.stop_ids = {self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<|endoftext|>")}
+        self.sent = 0  # prompt rows the Talker holds
+        self.reply: Reply | None = None  # the reply being decoded
+        self.turn_start: int | None = None  # Thinker length where the open user turn began
+        self.media: tuple[str, ...] = ()  # streams of the open turn ("audio", "video")
+        self._cutter: SegmentCutter | None = None
+        self.segments_cut = 0  # media segments closed early by segment_s (this conversation)
+        self.last_reply: tuple[int, int] | None = None  # (reply start, reply text tokens)
+        self._reply_end = 0  # Thinker length when the last reply (or its truncation) closed
+        self.stats = TurnStats()
+        self.turn_end_t = time.perf_counter()
+        if system_prompt:
+            self.text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
+
+    # ------------------------------------------------------------------ prefill
+    def text(self, s: str) -> None:
+        """Append text (chat-template pieces included) and feed the Talker."""
+        t = time.perf_counter()
+        self.thinker.append_text(self.tok(s, add_special_tokens=False).input_ids)
+        self._sync()
+        self.stats.prefill_s += time.perf_counter() - t
+
+    def _sync(self) -> None:
+        """Hand what the Thinker prefilled since the last sync to the Talker (never during a reply:
+        the reply's rows reach the Talker as prompt rows of the next turn)."""
+        if self.feed is None or self.reply is not None:
+            return
+        th, start, end = self.thinker, self.sent, self.thinker.n_tokens
+        if end < start:
+            self._truncate_feed(end)
+            start = end
+        e, h = th.records(start, end)  # (n, D) each
+        self.feed.prompt_rows(e, h, th.rope.positions[:, start:end], int(th.rope.next_position))
+        th.release_records(end)
+        self.sent = end
+
+    def _truncate_feed(self, n: int) -> None:
+        if self.feed is not None and self.sent > n:
+            self.feed.truncate_prompt(n)
+            self.sent = n
+
+    # ------------------------------------------------------------------ a user turn
+    @property
+    def turn_open(self) -> bool:
+        return self.turn_start is not None
+
+    def begin_turn(self, *, audio: bool, video: bool) -> None:
+        """Open a user turn that streams ``audio`` and/or ``video`` (both False: a typed turn)."""
+        if self.reply is not None:
+            raise RuntimeError("a reply is being decoded: end it before the next user turn")
+        if self.turn_open:
+            raise RuntimeError("a user turn is already open")
+        self.stats = TurnStats()
+        self.turn_start = self.thinker.n_tokens
+        self.text("<|im_start|>user\n")
+        self.media = tuple(k for k, on in (("audio", audio), ("video", video)) if on)
+        self._cutter = SegmentCutter(self.segment_s, self.media, self._feed, self._cut) if self.media else None
+        self._open_segment()
+
+    def _open_segment(self) -> None:
+        spg = 2.0 / self.fps  # seconds per temporal patch of 2 frames
+        if self.media == ("audio", "video"):
+            self.thinker.begin_video(spg, with_audio=True)
+        elif self.media == ("video",):
+            self.thinker.begin_video(spg)
+        elif self.media == ("audio",):
+            self.thinker.begin_audio()
+
+    def _cut(self) -> None:
+        self.thinker.end_segment()
+        self._open_segment()
+        self.segments_cut += 1
+
+    def _feed(self, kind: str, item) -> None:
+        embeds, grid = item
+        if kind == "audio":
+            self.thinker.append_audio_block(embeds)
+        else:
+            self.thinker.append_video_patch(embeds, grid)
+
+    def append_audio(self, embeds: torch.Tensor) -> None:
+        """One encoded audio block (n, D) of the open turn."""
+        self._append("audio", (embeds, None), embeds.shape[0] / AUDIO_TOKENS_PER_SECOND)
+
+    def append_video(self, embeds: torch.Tensor, grid) -> None:
+        """One encoded temporal patch (h*w/4, D) with its ``grid`` ((1,) h, w) of the open turn."""
+        self._append("video", (embeds, tuple(int(g) for g in grid)), 2.0 / self.fps)
+
+    def _append(self, kind: str, item, seconds: float) -> None:
+        if self._cutter is None or kind not in self.media:
+            raise RuntimeError(f"{kind} for a turn that was not opened with {kind}")
+        t = time.perf_counter()
+        self._cutter.push(kind, item, seconds)
+        self._sync()
+        self.stats.prefill_s += time.perf_counter() - t
+        if kind == "audio":
+            self.stats.audio_blocks += 1
+        else:
+            self.stats.video_patches += 1
+
+    def end_turn(self, text: str | None = None) -> None:
+        """The user stopped: close the media segment, add the typed text, open the assistant turn.
+        A turn that cannot be closed is dropped (so the next one starts clean) and the error raised."""
+        t0 = time.perf_counter()
+        if not self.turn_open:
+            self.begin_turn(audio=False, video=False)
+        if self._cutter is not None:
+            try:
+                self._cutter.flush()
+                self.thinker.end_segment()
+                self._sync()
+            except Exception:
+                self.abort_turn()
+                raise
+        self.text(f"{text or ''}<|im_end|>\n<|im_start|>assistant\n")
+        self.stats.end_of_input_s = time.perf_counter() - t0
+        self.turn_end_t = t0
+        self.turn_start, self._cutter, self.media = None, None, ()
+
+    def abort_turn(self) -> None:
+        """Forget the open user turn (``input_audio_buffer.clear``): the caches go back to where it began."""
+        if not self.turn_open:
+            return
+        self.thinker.truncate(self.turn_start)
+        self._truncate_feed(self.turn_start)
+        self.turn_start, self._cutter, self.media = None, None, ()
+
+    # ------------------------------------------------------------------ the reply
+    def begin_reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None) -> Reply:
+        if self.turn_open:
+            self.end_turn()
+        if self.reply is not None:
+            raise RuntimeError("a reply is already being decoded")
+        self.reply = Reply(self, max_new_tokens, temperature, seed)
+        return self.reply
+
+    def end_reply(self, cancelled: bool = False) -> Reply:
+        """Close the assistant turn (the stop token, or ``<|im_end|>`` after a limit or a cancel)."""
+        r, self.reply = self.reply, None
+        if r is None:
+            raise RuntimeError("no reply to end")
+        if not r.ended:
+            self.text("<|im_end|>")
+        self.text("\n")
+        self.last_reply = (r.start, len(r.ids))
+        self._reply_end = self.thinker.n_tokens
+        self.stats.reply_tokens = len(r.ids)
+        self.stats.cancelled = cancelled
+        return r
+
+    def decode(self, reply: Reply) -> Iterator[tuple[ThinkerStep, str]]:
+        """Decode ``reply`` alone, one token per forward: (step, text delta) per token."""
+        while not reply.done:
+            tok = reply.next_token()
+            self.thinker.append_text([tok])
+            yield reply.accept(tok)
+
+    # ------------------------------------------------------------------ barge-in
+    def truncate_to_played(self, played_samples: int) -> int:
+        """Keep only the part of the last reply the user heard (``played_samples`` of 24 kHz PCM).
+
+        The Talker generates codec token k from reply text token k (one code = ``samples_per_code``
+        samples), so the user heard about ``ceil(played / samples_per_code)`` text tokens. The
+        Thinker's context is cut there and the turn closed. Returns the number of tokens kept.
+        """
+        if self.last_reply is None:
+            raise RuntimeError("no reply to truncate")
+        if self.thinker.n_tokens != self._reply_end or self.turn_open:  # cutting now would cut the new turn
+            raise RuntimeError("the conversation has moved on since the last reply (a new turn began); "
+                               "truncate it before the next turn starts")
+        start, n_text = self.last_reply
+        kept = min(n_text, math.ceil(max(0, played_samples) / self.rates.samples_per_code))
+        self.thinker.truncate(start + kept)
+        self._truncate_feed(start + kept)
+        self.text("<|im_end|>\n")
+        self.last_reply = (start, kept)
+        self._reply_end = self.thinker.n_tokens
+        return kept

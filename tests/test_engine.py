@@ -1,0 +1,143 @@
+"""The engine core, batched: every session of a batch gets exactly what it gets alone.
+
+Oracle: each session's script run alone (a fresh in-process client per session); the batched run
+puts them all on one client at once, with different prompt lengths, one session joining while the
+others are mid-reply, one barged in mid-batch, and sink + window caches that evict at different
+steps in different rows. Greedy text, reply tokens and (seeded) codec-driven PCM must be equal
+(PCM within 1e-5). The scheduler's own figures prove that batches of more than one row ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from omnistream.engine.conversation import Conversation
+from omnistream.engine.load import LoadMeter
+from omnistream.engine.scheduler import Need, Scheduler, run_alone
+from omnistream.runtime.client import AudioDelta, InProcClient, ResponseDone, SessionOptions, TextDelta
+
+SCRIPTS = {  # session -> (options, user turn, join delay s)
+    "short": (SessionOptions(voice="Chelsie", max_new_tokens=10, max_speech_s=0.6, seed=1), "hi", 0.0),
+    "long": (SessionOptions(voice="Chelsie", max_new_tokens=12, max_speech_s=0.6, seed=2, window="48"),
+             "tell me about the weather in the mountains at dawn, please, in detail", 0.0),
+    "window": (SessionOptions(max_new_tokens=14, seed=3, window="40"), "count slowly to twenty", 0.0),
+    "late": (SessionOptions(voice="Chelsie", max_new_tokens=8, max_speech_s=0.6, seed=4), "and you?", 0.4),
+}
+
+
+async def _one(c, options, text, delay, barge_at=None):
+    await asyncio.sleep(delay)
+    sid = await c.open_session(options)
+    await c.commit(sid, text)
+    texts, pcm, done = [], [], None
+    async for ev in c.respond(sid):
+        if isinstance(ev, TextDelta):
+            texts.append(ev.text)
+        elif isinstance(ev, AudioDelta):
+            pcm.append(ev.pcm)
+            if barge_at is not None and len(pcm) == barge_at:
+                await c.cancel(sid)
+        elif isinstance(ev, ResponseDone):
+            done = ev
+    await c.close_session(sid)
+    return "".join(texts), np.concatenate(pcm) if pcm else np.zeros(0, np.float32), done
+
+
+def _run(tiny, scripts, barge=None):
+    async def main():
+        c = InProcClient(tiny)
+        await c.start()
+        try:
+            out = await asyncio.gather(*[_one(c, o, t, d, barge.get(k) if barge else None)
+                                         for k, (o, t, d) in scripts.items()])
+            return dict(zip(scripts, out)), c.status()["scheduler"]
+        finally:
+            await c.close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.timeout(900)
+def test_sessions_in_a_batch_get_what_they_get_alone(tiny):
+    batched, sched = _run(tiny, SCRIPTS)
+    assert sched["thinker"]["thinker.decode"]["max_batch"] >= 3  # rows of several sessions in one forward
+    assert sched["talker"]["talker.step"]["max_batch"] >= 2
+    for name, script in SCRIPTS.items():
+        alone, _ = _run(tiny, {name: script})
+        (bt, bp, bd), (st, sp, sd) = batched[name], alone[name]
+        assert bt == st and bd.reply_tokens == sd.reply_tokens, name
+        assert bp.shape == sp.shape, name
+        if sp.size:
+            assert np.abs(bp - sp).max() <= 1e-5, name
+
+
+@pytest.mark.timeout(900)
+def test_a_barge_in_drops_one_row_and_never_disturbs_the_others(tiny):
+    scripts = {k: SCRIPTS[k] for k in ("short", "long", "late")}
+    batched, _ = _run(tiny, scripts, barge={"short": 1})
+    assert batched["short"][2].cancelled
+    for name in ("long", "late"):
+        alone, _ = _run(tiny, {name: scripts[name]})
+        assert batched[name][0] == alone[name][0]
+        assert not batched[name][2].cancelled
+        assert np.abs(batched[name][1] - alone[name][1]).max() <= 1e-5
+
+
+def test_scheduler_batches_needs_and_isolates_a_failing_batch():
+    calls = []
+
+    def double(args):
+        calls.append(len(args))
+        if any(a < 0 for a in args):
+            raise ValueError("negative row")
+        return [2 * a for a in args]
+
+    def task(x, out):
+        for _ in range(3):
+            x = yield Need("double", x)
+            yield  # one model call per tick
+        out.append(x)
+
+    from omnistream.engine.scheduler import Running
+
+    outs, ended = [[], [], []], []
+    runs = {i: Running(task(x, outs[i])) for i, x in enumerate((1, 2, 3))}
+    s = Scheduler({"double": double})
+    while s.tick(list(runs.items()), lambda k, e: ended.append((k, e))):
+        pass
+    assert [o[0] for o in outs] == [8, 16, 24] and calls == [3, 3, 3]  # one call per tick for all rows
+    assert sorted(k for k, e in ended if e is None) == [0, 1, 2]
+    bad = {0: Running(task(-1, [])), 1: Running(task(5, []))}
+    errors = []
+    s.tick(list(bad.items()), lambda k, e: errors.append((k, type(e).__name__)))
+    assert sorted(errors) == [(0, "ValueError"), (1, "ValueError")]  # a failed forward is never re-run
+    assert run_alone(task(1, out := []), {"double": double}) is None and out == [8]
+
+
+def test_conversation_core_decodes_what_the_thinker_generates(tiny):
+    """The core's reply loop equals StreamingThinker.generate (transformers-checked) on the same prompt."""
+    a = Conversation(tiny)
+    a.end_turn("hello there")
+    r = a.begin_reply(max_new_tokens=12)
+    ids = [step.token for step, _ in a.decode(r)]
+    a.end_reply()
+    b = Conversation(tiny)
+    b.end_turn("hello there")
+    ref = list(b.thinker.generate(12, stop_ids=b.stop_ids))
+    assert ids == ref and r.ids == [t for t in ref if t not in b.stop_ids]
+
+
+def test_load_meter_admits_by_measured_cost():
+    m = LoadMeter(window_s=100, headroom=0.9, min_sample_s=1.0)
+    assert m.admission(50) is None  # nothing measured: only the hard cap applies
+    import time
+
+    t = time.monotonic()
+    m._last = t - 2.0
+    m.record(0.6, replying=2)  # 2 s wall, 2 replying sessions, 0.6 s busy: 0.15 of the engine each
+    assert m.cost() == pytest.approx(0.15, rel=1e-3)
+    assert m.capacity() == 6
+    assert m.admission(5) is None and "at most 6" in m.admission(6)
