@@ -1,7 +1,10 @@
 """Per-step latency of the JanusVLN agent: dual implicit memory vs re-encoding the history.
 
-    python benchmarks/nav_step.py --json                 # tiny JanusVLN checkpoint (written to a temp dir)
-    python benchmarks/nav_step.py --json --model DIR     # a real JanusVLN checkpoint (--device cuda)
+    python -m benchmarks.nav_step --json                 # tiny JanusVLN checkpoint (written to a temp dir)
+    python -m benchmarks.nav_step --json --model DIR     # a real JanusVLN checkpoint (--device cuda)
+
+(``-m``: run as a file, the script's folder comes first on ``sys.path`` and ``benchmarks/kernels.py``
+hides the ``kernels`` package transformers imports.)
 
 Measured in one run (one JSON object on stdout with --json; progress on stderr), same checkpoint,
 same frames (seeded random RGB frames of ``--frame`` size, 224x224 by default: 261 VGGT tokens and
@@ -141,19 +144,27 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     hw = tuple(int(x) for x in args.frame.lower().split("x"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    tmp = None
+    with tempfile.TemporaryDirectory() as tmp:  # removed on every exit path, Ctrl-C included
+        res = _measure(args, hw, dtype, tmp)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+    return res
+
+
+def _measure(args, hw, dtype, tmp: str) -> dict:
     model_dir = args.model
+    kw = {"vggt_path": args.vggt, "device": args.device, "dtype": dtype, "max_new_tokens": args.max_new_tokens}
     if model_dir is None:
         from omnistream.navigation.tiny import TINY_VGGT, make_tiny_janus
 
-        tmp = tempfile.TemporaryDirectory()
-        # VGGT-1B's input width (518) would make a 224-px frame 518 px wide; the tiny aggregator's
-        # img_size sets the width the agent resizes to, so give it the frame width.
-        model_dir = make_tiny_janus(
-            Path(tmp.name) / "tiny-janus",
-            vggt={**TINY_VGGT, "img_size": hw[1] // 14 * 14},
-        )
-    kw = {"vggt_path": args.vggt, "device": args.device, "dtype": dtype, "max_new_tokens": args.max_new_tokens}
+        # JanusVLN's input width (644) would make a 224-px frame 644 px wide: the tiny checkpoint is fed
+        # frames at their own width (rounded to the patch size), as its aggregator's img_size says
+        width = hw[1] // 14 * 14
+        model_dir = make_tiny_janus(Path(tmp) / "tiny-janus", vggt={**TINY_VGGT, "img_size": width})
+        kw["vggt_width"] = width
     dual = JanusAgent.from_pretrained(model_dir, memory=MemoryConfig(8, 48), **kw)
     res = {"model": args.model or "tiny", "device": args.device, "dtype": args.dtype, "frame": list(hw)}
     res["dual"] = run_dual(dual, args.steps, hw, args.device)
@@ -179,13 +190,6 @@ def main(argv=None) -> dict:
     res["speedup_vs_reencode_32"] = res.pop("speedup_vs_reencode_32")
     res["step_time_ratio_500_vs_60"] = res["dual"]["step_time_ratio_500_vs_60"]
     res["memory_bytes_max"] = max(res["dual"]["memory_bytes_max"], res["memory_bytes_after_extra_steps"])
-    if tmp is not None:
-        tmp.cleanup()
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        for k, v in res.items():
-            print(f"{k}: {v}")
     return res
 
 

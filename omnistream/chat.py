@@ -23,7 +23,14 @@ import numpy as np
 
 from omnistream.encoders.audio import AudioStream
 from omnistream.encoders.vision import VideoStream, iter_video_frames
-from omnistream.engine.conversation import SAMPLE_RATE, SYSTEM_PROMPT, Conversation, TextDeltas, TurnStats
+from omnistream.engine.conversation import (
+    SAMPLE_RATE,
+    SYSTEM_PROMPT,
+    Conversation,
+    TextDeltas,
+    TurnStats,
+    parse_window,
+)
 from omnistream.talker.talker import StreamingTalker, TalkerConfig
 from omnistream.talker.token2wav import DEFAULT as TOKEN2WAV_DEFAULT
 from omnistream.talker.token2wav import StreamingConfig, StreamingToken2Wav
@@ -255,20 +262,6 @@ def media_events(audio: tuple[np.ndarray, int] | None, video_source: str | None,
         streams.append(video_events())
     for t, _, kind, data, rate in heapq.merge(*streams, key=lambda e: (e[0], e[1])):
         yield t, kind, data, rate
-
-
-def parse_window(spec: str | None, video: bool = False):
-    """``--window``: a token count ("8192") or seconds of media ("600s"); None keeps the growing cache."""
-    if not spec:
-        return None
-    from omnistream.memory.window_cache import WindowConfig
-
-    try:
-        if spec.endswith("s"):  # 25 audio tokens/s, plus 64 merged video tokens per 1-s patch
-            return WindowConfig.from_seconds(float(spec[:-1]), tokens_per_second=25 + (64 if video else 0))
-        return WindowConfig(window_tokens=int(spec))
-    except ValueError as e:
-        raise ValueError(f"--window {spec!r}: give a token count like 8192 or seconds like 600s ({e})") from e
 
 
 def run_chat(args) -> int:

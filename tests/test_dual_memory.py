@@ -19,14 +19,29 @@ def _attn(q, k, v):
 
 
 def _kept(t: int, cfg: MemoryConfig) -> list[int]:
-    """Frames held after frame t (0-based) joined: the initial ones + the most recent ones."""
+    """Frames frame t (0-based) attends to, itself included, re-derived from the two trim rules.
+
+    trim after the step (JanusVLN: the aggregator appends frame t's K/V to a cache trimmed after step
+    t-1): the initial frames and the ``recent_frames`` frames *before* t, then t. Trim before: the
+    initial frames and the ``recent_frames`` most recent frames, t counted among them."""
+    I, R = cfg.initial_frames, cfg.recent_frames
+    if cfg.trim_after_step:
+        before = list(range(t))
+        return before[:I] + before[I:][-R:] + [t]
     frames = list(range(t + 1))
-    init = frames[: cfg.initial_frames]
-    recent = [f for f in frames[cfg.initial_frames :]][-cfg.recent_frames :]
-    return init + recent
+    return frames[:I] + frames[I:][-R:]
 
 
-@pytest.mark.parametrize("cfg", [MemoryConfig(2, 3), MemoryConfig(0, 4), MemoryConfig(8, 48)])
+def test_janusvln_window_attends_57_frames():
+    """The default is JanusVLN's rule: 8 initial + the 48 frames before + the new one."""
+    cfg = MemoryConfig()
+    assert cfg.trim_after_step and cfg.attended_frames == 57
+    assert len(_kept(100, cfg)) == 57 and _kept(100, cfg)[8] == 100 - 48
+    assert MemoryConfig(trim_after_step=False).attended_frames == 56
+
+
+@pytest.mark.parametrize("cfg", [MemoryConfig(2, 3), MemoryConfig(0, 4), MemoryConfig(8, 48), MemoryConfig(2, 3, False),
+                                 MemoryConfig(0, 1, False), MemoryConfig(8, 48, False)])
 def test_eviction_keeps_initial_and_recent_and_attention_matches(cfg):
     g = torch.Generator().manual_seed(0)
     L, B, H, F, D = 2, 1, 2, 5, 8
@@ -55,8 +70,8 @@ def test_eviction_keeps_initial_and_recent_and_attention_matches(cfg):
         mem.end()
         assert mem.kept_frames() == _kept(t, cfg)
         sizes.append(mem.memory_bytes())
-    assert mem.held_frames == cfg.capacity and mem.frames_seen == T
-    # allocated once at the first frame: constant, and bounded by (capacity + 1 slack) frames
+    assert mem.held_frames == cfg.attended_frames and mem.frames_seen == T
+    # allocated once at the first frame: constant, and bounded by capacity + 1 frames (the kept ones + the new one)
     assert len(set(sizes)) == 1
     assert sizes[0] == L * 2 * B * H * (cfg.capacity + 1) * F * D * 4
 
@@ -80,11 +95,15 @@ def test_prefix_and_transient_tokens():
     _t_k, K = fwd(1)  # one generated token sees prefix, frame and suffix
     assert K.shape[-2] == 4 + F + 3
     torch.testing.assert_close(K[:, :, :4], p_k)
-    _f1, K = fwd(F, frame=F)  # the next frame drops the transient tokens
-    assert K.shape[-2] == 4 + 2 * F
-    f2, K = fwd(F, frame=F)  # evicts frame 1 (recent window of 1), keeps prefix + frame 0
-    assert mem.kept_frames() == [0, 2]
-    rows = torch.cat([p_k, f0[:, :, :F], f2], dim=-2)
+    _f1, K = fwd(F + 2, frame=F)  # the next frame drops the transient tokens (and brings two of its own)
+    assert K.shape[-2] == 4 + 2 * F + 2
+    f2, K = fwd(F + 3, frame=F)  # JanusVLN's trim: frame 2 still sees frame 1 (the recent frame before it)
+    assert mem.kept_frames() == [0, 1, 2] and K.shape[-2] == 4 + 3 * F + 3
+    _t_k, K = fwd(1)  # the transient tokens stay right after the new frame: a generated token sees them all
+    torch.testing.assert_close(K[:, :, 4 + 3 * F : 4 + 3 * F + 3], f2[:, :, F:])
+    f3, K = fwd(F, frame=F)  # now frame 1 leaves (trimmed lazily, at this frame), prefix + frame 0 stay
+    assert mem.kept_frames() == [0, 2, 3]
+    rows = torch.cat([p_k, f0[:, :, :F], f2[:, :, :F], f3], dim=-2)
     assert torch.equal(K.sort(dim=-2).values, rows.sort(dim=-2).values)
 
 

@@ -144,21 +144,22 @@ def test_actions_and_unparseable_counted(janus_dir):
 
 def test_memory_bytes_constant_after_window_fills(janus_dir):
     cfg = MemoryConfig(initial_frames=2, recent_frames=3)
-    agent = JanusAgent.from_pretrained(janus_dir, memory=cfg, max_new_tokens=2)
+    agent = JanusAgent.from_pretrained(janus_dir, memory=cfg, max_new_tokens=2, vggt_width=112)
     agent.reset(_Episode())
     sizes = []
     for f in _frames(9, seed=3):
         agent.step(f)
         sizes.append(agent.memory_bytes())
-    assert agent.memory.spatial.kept_frames() == [0, 1, 6, 7, 8]
-    assert agent.memory.semantic.kv.kept_frames() == [0, 1, 6, 7, 8]
+    # JanusVLN's trim (after the step): frame 8 sees the 2 initial frames, the 3 before it and itself
+    assert agent.memory.spatial.kept_frames() == [0, 1, 5, 6, 7, 8]
+    assert agent.memory.semantic.kv.kept_frames() == [0, 1, 5, 6, 7, 8]
     assert len(set(sizes[cfg.capacity - 1 :])) == 1 and sizes[0] > 0
     # a frame of another size mid-episode is resized to the episode's frame size, not rejected
     agent.step(_frames(1, seed=4, shape=(80, 60, 3))[0])
-    assert agent.memory_bytes() == sizes[-1] and agent.memory.semantic.kv.kept_frames() == [0, 1, 7, 8, 9]
+    assert agent.memory_bytes() == sizes[-1] and agent.memory.semantic.kv.kept_frames() == [0, 1, 6, 7, 8, 9]
     with pytest.raises(ValueError, match="RGB"):
         agent.step(np.zeros((8, 8), dtype=np.uint8))
-    assert agent.memory.spatial.kept_frames() == [0, 1, 7, 8, 9]  # a bad frame changes nothing
+    assert agent.memory.spatial.kept_frames() == [0, 1, 6, 7, 8, 9]  # a bad frame changes nothing
     agent.reset(_Episode())  # a new episode reuses the buffers
     agent.step(_frames(1)[0])
     assert agent.memory_bytes() == sizes[-1] and agent.memory.semantic.kv.kept_frames() == [0]
@@ -195,17 +196,78 @@ def test_checkpoint_layouts_and_errors(tmp_path, janus_dir):
 
 
 def test_vggt_preprocessing_matches_pil():
-    """VGGT's load_and_preprocess_images ("crop"): PIL bicubic to width 518, height to a multiple of 14."""
+    """VGGT's load_and_preprocess_images ("crop") at JanusVLN's width 644: PIL bicubic to width 644, height
+    to a multiple of 14 by VGGT's own float rule; Qwen2.5-VL gets it cropped to multiples of 28 (644x476)."""
     Image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(5)
     smooth = rng.integers(0, 256, (12, 16, 3)).repeat(40, 0).repeat(40, 1).astype(np.uint8)  # 480x640
     img = vggt_image(smooth)
-    assert tuple(img.shape) == (3, 392, 518)  # round(480 * 518 / 640 / 14) * 14 = 392
-    ref = Image.fromarray(smooth).resize((518, 392), Image.Resampling.BICUBIC)
+    h = round(480 * (644 / 640) / 14) * 14  # load_fn.py's expression: 34.50000000000001 rounds up
+    assert tuple(img.shape) == (3, h, 644) == (3, 490, 644)
+    ref = Image.fromarray(smooth).resize((644, h), Image.Resampling.BICUBIC)
     ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float() / 255.0
     diff = (img - ref).abs()
     assert diff.max().item() <= 2 / 255 + 1e-6 and diff.mean().item() < 1e-3
+    patches, grid = qwen_patches(img, VisionPreprocessing())
+    assert grid.tolist() == [[1, 34, 46]] and patches.shape == (34 * 46, 3 * 2 * 14 * 14)  # 476x644
+    assert tuple(vggt_image(smooth, width=518).shape) == (3, 392, 518)  # VGGT's own width, as an option
     tall = vggt_image(np.zeros((1000, 200, 3), dtype=np.uint8), width=56)
     assert tuple(tall.shape) == (3, 56, 56)  # centre-cropped to a square
-    patches, grid = qwen_patches(img, VisionPreprocessing())
-    assert grid.tolist() == [[1, 28, 36]] and patches.shape == (28 * 36, 3 * 2 * 14 * 14)
+
+
+def _rss_bytes() -> tuple[int, int]:
+    """(current, peak) resident memory of this process."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        cur = int(f.read().split()[1]) * resource.getpagesize()
+    return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def test_wrong_checkpoint_kind_is_refused_before_allocating(tiny_dir, tmp_path):
+    """An Omni checkpoint given as a JanusVLN one: one line naming both kinds, in well under 2 s, and no
+    default-size Qwen2.5-VL built on the way (that took 30 GB of fp32 and the OOM killer)."""
+    import time
+
+    cur0, peak0 = _rss_bytes()
+    t0 = time.perf_counter()
+    with pytest.raises(JanusError) as e:
+        JanusAgent.from_pretrained(tiny_dir)
+    elapsed = time.perf_counter() - t0
+    cur1, peak1 = _rss_bytes()
+    msg = str(e.value)
+    assert "qwen2_5_omni" in msg and "Qwen2_5OmniForConditionalGeneration" in msg and "'qwen2_5_vl'" in msg
+    assert "\n" not in msg and elapsed < 2.0
+    assert cur1 - cur0 < 100 * 2**20 and peak1 - peak0 < 100 * 2**20
+    # other kinds of wrong directory, each named
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text('{"architectures": ["VGGT"]}')
+    with pytest.raises(JanusError, match="no model_type"):
+        JanusAgent.from_pretrained(tmp_path / "cfg")
+    (tmp_path / "cfg" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    with pytest.raises(JanusError, match="no \\*.safetensors"):
+        JanusAgent.from_pretrained(tmp_path / "cfg")
+
+
+def test_bf16_on_cpu_matches_fp32_within_tolerance(janus_dir):
+    """Issue 13: the tiny agent runs in bf16 on the CPU. Tolerance: each step's next-token logits within 3% of
+    their largest magnitude of fp32's (bf16 keeps 8 bits of mantissa; measured ~1%), and wherever fp32's top
+    choice leads by more than twice that step's difference, bf16 picks the same first token."""
+    agents = {dt: JanusAgent.from_pretrained(janus_dir, dtype=dt, max_new_tokens=3, vggt_width=112)
+              for dt in ("fp32", "bf16")}
+    assert agents["bf16"].dtype == torch.bfloat16 and agents["bf16"].vggt.camera_token.dtype == torch.bfloat16
+    for a in agents.values():
+        a.reset(_Episode())
+    decided = 0
+    for t, f in enumerate(_frames(4, seed=7)):
+        obs = Observation(rgb=f, step=t, position=np.zeros(3), heading=0.0)
+        act = {dt: a.act(obs) for dt, a in agents.items()}
+        ref, low = agents["fp32"].last_logits, agents["bf16"].last_logits
+        err = (ref - low).abs().max().item()
+        assert err <= 0.03 * ref.abs().max().item()
+        top = ref.topk(2).values
+        if (top[0] - top[1]).item() > 2 * err:
+            decided += 1
+            assert int(low.argmax()) == int(ref.argmax())
+        assert act["bf16"] in ACTIONS and act["fp32"] in ACTIONS
+    assert decided >= 1  # the comparison was not vacuous

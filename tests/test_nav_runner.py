@@ -72,8 +72,55 @@ def test_resume_skips_finished_and_repairs_a_cut_line(episodes, tmp_path):
     assert summary["episodes"] == 4
     assert summary["SR"] == pytest.approx(np.mean([r["SR"] for r in third]))
     # another agent into the same OUT would mix runs: refused
-    with pytest.raises(ValueError, match="holds results of agent 'random'"):
-        run(episodes, OracleAgent(), GridSimulator(episodes.parent / "scenes"), out)
+    with pytest.raises(ValueError, match="holds another run: agent was"):
+        run(episodes, OracleAgent(), GridSimulator(episodes.parent / "scenes"), out, max_steps=40)
+
+
+def _other_dataset(episodes, name="other.json.gz"):
+    """The same episodes (same scenes, same ids) with other instructions: another dataset to a resume."""
+    with gzip.open(episodes, "rt") as f:
+        data = json.load(f)
+    for ep in data["episodes"]:
+        ep["instruction"]["instruction_text"] = "another dataset: " + ep["instruction"]["instruction_text"]
+    path = episodes.parent / name
+    with gzip.open(path, "wt") as f:
+        json.dump(data, f)
+    return path
+
+
+def test_resume_refuses_another_run_and_overwrite_starts_over(episodes, tmp_path, capsys):
+    """Issue 12: rerunning into the same --out with another episodes file (or step limit, or agent) used to
+    report the old run's episodes as this run's. Now: one line naming the difference, exit 2, nothing
+    touched; --overwrite starts over with only the new run's episodes."""
+    out = tmp_path / "run"
+    base = ["nav", "--agent", "random", "--out", str(out), "--max-steps", "5", "--no-plots", *SMALL]
+    assert main([*base, "--episodes", str(episodes), "--limit", "2"]) == 0
+    before = (out / "results.jsonl").read_text()
+    ident = json.loads((out / "run.json").read_text())
+    assert ident["split"] == "val" and ident["max_steps"] == 5 and ident["agent"]["seed"] == 0
+    capsys.readouterr()
+    other = _other_dataset(episodes)
+    for extra, named in ([["--episodes", str(other)], "episodes_sha256"],
+                         [["--episodes", str(episodes), "--max-steps", "6"], "max_steps"],
+                         [["--episodes", str(episodes), "--seed", "1"], "agent"],
+                         [["--episodes", str(episodes), "--width", "32"], "simulator"]):
+        args = [*base, *extra]
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"holds another run: {named} was" in err and "--overwrite" in err
+        assert (out / "results.jsonl").read_text() == before  # nothing touched
+    assert main([*base, "--episodes", str(episodes)]) == 0  # the same run resumes
+    assert len(results(out)) == 4
+    assert main([*base, "--episodes", str(other), "--overwrite", "--limit", "3"]) == 0
+    rows = results(out)
+    assert [r["episode_id"] for r in rows] == ["1", "2", "3"]
+    assert all(r["instruction"].startswith("another dataset: ") for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 3 and summary["episodes_file"] == str(other)
+    # results from before run.json existed cannot be checked: refused too
+    (out / "run.json").unlink()
+    assert main([*base, "--episodes", str(other)]) == 2
+    assert "without a run.json" in capsys.readouterr().err
 
 
 def test_malformed_episode_file_is_a_clear_error(tmp_path, capsys):
@@ -191,16 +238,121 @@ def test_oracle_does_not_keep_pushing_into_a_wall(episodes):
 
 
 @pytest.mark.timeout(300)
-def test_janus_agent_through_the_cli(episodes, tmp_path):
-    """`--agent janus --model DIR` on the tiny random JanusVLN checkpoint: random weights generate text that is
-    not an action, so each episode ends at its first step with one counted unparseable output."""
-    from omnistream.navigation.tiny import make_tiny_janus
+def test_janus_agent_through_the_cli(episodes, tmp_path, capsys):
+    """`nav make-tiny DIR`, then `--agent janus --model DIR` on it: random weights generate text that is not an
+    action, so each episode ends early with counted unparseable outputs. `--device cpu --dtype bf16` runs the
+    same path in bf16 (issue 13); a bad --dtype/--device fails in argument parsing, before any load."""
+    model = tmp_path / "tiny-janus"
+    assert main(["nav", "make-tiny", str(model)]) == 0
+    assert "wrote a tiny JanusVLN checkpoint" in capsys.readouterr().out
+    for dtype in ("auto", "bf16"):
+        out = tmp_path / f"janus-{dtype}"
+        assert main(["nav", "--episodes", str(episodes), "--agent", "janus", "--model", str(model), "--out", str(out),
+                     "--limit", "1", "--max-steps", "3", "--no-plots", "--device", "cpu", "--dtype", dtype,
+                     *SMALL]) == 0
+        (rec,) = results(out)
+        assert rec["agent"] == "janus" and 1 <= rec["steps"] <= 3
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["unparseable"] == rec["unparseable"] and summary["episodes"] == 1
+        ident = json.loads((out / "run.json").read_text())  # auto is fp32 on the CPU
+        assert ident["agent"]["dtype"] == {"auto": "torch.float32", "bf16": "torch.bfloat16"}[dtype]
+    capsys.readouterr()
+    for bad in (["--dtype", "fp8"], ["--device", "tpu"], ["--device", "cuda:7"], ["--attn", "flash_attention_2"]):
+        with pytest.raises(SystemExit) as e:
+            main(["nav", "--episodes", str(episodes), "--agent", "janus", "--model", str(model), "--out",
+                  str(tmp_path / "bad"), *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and bad[0] in err, err
+    assert not (tmp_path / "bad").exists()
 
-    model = make_tiny_janus(tmp_path / "tiny-janus")
-    out = tmp_path / "janus"
-    assert main(["nav", "--episodes", str(episodes), "--agent", "janus", "--model", str(model), "--out", str(out),
-                 "--limit", "1", "--max-steps", "3", "--no-plots", *SMALL]) == 0
-    (rec,) = results(out)
-    assert rec["agent"] == "janus" and 1 <= rec["steps"] <= 3
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["unparseable"] == rec["unparseable"] and summary["episodes"] == 1
+
+def test_wrong_checkpoint_kind_through_the_cli(episodes, tiny_dir, tmp_path, capsys):
+    """An Omni checkpoint as --model of the janus agent: one line, exit 2, nothing run."""
+    assert main(["nav", "--episodes", str(episodes), "--agent", "janus", "--model", str(tiny_dir), "--out",
+                 str(tmp_path / "o"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "not a JanusVLN checkpoint" in err and "qwen2_5_omni" in err and len(err.strip().splitlines()) == 1
+
+
+def test_make_tiny_cli_help(tmp_path):
+    """`python -m omnistream.navigation.tiny --help` prints help (it used to create a directory named --help)."""
+    import subprocess
+    import sys
+
+    for cmd in ([sys.executable, "-m", "omnistream.navigation.tiny", "--help"],
+                [sys.executable, "-m", "omnistream.cli", "nav", "make-tiny", "--help"]):
+        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 0 and "usage:" in r.stdout and "--seed" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "omnistream.navigation.tiny"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 2 and "dir" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    import os
+
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(episodes, tmp_path, monkeypatch):
+    """Ctrl-C in a terminal reaches the whole foreground process group: `nav` prints one line and exits 130,
+    the MuJoCo render process prints no traceback and is gone, no temporary file or directory is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    args = ["nav", "--episodes", str(episodes), "--agent", "random", "--out", str(out), "--max-steps", "500",
+            "--no-plots", *SMALL]
+    # the random agent made to never stop: episodes of 500 rendered steps, so Ctrl-C lands mid-episode
+    code = ("from omnistream.navigation.agents import RandomAgent; RandomAgent.__init__.__defaults__ = (0, 0.0); "
+            f"from omnistream.cli import main; raise SystemExit(main({args!r}))")
+    cmd = [sys.executable, "-c", code]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # the render process starts with the first episode
+        kids = _children(proc.pid)
+        assert kids, "the render process never started"
+        time.sleep(1.0)  # mid-episode
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert "KeyboardInterrupt" not in err
+    for k in kids:  # the render process ended with its parent
+        for _ in range(50):
+            try:
+                with open(f"/proc/{k}/stat") as f:
+                    if f.read().rsplit(") ", 1)[1][0] == "Z":
+                        break  # exited, waiting to be reaped
+            except FileNotFoundError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"render process {k} outlived nav")
+    assert list(tmp.iterdir()) == []  # no temporary directory leaked
+    monkeypatch.setattr(RandomAgent.__init__, "__defaults__", (0, 0.0))
+    assert main([*args, "--limit", "1"]) == 0  # and the same command resumes (the identity check agrees)

@@ -218,3 +218,30 @@ def test_habitat_backend_settings(tmp_path):
     assert cfg.sim_cfg.allow_sliding
     assert cfg.agents[0].action_space["move_forward"].actuation.amount == 0.25
     assert cfg.agents[0].action_space["turn_left"].actuation.amount == 15.0
+
+
+def _imports(module) -> set[str]:
+    """Every module a source file imports, at the top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_simulator_layers_point_one_way():
+    """sim <- habitat_sim <- simulators: the interface module never imports a backend built on it (it used to
+    import habitat_sim inside its factory while habitat_sim imported it: a circle)."""
+    import omnistream.navigation.habitat_sim as habitat_mod
+    import omnistream.navigation.sim as sim_mod
+    import omnistream.navigation.simulators as factory
+    from omnistream.navigation.simulators import make_simulator
+
+    assert not {m for m in _imports(sim_mod) if m.startswith("omnistream.navigation.")} & {
+        "omnistream.navigation.habitat_sim", "omnistream.navigation.simulators"}
+    assert "omnistream.navigation.simulators" not in _imports(habitat_mod)
+    assert {"omnistream.navigation.sim", "omnistream.navigation.habitat_sim"} <= _imports(factory)
+    assert isinstance(make_simulator("grid"), GridSimulator)
+    with pytest.raises(ValueError, match="unknown simulator 'unity'"):
+        make_simulator("unity")

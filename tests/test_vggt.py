@@ -73,15 +73,41 @@ def test_streaming_equals_causal_full_forward(agg):
     assert (other[-1][0] - full[-1][0, 1]).abs().max() > 1e-3
 
 
-def test_streaming_with_eviction_is_bounded(agg):
+def _janus_kept(t: int, initial: int, recent: int, trim_after: bool = True) -> list[int]:
+    """Frames frame t attends to. JanusVLN (src/qwen_vl/model/modeling_qwen2_5_vl.py) runs the aggregator
+    with its cache, which appends frame t, and trims the cache to start 8 + recent 48 *afterwards*: frame t
+    sees the initial frames, the `recent` frames before it and itself. Trimming first would count t as
+    recent."""
+    hist = list(range(t)) if trim_after else list(range(t + 1))
+    kept = hist[:initial] + hist[initial:][-recent:]
+    return kept + [t] if trim_after else kept
+
+
+def test_streaming_with_eviction_keeps_janusvln_frames(agg):
+    """Brute force over the kept frames: at the first layer a frame's K/V do not depend on its history, so the
+    streamed frame's output equals the causal forward over exactly the frames the rule keeps (and not the
+    set the trim-before rule would keep). Memory bytes stay constant."""
     g = torch.Generator().manual_seed(1)
+    imgs = torch.rand(1, 7, 3, 28, 28, generator=g)
     mem = FrameKV(TINY.depth, MemoryConfig(1, 2))
     sizes = []
-    for _ in range(6):
-        out = agg.step(torch.rand(1, 3, 28, 28, generator=g), mem)
+    for t in range(7):
+        out = agg.step(imgs[:, t], mem)
         assert torch.isfinite(out[-1]).all()
         sizes.append(mem.memory_bytes())
-    assert mem.kept_frames() == [0, 4, 5] and len(set(sizes)) == 1
+        kept = _janus_kept(t, 1, 2)
+        assert mem.kept_frames() == kept
+        with torch.no_grad():
+            ref = agg(imgs[:, kept], causal=True, num_layers=1)[0][0, -1]
+        torch.testing.assert_close(out[0][0], ref, atol=1e-5, rtol=1e-5)
+        if t >= 3:  # the trim-before set differs from here on, and so does its output
+            before = _janus_kept(t, 1, 2, trim_after=False)
+            with torch.no_grad():
+                other = agg(imgs[:, before], causal=True, num_layers=1)[0][0, -1]
+            assert (out[0][0] - other).abs().max() > 1e-4
+    assert mem.kept_frames() == [0, 4, 5, 6] and len(set(sizes)) == 1
+    # JanusVLN's sizes: frame 100 attends to 8 + 48 + 1 = 57 frames
+    assert len(_janus_kept(100, 8, 48)) == 57 and len(_janus_kept(100, 8, 48, trim_after=False)) == 56
 
 
 def test_load_by_name_and_infer_sizes():

@@ -67,6 +67,29 @@ class SpeechRates:
         return cls(samples_per_code=repeats * hop)
 
 
+def parse_window(spec: str | None, video: bool = False):
+    """A session's cache choice -> a ``WindowConfig`` or None (the growing cache).
+
+    ``None``, ``""`` or ``"none"``: the growing cache (exact; memory grows with the session).
+    ``"auto"``: sinks + a window sized from the model's context (``WindowConfig.resolve``), what
+    ``serve`` uses by default so an hour-long call stays bounded. A token count (``"8192"``) or
+    seconds of media (``"600s"``: 25 audio tokens/s, plus 64 merged video tokens per 1-s patch).
+    """
+    if not spec or spec == "none":
+        return None
+    from omnistream.memory.window_config import WindowConfig
+
+    try:
+        if spec == "auto":
+            return WindowConfig()
+        if spec.endswith("s"):
+            return WindowConfig.from_seconds(float(spec[:-1]), tokens_per_second=25 + (64 if video else 0))
+        return WindowConfig(window_tokens=int(spec))
+    except ValueError as e:
+        raise ValueError(f"window {spec!r}: give auto, none, a token count like 8192 or seconds like 600s ({e})") \
+            from e
+
+
 class TalkerFeed(Protocol):
     """Where the Talker's prompt rows go (the Talker's KV cache follows the Thinker's)."""
 

@@ -10,14 +10,25 @@ each holding the *initial* frames (8) and a sliding window of the *recent* frame
 code implements the spatial half (``StartRecentKVCache(start_size=8, recent_size=48)`` over VGGT's
 frame axis) and re-prefills the LLM with 8 sampled history frames every step; here both halves are
 K/V memories of the same frame-granular kind, :class:`FrameKV`, updated once per step.
+
 (Why not :class:`~omnistream.memory.window_cache.WindowCache`: it is token-granular, so the step's
 transient tokens - the instruction suffix and the answer - would push visual tokens out of its
 window, and it would evict frames piecemeal; here frames enter and leave whole and transient tokens
 never displace anything.)
 
+When the trim happens matters: JanusVLN (``src/qwen_vl/model/modeling_qwen2_5_vl.py``,
+``Qwen2_5_VLForConditionalGenerationForJanusVLN.forward``) calls the aggregator with the cache, which
+appends the new frame's K/V, and only *then* trims it with ``self.kv_cache_vggt(...)``; the cache
+holds 5-D K/V ``(B, H, S, P, D)`` (``src/qwen_vl/model/vggt/models/aggregator.py``, ``Aggregator.forward``:
+``_, _, S_true, _, _ = past_key_values[0][0].shape``; read in a JanusVLN fork, MuHeDing/ClawNav, as the
+stored MIV-XJTU copy has that file as bytecode only), so ``k_seq_dim=2`` trims frames. A new frame
+therefore attends to the 8 initial frames, the 48 frames *before* it, and itself: up to 57 frames.
+:attr:`MemoryConfig.trim_after_step` (the default) does the same; ``False`` trims before the new frame
+is written (at most 56 frames attended, the earlier rule).
+
 :class:`FrameKV` layout, per layer, one buffer allocated once (``(B, H, capacity, D)``)::
 
-    [ prefix | frame slot 0 | ... | frame slot I+R-1 | tail (transient tokens) ]
+    [ prefix | frame slot 0 | ... | frame slot I+R | tail (transient tokens) ]
 
 The held tokens (prefix + held frames) always form the contiguous block ``[0, C)``; a forward's new
 tokens are written right after them (and after the step's transient tokens), so attention reads one
@@ -53,6 +64,9 @@ class MemoryConfig:
 
     initial_frames: int = 8
     recent_frames: int = 48
+    # True (JanusVLN): the window is trimmed after a step, so a frame attends to the initial frames, the
+    # ``recent_frames`` frames before it and itself; False: trimmed before, the frame itself counts as recent
+    trim_after_step: bool = True
 
     def __post_init__(self):
         if self.initial_frames < 0 or self.recent_frames < 1:
@@ -60,7 +74,13 @@ class MemoryConfig:
 
     @property
     def capacity(self) -> int:
+        """Frames kept between steps (after the trim)."""
         return self.initial_frames + self.recent_frames
+
+    @property
+    def attended_frames(self) -> int:
+        """Most frames one step's new frame attends to, itself included."""
+        return self.capacity + int(self.trim_after_step)
 
 
 class FrameKV:
@@ -110,7 +130,7 @@ class FrameKV:
         return sorted(self.slot_frame)
 
     def capacity_tokens(self) -> int:
-        """Buffer rows: prefix + all frame slots + one frame of slack + the transient tail."""
+        """Buffer rows: prefix + all frame slots + the step's new frame + the transient tail."""
         prefix = self.prefix + (self._open[2] if self._open is not None else 0)
         return prefix + (self.config.capacity + 1) * self.frame_tokens + self.tail_tokens
 
@@ -134,7 +154,11 @@ class FrameKV:
                 raise ValueError(
                     f"every frame must have the same token count: got {frame}, the episode uses {self.frame_tokens}"
                 )
-            if self.held_frames == self.config.capacity:
+            # trim-after (JanusVLN) keeps the last step's frame until now: the trim is done lazily here, at
+            # the next frame, because the last step's transient tokens sit right after that frame
+            # (evicting at end() would move held rows under them); what a frame attends to is the same
+            keep = self.config.capacity - (0 if self.config.trim_after_step else 1)  # held frames before the new one
+            if self.held_frames > keep:
                 self._evict()
         self._open = (self.seq_length, n, prefix, frame)
         self._written = set()

@@ -65,6 +65,11 @@ class Agent(ABC):
     def act(self, obs: Observation) -> str:
         """Return one of `ACTIONS`."""
 
+    def settings(self) -> dict:
+        """The settings that change this agent's actions: part of a navigation run's identity, so a
+        resumed run never mixes results of differently configured agents (subclasses add theirs)."""
+        return {"agent": self.name}
+
     def parse(self, text: str) -> str:
         """`parse_action` that counts unparseable outputs in `self.unparseable` (for model agents)."""
         action, ok = parse_action(text)
@@ -154,6 +159,9 @@ class OracleAgent(Agent):
         self._last: tuple[str, np.ndarray] | None = None  # (last action, position it was taken from)
         self._blocked = 0  # consecutive MOVE_FORWARDs that went nowhere
 
+    def settings(self) -> dict:
+        return {**super().settings(), "stop_radius": self.stop_radius, "lookahead": self.lookahead}
+
     def reset(self, episode: Episode) -> None:
         self._goal = np.asarray(episode.goals[0].position, dtype=float)
         self._last, self._blocked = None, 0
@@ -207,6 +215,9 @@ class RandomAgent(Agent):
         self.seed = seed
         self.p_stop = p_stop
         self._rng = np.random.default_rng(seed)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "seed": self.seed, "p_stop": self.p_stop}
 
     def reset(self, episode: Episode) -> None:
         # Seeded per episode so a resumed run gives each episode the same actions as a fresh run.

@@ -7,10 +7,16 @@ What follows JanusVLN's released code (``MIV-XJTU/JanusVLN``, ``src/evaluation.p
   message holding the frames (``<|vision_start|><|image_pad|>...<|vision_end|>`` each, oldest first,
   the current one last) followed by :data:`CONTEXT` with the instruction; greedy decoding of at most
   24 new tokens; the answer names the action.
-* **Images**: VGGT's ``load_and_preprocess_images`` ("crop" mode: width 518, height scaled to a
-  multiple of 14 with bicubic resampling, centre-cropped to 518 if taller, values in [0, 1]); the
-  Qwen2.5-VL input is the same image cropped to multiples of 28 (``do_rescale=False``), normalized
-  with the checkpoint's image mean/std, as one image (the frame repeated over the temporal patch).
+* **Images**: VGGT's ``load_and_preprocess_images`` ("crop" mode: a fixed width, height scaled to a
+  multiple of 14 with bicubic resampling, centre-cropped to a square if taller, values in [0, 1]) with
+  JanusVLN's target width :data:`JANUS_IMAGE_WIDTH` = 644 (VGGT's own is 518; ``vggt_width=518`` gives
+  it); ``call_model`` gives VGGT the image before the crop below. The Qwen2.5-VL input is the same image
+  cropped to multiples of 28 (``call_model``: ``width - (width // patch_size) % merge_size * patch_size``,
+  ``do_rescale=False``), normalized with the checkpoint's image mean/std, as one image (the frame
+  repeated over the temporal patch). A 640x480 frame becomes 644x490 for VGGT (VGGT's height rule in
+  floating point: ``round(480 * (644 / 640) / 14) * 14``) and 644x476 (46x34 patches) for Qwen2.5-VL.
+  (The stored copy of JanusVLN ships ``load_fn.py`` as bytecode only, so the 644 comes from the
+  project's issue 12, not from a line we could read.)
 * **Fusion** (``Qwen2_5_VLForConditionalGenerationForJanusVLN.forward``): the aggregator's
   second-to-last output (``aggregated_tokens[-2]``: frame + global block outputs, 2C = 2048
   channels), patch tokens only, cropped to the merged grid, grouped 2x2 in the order of Qwen's
@@ -23,10 +29,12 @@ re-prefills the LLM every step (only VGGT has a cache there). Here every frame g
 branches exactly once: its VGGT K/V join the spatial memory and its visual tokens' LLM K/V join the
 semantic memory (:mod:`omnistream.memory.dual`: initial 8 + recent 48 frames each). A step runs the
 new frame's segment plus the instruction suffix as one forward against the memory, decodes, and drops
-the suffix and the answer again. Each frame is fused with *its own* spatial features (JanusVLN adds
-the current frame's features to every history image; with a memory, the history images' tokens were
-fused when they were current). With nothing evicted, a step equals transformers' Qwen2.5-VL forward
-over the full prompt (``tests/test_janus_agent.py``).
+the suffix and the answer again. Both memories trim as JanusVLN's VGGT cache does (after the step: a
+frame sees the 8 initial frames, the 48 before it and itself; :class:`~omnistream.memory.dual.MemoryConfig`).
+Each frame is fused with *its own* spatial features (JanusVLN adds the current frame's features to
+every history image; with a memory, the history images' tokens were fused when they were current).
+With nothing evicted, a step equals transformers' Qwen2.5-VL forward over the full prompt
+(``tests/test_janus_agent.py``).
 
 ``reencode=N`` gives the memory-less baseline of the JanusVLN ablation: every step re-runs both
 branches over the current frame plus N history frames sampled as JanusVLN samples them.
@@ -62,6 +70,12 @@ CONTEXT = (
 )
 
 
+# JanusVLN's VGGT input width (issue 12; VGGT's own load_and_preprocess_images uses 518)
+JANUS_IMAGE_WIDTH = 644
+# config.json ``model_type`` a JanusVLN checkpoint has (it is a Qwen2.5-VL one plus VGGT + merger weights)
+JANUS_MODEL_TYPES = ("qwen2_5_vl",)
+
+
 class JanusError(RuntimeError):
     """A JanusVLN checkpoint is missing parts or is malformed; the message names what."""
 
@@ -95,7 +109,9 @@ class VGGTMerger(nn.Module):
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def vggt_image(frame: np.ndarray, width: int = 518, patch: int = 14, height: int | None = None) -> torch.Tensor:
+def vggt_image(
+    frame: np.ndarray, width: int = JANUS_IMAGE_WIDTH, patch: int = 14, height: int | None = None
+) -> torch.Tensor:
     """VGGT's ``load_and_preprocess_images`` ("crop"): (H, W, 3) uint8 -> (3, h, width) float in [0, 1].
     ``height`` forces the resized height (an episode keeps its first frame's size; see ``JanusAgent``)."""
     f = check_frame(frame)
@@ -140,6 +156,54 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
+def weight_names(path: Path) -> list[str]:
+    """Tensor names of a directory's safetensors shards, read from the headers only (no tensor data)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            names.extend(sf.keys())
+    return names
+
+
+def check_checkpoint(path: Path, vggt_path=None) -> dict:
+    """Check that ``path`` is a JanusVLN checkpoint from its small files only, before anything is allocated;
+    returns the parsed ``config.json``.
+
+    Why first: transformers builds whatever config it is handed, so an Omni (or any other) directory given
+    to the Qwen2.5-VL loader became a default-size (7B) Qwen2.5-VL in fp32 and was killed for memory.
+    Checked: ``config.json`` ``model_type`` (and its ``architectures`` for the message), weight shards,
+    tokenizer files, and the ``vggt.aggregator.*`` / ``merger.*`` tensor names (safetensors headers)."""
+    if not (path / "config.json").is_file():
+        raise JanusError(f"{path}: no config.json (expected a JanusVLN / Qwen2.5-VL checkpoint directory)")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JanusError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise JanusError(f"{path / 'config.json'} is not a JSON object")
+    kind, archs = raw.get("model_type"), raw.get("architectures") or []
+    if kind not in JANUS_MODEL_TYPES:
+        found = f"model_type {kind!r}" if kind else "no model_type"
+        found += f" ({', '.join(map(str, archs))})" if archs else ""
+        raise JanusError(f"{path} is not a JanusVLN checkpoint: config.json has {found}; expected model_type "
+                         f"{JANUS_MODEL_TYPES[0]!r} (Qwen2.5-VL + vggt.aggregator.* + merger.* weights)")
+    try:
+        names = weight_names(path)
+    except (OSError, RuntimeError, ValueError) as e:  # a truncated or foreign file
+        raise JanusError(f"{path}: cannot read the safetensors headers: {e}") from e
+    if not names:
+        raise JanusError(f"{path}: no *.safetensors weights (expected model.safetensors or its shards)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        raise JanusError(f"{path}: no tokenizer files (tokenizer.json / vocab.json)")
+    if vggt_path is None and not any(n.startswith("vggt.aggregator.") for n in names):
+        raise JanusError(f"{path}: no vggt.aggregator.* weights; pass vggt_path= (facebook/VGGT-1B)")
+    if not any(n.startswith("merger.") for n in names):
+        raise JanusError(f"{path}: no merger.* weights (the VGGT feature MLP)")
+    return raw
+
+
 def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict:
     """Tensors whose names start with one of ``prefixes`` from a directory's safetensors shards."""
     from safetensors import safe_open
@@ -181,7 +245,7 @@ class JanusAgent(Agent):
         self.visual = model.model.visual
         self.embed = model.get_input_embeddings()
         self.lam, self.max_new_tokens, self.reencode = lam, max_new_tokens, reencode
-        self.vggt_width = vggt_width or vggt.config.img_size  # VGGT-1B: 518, as JanusVLN feeds it
+        self.vggt_width = vggt_width or JANUS_IMAGE_WIDTH
         self.memory_config = memory or MemoryConfig()
         cfg = model.config
         self.ids = {
@@ -218,15 +282,15 @@ class JanusAgent(Agent):
         ``vggt_path``: a ``facebook/VGGT-1B`` directory or file when the checkpoint has no VGGT weights."""
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+        from omnistream.checkpoints import CheckpointError, resolve_dtype
         from omnistream.navigation.vggt import read_state_dict
 
         p = Path(path).expanduser()
-        if not (p / "config.json").exists():
-            raise JanusError(f"{p}: no config.json (expected a JanusVLN / Qwen2.5-VL checkpoint directory)")
+        raw = check_checkpoint(p, vggt_path)  # before anything is allocated
         try:
-            raw = json.loads((p / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise JanusError(f"{p / 'config.json'} is not valid JSON: {e}") from e
+            dtype = resolve_dtype(dtype, device)  # "auto": bf16 on CUDA, fp32 elsewhere
+        except CheckpointError as e:
+            raise JanusError(str(e)) from e
         from transformers.utils import logging as hf_logging
 
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -255,16 +319,12 @@ class JanusAgent(Agent):
             raise JanusError(f"cannot read the VGGT / merger weights ({vggt_path or p}): {e}") from e
         if vggt_path is None:
             agg_sd = {k[len("vggt.aggregator.") :]: v for k, v in extra.items() if k.startswith("vggt.aggregator.")}
-        if not agg_sd:
-            raise JanusError(f"{p}: no vggt.aggregator.* weights; pass vggt_path= (facebook/VGGT-1B)")
         vcfg = raw.get("vggt_config")
         try:
             vggt = load_aggregator(agg_sd, VGGTConfig.from_dict(vcfg) if vcfg else None).to(device, dtype)
         except (RuntimeError, KeyError, ValueError) as e:
             raise JanusError(f"{p}: the VGGT aggregator weights do not load: {e}") from e
         msd = {k[len("merger.") :]: v for k, v in extra.items() if k.startswith("merger.")}
-        if not msd:
-            raise JanusError(f"{p}: no merger.* weights (the VGGT feature MLP)")
         if "mlp.0.weight" not in msd:
             raise JanusError(f"{p}: merger.mlp.0.weight is missing")
         hidden_dim = msd["mlp.0.weight"].shape[0]
@@ -280,7 +340,9 @@ class JanusAgent(Agent):
             raise JanusError(f"{p}: merger weights do not match: {e}") from e
         merger.to(device, dtype).eval()
         lam = raw.get("lam", 0.2) if lam is None else lam
-        return cls(model, tokenizer, vggt, merger, prep, lam=lam, **kw)
+        agent = cls(model, tokenizer, vggt, merger, prep, lam=lam, **kw)
+        agent.source = str(p.resolve())
+        return agent
 
     # ------------------------------------------------------------------ helpers
     def _tok(self, text: str) -> list[int]:
@@ -296,6 +358,13 @@ class JanusAgent(Agent):
 
     def memory_bytes(self) -> int:
         return self.memory.memory_bytes()
+
+    def settings(self) -> dict:
+        """What changes this agent's actions (a navigation run's identity; the device does not)."""
+        m = self.memory_config
+        return {**super().settings(), "model": getattr(self, "source", None), "dtype": str(self.dtype),
+                "lam": self.lam, "vggt_width": self.vggt_width, "max_new_tokens": self.max_new_tokens,
+                "reencode": self.reencode, "memory": [m.initial_frames, m.recent_frames, m.trim_after_step]}
 
     def reset(self, episode) -> None:
         """New episode: empty memories; the instruction goes into every step's suffix."""

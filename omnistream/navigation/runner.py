@@ -1,35 +1,45 @@
 """Run navigation episodes: one agent, one simulator, per-episode results as they finish.
 
 `OUT/results.jsonl` gets one line per finished episode (metrics, steps, collisions, unparseable outputs,
-the trajectory), flushed at once, so an interrupted run loses at most the episode in progress and a
-rerun with the same OUT skips what is done. At the end the means over all finished episodes go to
+the trajectory), flushed at once, so an interrupted run (Ctrl-C: exit 130) loses at most the episode in
+progress and a rerun with the same OUT skips what is done. A rerun resumes only the *same* run: the
+first run writes its identity to `OUT/run.json` (the episode files' content hash, split, simulator,
+agent settings, step limit, code version) and a rerun whose identity differs is refused with the
+difference named (or starts over with `overwrite=True` / `--overwrite`), so results of two datasets or
+two agents never end up in one summary. At the end the means over all finished episodes go to
 `OUT/summary.json` and a table on stdout, and `OUT/plots/<episode_id>.png` shows each episode from above:
 free space, reference path, agent path, start, goal and its success radius.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from omnistream.navigation.agents import ACTIONS, Agent, OracleAgent, RandomAgent
-from omnistream.navigation.episodes import Episode, read_episodes
+from omnistream.navigation.episodes import Episode, gt_path_for, read_episodes
 from omnistream.navigation.metrics import METRIC_KEYS, episode_metrics, summarize
-from omnistream.navigation.sim import Simulator, make_simulator
+from omnistream.navigation.sim import Simulator
+from omnistream.navigation.simulators import make_simulator
 
 log = logging.getLogger(__name__)
 
 MAX_STEPS = 500  # VLN-CE / JanusVLN evaluation limit
 
 
-def make_agent(kind: str, model: str | None = None, seed: int = 0) -> Agent:
-    """oracle | random | janus (JanusVLN from a checkpoint directory, imported only when asked for)."""
+def make_agent(kind: str, model: str | None = None, seed: int = 0, *, device: str = "cpu", dtype="auto",
+               attn: str = "sdpa") -> Agent:
+    """oracle | random | janus (JanusVLN from a checkpoint directory, imported only when asked for; ``device``,
+    ``dtype`` (auto: bf16 on CUDA, fp32 on CPU) and ``attn`` are its)."""
     if kind == "oracle":
         return OracleAgent()
     if kind == "random":
@@ -40,7 +50,7 @@ def make_agent(kind: str, model: str | None = None, seed: int = 0) -> Agent:
         from omnistream.navigation.janus import JanusAgent, JanusError
 
         try:
-            return JanusAgent.from_pretrained(model)
+            return JanusAgent.from_pretrained(model, device=device, dtype=dtype, attn_implementation=attn)
         except JanusError as e:  # a checkpoint problem: one clear line from the CLI, not a traceback
             raise ValueError(str(e)) from e
     raise ValueError(f"unknown agent {kind!r}; expected oracle, random or janus")
@@ -107,6 +117,69 @@ def load_results(path: Path) -> dict[str, dict]:
     return done
 
 
+RUN_FILE = "run.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_identity(episodes_file: str | Path, agent: Agent, sim: Simulator, max_steps: int) -> dict:
+    """What makes two runs the same run: a rerun resumes only if this equals the first run's ``run.json``.
+    ``--limit`` is not part of it (a rerun without it completes the run); the device is not either."""
+    import omnistream
+
+    path = Path(episodes_file)
+    gt = gt_path_for(path)
+    name = path.name.removesuffix(".gz").removesuffix(".json")
+    return {
+        "episodes_sha256": _sha256(path),
+        "ground_truth_sha256": _sha256(gt) if gt.exists() else None,
+        "split": name,
+        "simulator": {"backend": type(sim).__name__, "width": sim.width, "height": sim.height},
+        "agent": agent.settings(),
+        "max_steps": max_steps,
+        "code_version": omnistream.__version__,
+    }
+
+
+def _short(v) -> str:
+    text = json.dumps(v, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to resume into ``out`` a run other than the one it holds (one line naming the difference);
+    with ``overwrite`` remove that run's files (only those this runner writes) and start over."""
+    run_file, results = out / RUN_FILE, out / "results.jsonl"
+    if overwrite:
+        for f in (run_file, results, out / "summary.json"):
+            f.unlink(missing_ok=True)
+        shutil.rmtree(out / "plots", ignore_errors=True)
+    elif run_file.exists():
+        try:
+            held = json.loads(run_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{run_file} is unreadable ({e}): use --overwrite to start over or another --out") from e
+        diff = [k for k in sorted(set(identity) | set(held)) if identity.get(k) != held.get(k)]
+        if diff:
+            k = diff[0]
+            more = f" (and {', '.join(diff[1:])})" if diff[1:] else ""
+            raise ValueError(f"{out} holds another run: {k} was {_short(held.get(k))}, now {_short(identity.get(k))}"
+                             f"{more}; rerun with the same settings to resume, or use --overwrite or another --out")
+        return
+    elif results.exists() and results.stat().st_size:
+        raise ValueError(f"{results} holds results without a {RUN_FILE} (an older run), so it cannot be checked "
+                         "to be this run: use --overwrite to start over or another --out")
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, run_file)
+
+
 def plot_episode(path: Path, result: dict, episode: Episode, sim: Simulator) -> None:
     """Top-down PNG: free space (grey), reference path (green), agent path (blue), goal radius (red)."""
     import matplotlib
@@ -156,8 +229,9 @@ def format_summary(s: dict) -> str:
 
 
 def run(episodes_file: str | Path, agent: Agent, sim: Simulator, out_dir: str | Path, max_steps: int = MAX_STEPS,
-        limit: int | None = None, plots: bool = True, progress: bool = True) -> dict:
-    """Run (or resume) all episodes of a file; returns the summary written to OUT/summary.json."""
+        limit: int | None = None, plots: bool = True, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run (or resume) all episodes of a file; returns the summary written to OUT/summary.json.
+    A rerun into the same OUT resumes only the same run (:func:`check_resume`)."""
     from tqdm import tqdm
 
     if max_steps < 1:
@@ -169,12 +243,9 @@ def run(episodes_file: str | Path, agent: Agent, sim: Simulator, out_dir: str | 
         episodes = episodes[:limit]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_resume(out, run_identity(episodes_file, agent, sim, max_steps), overwrite)
     results_path = out / "results.jsonl"
     done = load_results(results_path)
-    others = {r.get("agent") for r in done.values()} - {agent.name, None}
-    if others:
-        raise ValueError(f"{results_path} holds results of agent {min(others)!r}, not {agent.name!r}: "
-                         "use another --out (a rerun resumes only the same agent's run)")
     todo = [e for e in episodes if e.episode_id not in done]
     if done:
         log.info("resuming: %d of %d episodes already in %s", len(episodes) - len(todo), len(episodes), results_path)
@@ -197,7 +268,9 @@ def run(episodes_file: str | Path, agent: Agent, sim: Simulator, out_dir: str | 
     results = [done[e.episode_id] for e in episodes if e.episode_id in done]
     summary = summarize(results)
     summary.update({"agent": agent.name, "episodes_file": str(episodes_file), "max_steps": max_steps})
-    (out / "summary.json").write_text(json.dumps({k: _nan_safe(v) for k, v in summary.items()}, indent=2) + "\n")
+    tmp = out / "summary.json.tmp"  # replaced whole: an interrupted write never leaves half a summary
+    tmp.write_text(json.dumps({k: _nan_safe(v) for k, v in summary.items()}, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
     return summary
 
 
@@ -206,13 +279,19 @@ def _nan_safe(v):
 
 
 def run_cli(args) -> int:
-    """`omnistream nav --episodes FILE --sim ... --agent ... --out DIR`."""
+    """`omnistream nav --episodes FILE --sim ... --agent ... --out DIR`; Ctrl-C: one line, exit 130."""
     episodes_file = Path(args.episodes)
     scenes_dir = Path(args.scenes_dir) if args.scenes_dir else episodes_file.parent / "scenes"
-    agent = make_agent(args.agent, args.model, args.seed)
-    with make_simulator(args.sim, scenes_dir, args.width, args.height) as sim:
-        summary = run(episodes_file, agent, sim, args.out, args.max_steps, args.limit,
-                      plots=not args.no_plots, progress=not args.no_progress)
+    try:
+        agent = make_agent(args.agent, args.model, args.seed, device=getattr(args, "device", "cpu"),
+                           dtype=getattr(args, "dtype", "auto"), attn=getattr(args, "attn", "sdpa"))
+        with make_simulator(args.sim, scenes_dir, args.width, args.height) as sim:
+            summary = run(episodes_file, agent, sim, args.out, args.max_steps, args.limit,
+                          plots=not args.no_plots, progress=not args.no_progress,
+                          overwrite=getattr(args, "overwrite", False))
+    except KeyboardInterrupt:  # the simulator (and its render process) is closed by now
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     print(f"results: {Path(args.out) / 'results.jsonl'}  summary: {Path(args.out) / 'summary.json'}"
           + ("" if args.no_plots else f"  plots: {Path(args.out) / 'plots'}"))

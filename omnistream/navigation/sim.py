@@ -3,7 +3,8 @@
 `Simulator` is what the runner and the oracle see: reset(episode) -> Observation, step(action) ->
 Observation, the agent's position/heading, whether the last move collided, and geodesic distances /
 shortest paths for the metrics. Two backends implement it: `MujocoSimulator` here (the default,
-on the generated scenes) and `omnistream.navigation.habitat_sim.HabitatSimulator`.
+on the generated scenes) and `omnistream.navigation.habitat_sim.HabitatSimulator`, which builds on this
+module (this one never imports it back); `omnistream.navigation.simulators.make_simulator` picks one.
 
 The agent moves kinematically, as in habitat-sim (whose agents move on the navmesh, not by physics):
 MOVE_FORWARD 0.25 m, TURN_LEFT/RIGHT 15 degrees. A move into an obstacle slides along it: it is split
@@ -255,8 +256,12 @@ def render_worker_main() -> None:
     Replies: ("ok", value) | ("error", message). Stray prints go to stderr so they cannot corrupt replies.
     """
     import pickle
+    import signal
     import sys
 
+    # Ctrl-C is the parent's to handle (it closes this process through stdin); a terminal's SIGINT
+    # reaching this child too would print a KeyboardInterrupt traceback over the parent's message
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     inp = sys.stdin.buffer
@@ -329,9 +334,11 @@ class MujocoSimulator(GridSimulator):
 
         if self._proc is None or self._proc.poll() is not None:
             # a fresh interpreter (not multiprocessing: no re-import of the caller's __main__)
+            # its own session: a terminal's Ctrl-C goes to the parent only, even while the child is still
+            # starting (before it ignores SIGINT itself); the child ends when its stdin closes
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", "from omnistream.navigation.sim import render_worker_main as m; m()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ})
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ}, start_new_session=True)
         try:
             pickle.dump(msg, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self._proc.stdin.flush()
@@ -370,16 +377,3 @@ class MujocoSimulator(GridSimulator):
             self._proc.stdout.close()
             self._proc = None
         self.scene = None  # a later reset reloads the scene into a new renderer
-
-
-def make_simulator(kind: str, scenes_dir=None, width: int = 640, height: int = 480) -> Simulator:
-    """'mujoco' (default, generated scenes) or 'habitat' (needs habitat-sim installed)."""
-    if kind == "mujoco":
-        return MujocoSimulator(scenes_dir, width, height)
-    if kind == "habitat":
-        from omnistream.navigation.habitat_sim import HabitatSimulator
-
-        return HabitatSimulator(scenes_dir, width, height)
-    if kind == "grid":
-        return GridSimulator(scenes_dir, width, height)
-    raise ValueError(f"unknown simulator {kind!r}; expected mujoco or habitat")

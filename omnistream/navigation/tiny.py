@@ -18,10 +18,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from omnistream.checkpoints import VisionPreprocessing, _reinit, tiny_qwen_tokenizer
-
 # Qwen2.5-VL's special tokens (names as in its tokenizer_config.json), ids assigned after the BPE vocab.
 QWEN25VL_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -68,9 +64,11 @@ def make_tiny_janus(
     out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2, lam: float = 0.2, vggt=None
 ) -> Path:
     """Write a tiny random JanusVLN checkpoint to ``out_dir`` and return its path."""
+    import torch  # here, not at the top: the CLI imports this module's argument list at start-up
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from omnistream.checkpoints import VisionPreprocessing, _reinit, tiny_qwen_tokenizer
     from omnistream.navigation.janus import VGGTMerger
     from omnistream.navigation.vggt import VGGTAggregator, VGGTConfig
 
@@ -154,9 +152,40 @@ def make_tiny_janus(
     return out
 
 
-if __name__ == "__main__":  # python -m omnistream.navigation.tiny DIR
-    import sys
+def add_arguments(p) -> None:
+    """The options of ``omnistream nav make-tiny`` and ``python -m omnistream.navigation.tiny`` (one list)."""
+    p.add_argument("dir", help="output directory (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--layers", type=_positive_int, default=2, help="layers of the LLM and vision tower (default 2)")
+    p.add_argument("--lam", type=float, default=0.2, help="weight of the spatial features (config lam, default 0.2)")
 
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m omnistream.navigation.tiny OUT_DIR")
-    print(make_tiny_janus(sys.argv[1]))
+
+def run_cli(args) -> int:
+    out = make_tiny_janus(args.dir, seed=args.seed, layers=args.layers, lam=args.lam)
+    print(f"wrote a tiny JanusVLN checkpoint to {out} (run it with: omnistream nav --agent janus --model {out} ...)")
+    return 0
+
+
+def _positive_int(s: str) -> int:
+    import argparse
+
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} must be >= 1")
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m omnistream.navigation.tiny DIR`` (the same as ``omnistream nav make-tiny DIR``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m omnistream.navigation.tiny", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

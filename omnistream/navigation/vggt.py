@@ -305,8 +305,9 @@ class VGGTAggregator(nn.Module):
         """One new frame ``image`` (B, 3, H, W) in [0, 1] against ``memory`` (a ``FrameKV`` holding
         the global-attention K/V of earlier frames, one entry per layer) -> list of (B, P, 2C).
 
-        The frame's global attention sees the held frames plus itself; afterwards its K/V join the
-        memory (which evicts the oldest non-initial frame when full). ``num_layers`` < depth skips
+        The frame's global attention sees the held frames plus itself; its K/V join the memory, which
+        keeps the initial frames and a window of recent ones (trimmed as JanusVLN trims its cache: see
+        :class:`~omnistream.memory.dual.MemoryConfig`). ``num_layers`` < depth skips
         the top blocks (their outputs and K/V are then never computed nor stored)."""
         n_layers = num_layers or self.config.depth
         if memory.num_layers < n_layers:

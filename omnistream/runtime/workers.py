@@ -33,7 +33,7 @@ from collections.abc import Callable, Generator
 import numpy as np
 import torch
 
-from omnistream.engine.conversation import SAMPLE_RATE, SYSTEM_PROMPT, Conversation, SpeechRates
+from omnistream.engine.conversation import SAMPLE_RATE, SYSTEM_PROMPT, Conversation, SpeechRates, parse_window
 from omnistream.engine.scheduler import Need, Scheduler
 from omnistream.runtime import wire
 from omnistream.runtime.layout import PIPELINE
@@ -205,8 +205,6 @@ class Worker:
     def check(self, options) -> None:
         """Raise ValueError if ``options`` cannot be served (the first worker of the chain rejects them
         before any worker rebuilds anything)."""
-        from omnistream.chat import parse_window
-
         _check_voice(self.ck, options.voice)
         parse_window(options.window, video=True)
 
@@ -357,8 +355,6 @@ class ThinkerWorker(Worker):
     REBUILD_KEYS = ("voice", "system_prompt", "window", "fps")  # baked into the conversation
 
     def build(self, options, sid):
-        from omnistream.chat import parse_window
-
         feed = _WireFeed(self.send, sid) if options.voice is not None else None
         return Conversation(self.ck, system_prompt=options.system_prompt or SYSTEM_PROMPT, fps=options.fps,
                             window=parse_window(options.window, video=True), feed=feed)
