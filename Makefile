@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test test-fast lint bench setup clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	bash tools/system-deps.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The development loop: no subprocess/browser tests, nothing marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not process" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/encoders.py --json

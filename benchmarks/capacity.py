@@ -27,7 +27,6 @@ import asyncio
 import base64
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -144,8 +143,8 @@ async def ramp(client, args) -> dict:
                 break
             best = n
     by = {r["sessions"]: r for r in rows}
-    return {"max_realtime_sessions": best,
-            "throughput_scaling_8": round(by[8]["audio_s_per_wall_s"] / by[1]["audio_s_per_wall_s"], 2) if 8 in by else None,
+    scaling = round(by[8]["audio_s_per_wall_s"] / by[1]["audio_s_per_wall_s"], 2) if 8 in by else None
+    return {"max_realtime_sessions": best, "throughput_scaling_8": scaling,
             "first_audio_p95_s_1": by[1]["first_audio_p95_s"],
             "first_audio_p95_s_8": by[8]["first_audio_p95_s"] if 8 in by else None,
             "underruns": by[best]["underruns"] if best else None,

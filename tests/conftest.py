@@ -16,6 +16,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Modules whose tests start processes (stage processes, a browser, the robot/simulator children, the
+# CLI as a subprocess): `make test-fast` leaves them out (`-m "not slow and not process"`).
+PROCESS_MODULES = {"test_runtime", "test_server_faults", "test_web", "test_robot", "test_robot_talk", "test_robot_io",
+                   "test_nav_runner", "test_nav_sim", "test_server_abuse"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in PROCESS_MODULES:
+            item.add_marker(pytest.mark.process)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     from omnistream.checkpoints import make_tiny

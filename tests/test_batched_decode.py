@@ -20,15 +20,24 @@ import pytest
 from omnistream import kernels as K
 from omnistream.kernels.window_attention import STATS
 from omnistream.memory.batch import BatchCache, cache_kind
-from omnistream.memory.window_cache import WindowCache, WindowConfig, window_thinker
+from omnistream.memory.window_cache import WindowCache, WindowConfig
 from omnistream.talker.talker import StreamingTalker, TalkerConfig, step_talkers
-from omnistream.talker.thinker import StreamingThinker, step_tokens
+from omnistream.talker.thinker import StreamingThinker, step_tokens, window_thinker
 
 TOL = 1e-4
 PROMPTS = [[5, 17, 3, 99, 41], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [300, 301, 302, 303]]
 # (tick the session joins, decode steps): rows join and leave mid-reply
 SCHEDULE = [(0, 12), (0, 5), (2, 10), (4, 6)]
 WINDOW = {"sink_tokens": 2, "window_tokens": 6, "rebase_every": 3, "chunk_tokens": 8}
+
+
+@pytest.fixture(autouse=True)
+def _sdpa_after(tiny):
+    """Kernel-mode thinkers switch the shared tiny Thinker to the window attention: switch it back."""
+    yield
+    from omnistream.kernels.window_attention import disable_window_attention
+
+    disable_window_attention(tiny.thinker)
 
 
 def make_thinker(tiny, kind):

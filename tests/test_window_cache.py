@@ -44,8 +44,8 @@ from transformers import DynamicCache
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb
 
 from omnistream.encoders.tmrope import TMRoPE
-from omnistream.memory.window_cache import WindowCache, WindowConfig, window_thinker
-from omnistream.talker.thinker import StreamingThinker
+from omnistream.memory.window_cache import WindowCache, WindowConfig
+from omnistream.talker.thinker import StreamingThinker, window_thinker
 
 TOL = 1e-5
 
@@ -449,7 +449,8 @@ def test_crop_after_eviction_matches_oracle(lm, thinker, window_attn, kernel):
 
 # ---------------------------------------------------------------------- bounded memory / positions
 def _buffers(cache):
-    return [(t.data_ptr(), tuple(t.shape)) for layer in cache.layers for t in (layer.keys, layer.values, layer.sink_keys)]
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values, layer.sink_keys)]
+    return [(t.data_ptr(), tuple(t.shape)) for t in tensors]
 
 
 def test_memory_bounded_and_positions_small_over_5k_steps(lm):

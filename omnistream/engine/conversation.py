@@ -274,7 +274,7 @@ class Conversation:
         if window is None:  # the growing cache: exact, memory grows with the session
             self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=record)
         else:  # sinks + sliding window: bounded memory for hours-long sessions
-            from omnistream.memory.window_cache import window_thinker
+            from omnistream.talker.thinker import window_thinker
 
             self.thinker = window_thinker(ck.thinker, window, tokenizer=ck.tokenizer, record=record)
         self.stop_ids = {self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<|endoftext|>")}

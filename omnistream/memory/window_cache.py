@@ -45,9 +45,6 @@ decode in one forward through :class:`omnistream.memory.batch.BatchCache` (each 
 
 from __future__ import annotations
 
-from dataclasses import replace
-from functools import partial
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -55,7 +52,7 @@ from .window_config import AUDIO_TOKENS_PER_SECOND, WindowConfig, rope_setup, te
 from .window_kernel import KernelSlots, update_kernel
 from .window_positions import WindowPositions
 
-__all__ = ["AUDIO_TOKENS_PER_SECOND", "WindowCache", "WindowConfig", "WindowLayer", "window_thinker"]
+__all__ = ["AUDIO_TOKENS_PER_SECOND", "WindowCache", "WindowConfig", "WindowLayer"]
 
 
 def _rotate_(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -295,45 +292,3 @@ class WindowCache(WindowPositions, Cache):
                         t[:, :, S : S + W] = t[:, :, S : S + W].roll(-roll, dims=-2)
             self._kslots.roll_ring(S, W, roll)
         self._crop_positions(k, roll)
-
-
-# ---------------------------------------------------------------------- StreamingThinker glue
-class _PositionMappingLM:
-    """Wraps a language model so each call first maps its positions through the WindowCache."""
-
-    def __init__(self, lm):
-        self._lm = lm
-        self.inner = lm  # the wrapped model (batched decode maps positions per row itself)
-
-    def __getattr__(self, name):
-        return getattr(self._lm, name)
-
-    def __call__(self, *args, position_ids=None, cache=None, **kw):
-        if isinstance(cache, WindowCache):
-            if position_ids is None:
-                raise ValueError("a WindowCache needs explicit position_ids")
-            position_ids = cache.cache_positions(position_ids)
-        return self._lm(*args, position_ids=position_ids, cache=cache, **kw)
-
-
-def window_thinker(thinker, window: WindowConfig | None = None, rope=None, tokenizer=None, **kw):
-    """A ``StreamingThinker`` whose cache is a :class:`WindowCache` (``n_tokens`` counts tokens seen;
-    ``truncate`` works within the window, see :meth:`WindowCache.crop`).
-
-    ``window.kernel=None`` turns kernel mode on when the Thinker is on CUDA; in kernel mode the
-    Thinker's language model is switched to the ``"omnistream_window"`` attention function
-    (:mod:`omnistream.kernels.window_attention`; other caches on the same model still get SDPA)."""
-    from omnistream.talker.thinker import StreamingThinker
-
-    window = window if window is not None else WindowConfig()
-    if window.kernel is None:
-        window = replace(window, kernel=thinker.get_input_embeddings().weight.device.type == "cuda")
-    if window.kernel:
-        from omnistream.kernels.window_attention import enable_window_attention
-
-        enable_window_attention(thinker)
-    st = StreamingThinker(thinker, rope, tokenizer, **kw)
-    st.lm = _PositionMappingLM(st.lm)
-    st._cache_cls = partial(WindowCache, window=window)
-    st.reset()
-    return st

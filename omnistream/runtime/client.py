@@ -17,7 +17,6 @@ cancelled reply cannot leak a late audio chunk into the next one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import zmq
 import zmq.asyncio
 
 from omnistream.runtime import layout as layouts
 from omnistream.runtime import wire
-from omnistream.runtime.client import ClientError, SessionOptions  # noqa: F401 (re-exported for callers)
+from omnistream.runtime.client import ClientError, SessionError, SessionOptions  # noqa: F401 (SessionOptions: re-exported)
 from omnistream.runtime.session import options_to_wire
 from omnistream.runtime.stage import link_hwm
 from omnistream.runtime.supervisor import Supervisor, SupervisorError
@@ -170,7 +169,8 @@ class MultiProcClient(WireClient):
             s.epoch += 1  # whatever the other stages still do for it is stale now
             await self.supervisor.publish(wire.Epoch(session=s.sid, epoch=s.epoch))
             if not had_reply:
-                s.errors.append(SessionError(s.epoch, "stage_lost", why if conv else msg + "; the open turn was dropped"))
+                why = why if conv else msg + "; the open turn was dropped"
+                s.errors.append(SessionError(s.epoch, "stage_lost", why))
             s.reset_conv = s.reset_conv or conv
             s.reset_turn = s.reset_turn or (lost_turn and not conv)
             s.media_open = False

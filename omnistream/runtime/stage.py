@@ -37,6 +37,7 @@ from collections import deque
 
 import zmq
 
+from omnistream.engine.load import LoadMeter
 from omnistream.runtime import wire
 from omnistream.runtime.layout import WORKERS, Layout, StageSpec
 
@@ -113,6 +114,7 @@ class Stage:
         self._accepts: list = []
         self.ck = None
         self.draining_since: float | None = None
+        self.load = LoadMeter()
 
     def _sock(self, kind, identity: bytes | None = None) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -223,12 +225,24 @@ class Stage:
                 continue
             if isinstance(msg, wire.Ping):
                 self.last_ping = time.monotonic()
-                wire.send(self.ctrl, wire.Pong(seq=msg.seq, t=msg.t, stage=self.spec.name))
+                wire.send(self.ctrl, wire.Pong(seq=msg.seq, t=msg.t, stage=self.spec.name, stats=self.stats()))
             elif isinstance(msg, wire.Shutdown):
                 self.drain()
             elif isinstance(msg, wire.Epoch):
                 for w in self.workers.values():
                     w.deliver(msg, ())
+
+    def stats(self) -> dict:
+        """What the supervisor learns with every pong: this stage's load and its workers' batches."""
+        workers = {n: w.status() for n, w in self.workers.items() if hasattr(w, "status")}
+        return {"load": self.load.status(self._sessions()), "workers": workers}
+
+    def _sessions(self) -> int:
+        return max((len(getattr(w, "slots", ())) for w in self.workers.values()), default=0)
+
+    def _replying(self) -> int:
+        return max((sum(s.run is not None for s in getattr(w, "slots", {}).values()) for w in self.workers.values()),
+                   default=0)
 
     def drain(self) -> None:
         if self.draining_since is None:
@@ -243,6 +257,7 @@ class Stage:
         self.last_ping = time.monotonic()
         while True:
             ready = dict(poller.poll(0 if busy or self.local else 50))
+            t_work = time.perf_counter()
             if self.ctrl in ready:
                 self._control(self.ctrl)
             if self.sub in ready:
@@ -261,6 +276,7 @@ class Stage:
                 t = time.monotonic()
                 busy = w.tick() or busy
                 self._slow(t, f"{w.name} tick")
+            self.load.record(time.perf_counter() - t_work, self._replying(), did_work=bool(n) or busy)
             if self.orphan_s is not None and time.monotonic() - self.last_ping > self.orphan_s:
                 log.error("%s: no ping from the supervisor for %.0fs: exiting", self.spec.name, self.orphan_s)
                 return

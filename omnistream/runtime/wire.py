@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 import numpy as np
@@ -112,7 +112,14 @@ class TensorRef(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class _Msg(msgspec.Struct, tag=True, kw_only=True, frozen=True):
-    """Base of the tagged union: the class name is the tag (msgpack field ``type``)."""
+    """Base of the tagged union: the class name is the tag (msgpack field ``type``).
+
+    ``reply_work``: a message that only carries work of one reply (a decoded token for the talker,
+    codes for token2wav). After a barge-in such a message of an older epoch is dropped where it is
+    delivered (:meth:`omnistream.runtime.workers.Worker.deliver`), once for every type; state
+    updates (prompt rows, the end of a reply) are never dropped: they keep the caches consistent."""
+
+    reply_work: ClassVar[bool] = False
 
 
 class Hello(_Msg):
@@ -136,10 +143,13 @@ class Ping(_Msg):
 
 
 class Pong(_Msg):
-    """Answer to :class:`Ping`, echoing ``seq``/``t`` and naming the responding stage."""
+    """Answer to :class:`Ping`, echoing ``seq``/``t`` and naming the responding stage; ``stats``: its
+    load (:class:`omnistream.engine.load.LoadMeter`) and its workers' batch figures, for admission
+    control and ``/status``."""
     seq: NonNeg
     t: float
     stage: str
+    stats: dict[str, Any] = {}
 
 
 class AudioChunk(_Msg):
@@ -265,6 +275,7 @@ class TruncatePrompt(_Msg):
 
 class Step(_Msg):
     """Thinker -> talker: one decoded reply token with its input embedding and hidden state (D,)."""
+    reply_work: ClassVar[bool] = True
     session: str
     epoch: NonNeg
     token: NonNeg
@@ -281,6 +292,7 @@ class EndReply(_Msg):
 
 class Codes(_Msg):
     """Talker -> token2wav: codec tokens of the reply of ``epoch``."""
+    reply_work: ClassVar[bool] = True
     session: str
     epoch: NonNeg
     codes: list[NonNeg]

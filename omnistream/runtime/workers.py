@@ -184,6 +184,8 @@ class Worker:
             self.send(self.next, msg, *tensors)
 
     def _dispatch(self, s: Slot, msg, tensors) -> None:
+        if msg.reply_work and s.stale(msg.epoch):
+            return  # work of an interrupted reply, also when it waited in the backlog (wire._Msg.reply_work)
         try:
             if isinstance(msg, self.handles):
                 self.handle(s, msg, tensors)
@@ -488,9 +490,6 @@ class TalkerWorker(Worker):
         elif isinstance(msg, wire.Step):
             from omnistream.talker.thinker import ThinkerStep
 
-            if s.stale(msg.epoch):
-                talker.cancel()
-                return
             self._send_codes(s, msg.epoch, talker.feed(ThinkerStep(msg.token, tensors[0], tensors[1])))
             if talker.ready():
                 s.start(self._decode(s, msg.epoch, last=False), msg.epoch)
@@ -581,8 +580,7 @@ class Token2WavWorker(Worker):
                 self.send("client", wire.Done(session=s.sid, epoch=msg.epoch, part="audio", cancelled=True))
             return
         if isinstance(msg, wire.Codes):
-            if not s.stale(msg.epoch):
-                v.t2w.feed(msg.codes)
+            v.t2w.feed(msg.codes)
         else:  # EndReply
             v.ended = True
             if msg.cancelled or s.stale(msg.epoch):

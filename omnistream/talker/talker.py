@@ -78,7 +78,8 @@ class StreamingTalker:
         c = self.config
         self.codec_bos, self.codec_pad = int(talker.codec_bos_token), int(talker.codec_pad_token)
         self.codec_mask, codec_end = int(talker.codec_mask_token), int(talker.codec_eos_token)
-        self.eos_ids = {int(i) for i in (c.eos_token_ids if c.eos_token_ids is not None else (self.codec_pad, codec_end))}
+        eos = c.eos_token_ids if c.eos_token_ids is not None else (self.codec_pad, codec_end)
+        self.eos_ids = {int(i) for i in eos}
         p = next(talker.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._codec_embed = talker.get_input_embeddings()

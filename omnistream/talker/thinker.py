@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -430,3 +431,47 @@ def sample(logits: torch.Tensor, temperature=0.0, top_k=None, top_p=None, genera
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ---------------------------------------------------------------------- a windowed Thinker
+class _PositionMappingLM:
+    """Wraps a language model so each call first maps its positions through the WindowCache."""
+
+    def __init__(self, lm):
+        self._lm = lm
+        self.inner = lm  # the wrapped model (batched decode maps positions per row itself)
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    def __call__(self, *args, position_ids=None, cache=None, **kw):
+        from omnistream.memory.window_cache import WindowCache
+
+        if isinstance(cache, WindowCache):
+            if position_ids is None:
+                raise ValueError("a WindowCache needs explicit position_ids")
+            position_ids = cache.cache_positions(position_ids)
+        return self._lm(*args, position_ids=position_ids, cache=cache, **kw)
+
+
+def window_thinker(thinker, window=None, rope=None, tokenizer=None, **kw):
+    """A ``StreamingThinker`` whose cache is a :class:`WindowCache` (``n_tokens`` counts tokens seen;
+    ``truncate`` works within the window, see :meth:`WindowCache.crop`).
+
+    ``window.kernel=None`` turns kernel mode on when the Thinker is on CUDA; in kernel mode the
+    Thinker's language model is switched to the ``"omnistream_window"`` attention function
+    (:mod:`omnistream.kernels.window_attention`; other caches on the same model still get SDPA)."""
+    from omnistream.memory.window_cache import WindowCache, WindowConfig
+
+    window = window if window is not None else WindowConfig()
+    if window.kernel is None:
+        window = replace(window, kernel=thinker.get_input_embeddings().weight.device.type == "cuda")
+    if window.kernel:
+        from omnistream.kernels.window_attention import enable_window_attention
+
+        enable_window_attention(thinker)
+    st = StreamingThinker(thinker, rope, tokenizer, **kw)
+    st.lm = _PositionMappingLM(st.lm)
+    st._cache_cls = partial(WindowCache, window=window)
+    st.reset()
+    return st
