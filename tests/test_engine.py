@@ -141,3 +141,40 @@ def test_load_meter_admits_by_measured_cost():
     assert m.cost() == pytest.approx(0.15, rel=1e-3)
     assert m.capacity() == 6
     assert m.admission(5) is None and "at most 6" in m.admission(6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_served_hour_of_audio_and_video_stays_bounded(tiny):
+    """An hour of 2-s audio+video chunks into the thinker worker (the stage runtime's code, as the
+    encoders would send them) with a window: KV bytes never exceed the preallocated bound and the
+    largest rotated position stops growing once the window is full, because the served path cuts
+    media segments every 60 s (without the cut TMRoPE's h/w positions stay at the segment start
+    while time runs on, and no shift bounds the span inside the window)."""
+    import torch
+
+    from omnistream.runtime import wire
+    from omnistream.runtime.workers import ThinkerWorker
+
+    w = ThinkerWorker(tiny, lambda *a: None)
+    w.deliver(wire.OpenSession(session="s", epoch=0, options={"window": "1024"}), ())
+    w.deliver(wire.BeginTurn(session="s", epoch=0, video=True), ())
+    conv = w.slots["s"].state
+    D = tiny.thinker.config.text_config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    kv_max, rot = 0, {}
+    for chunk in range(1, 1801):  # 2-s chunks: 50 audio tokens, two 1-s video patches of 64 tokens
+        for kind, n, grid in (("video", 64, [1, 16, 16]), ("video", 64, [1, 16, 16]), ("audio", 50, [])):
+            x = torch.randn(n, D, generator=gen) * 0.02
+            w.deliver(wire.Embeds(session="s", epoch=0, kind=kind, embeds=wire.TensorRef.of(x.numpy()), grid=grid), (x,))
+        while w.tick():
+            pass
+        kv_max = max(kv_max, conv.thinker.cache.memory_bytes())
+        if chunk % 300 == 0:  # every 10 simulated minutes
+            rot[chunk // 30] = conv.thinker.cache.max_rotated_position
+    cache = conv.thinker.cache
+    assert kv_max == cache.memory_bytes()  # preallocated: never more than the bound
+    assert conv.segments_cut >= 58  # cut every 60 s on the served path
+    original = int(conv.thinker.rope.positions.max())
+    assert original > 50_000 and rot[60] < original / 20  # positions ran on; the rotated ones did not
+    assert rot[60] <= rot[20] + 64, rot  # bounded: no growth from minute 20 to minute 60

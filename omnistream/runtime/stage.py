@@ -114,7 +114,7 @@ class Stage:
         self._accepts: list = []
         self.ck = None
         self.draining_since: float | None = None
-        self.load = LoadMeter()
+        self.meter = LoadMeter()
 
     def _sock(self, kind, identity: bytes | None = None) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -235,7 +235,7 @@ class Stage:
     def stats(self) -> dict:
         """What the supervisor learns with every pong: this stage's load and its workers' batches."""
         workers = {n: w.status() for n, w in self.workers.items() if hasattr(w, "status")}
-        return {"load": self.load.status(self._sessions()), "workers": workers}
+        return {"load": self.meter.status(self._sessions()), "workers": workers}
 
     def _sessions(self) -> int:
         return max((len(getattr(w, "slots", ())) for w in self.workers.values()), default=0)
@@ -276,7 +276,7 @@ class Stage:
                 t = time.monotonic()
                 busy = w.tick() or busy
                 self._slow(t, f"{w.name} tick")
-            self.load.record(time.perf_counter() - t_work, self._replying(), did_work=bool(n) or busy)
+            self.meter.record(time.perf_counter() - t_work, self._replying(), did_work=bool(n) or busy)
             if self.orphan_s is not None and time.monotonic() - self.last_ping > self.orphan_s:
                 log.error("%s: no ping from the supervisor for %.0fs: exiting", self.spec.name, self.orphan_s)
                 return
