@@ -2,6 +2,8 @@
 
     python benchmarks/first_packet.py --json                              # tiny checkpoint
     python benchmarks/first_packet.py --json --model DIR --device cuda    # a real checkpoint
+    python benchmarks/first_packet.py --json --model 7b --device cuda --dtype bf16 --force-length --no-offline
+                                      # the published 7B shape with random weights (config-only, no download)
 
 One text turn is answered twice in the same run: by omnistream's streaming path (OmniChat with a
 voice: the Talker one step behind the text, Token2Wav chunk by chunk) and by transformers'
@@ -9,6 +11,11 @@ voice: the Talker one step behind the text, Token2Wav chunk by chunk) and by tra
 so the codec tokens can be compared; the waveform is compared with an offline Token2Wav decode of
 the same codes and the same initial noise (mel and waveform SNR), for our chunking and for the
 chunking of Qwen's own streaming code.
+
+``--force-length`` makes every reply as long as configured: random weights would otherwise end
+the text or the speech at an arbitrary early step (a stop token), and the timings would measure
+that accident. The Thinker's stop tokens and the Talker's non-speech codes get -inf logits (a
+forward hook on the output heads), so both decoders run ``--text-tokens`` / ``--seconds`` in full.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# benchmarks/kernels.py would shadow the optional `kernels` package transformers probes for: drop this dir
+sys.path = [q for q in sys.path if Path(q or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from omnistream.chat import SYSTEM_PROMPT, OmniChat  # noqa: E402
-from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
+from omnistream.checkpoints import SHAPES, check_device, load_omni, make_tiny  # noqa: E402
 from omnistream.talker.talker import TalkerConfig  # noqa: E402
 from omnistream.talker.token2wav import (  # noqa: E402
     DEFAULT, QWEN_REFERENCE, SAMPLE_RATE, StreamingToken2Wav, decode_offline, decode_stream, mel_snr_db,
@@ -35,6 +44,27 @@ from omnistream.talker.token2wav import (  # noqa: E402
 )
 
 QUESTION = "Tell me about the red sofa by the window."
+
+
+def force_length(ck) -> list:
+    """Suppress the Thinker's stop tokens and the Talker's end / special codes (-inf logits) so that
+    replies run to the configured length; returns the hook handles."""
+    gen = ck.model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    stop = sorted({t for t in eos + [ck.tokenizer.eos_token_id, ck.tokenizer.pad_token_id] if t is not None})
+
+    def mask(ids):
+        def hook(module, inputs, out):  # out (..., V)
+            out[..., ids] = float("-inf")
+            return out
+        return hook
+
+    handles = [ck.thinker.lm_head.register_forward_hook(mask(stop))]
+    if getattr(ck.model, "has_talker", False):
+        num_codes = ck.config.token2wav_config.dit_config.num_embeds - 1  # 8192 speech codes
+        specials = list(range(num_codes, ck.config.talker_config.vocab_size))
+        handles.append(ck.talker.codec_head.register_forward_hook(mask(specials)))
+    return handles
 
 
 def offline(ck, text_tokens: int, codes: int, voice: str, seed: int) -> dict:
@@ -102,23 +132,50 @@ def floor(ck, chat: OmniChat, seed: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
-    p.add_argument("--model", default=".cache/tiny-omni", help="checkpoint (the tiny one is written if missing)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default=".cache/tiny-omni", help="checkpoint (the tiny one is written if missing), "
+                   "or 3b / 7b: the published shape with random weights, written config-only to a temp dir")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU (Token2Wav runs in fp32 either way)")
+    p.add_argument("--force-length", action="store_true",
+                   help="suppress stop tokens and end codes: replies run to --text-tokens / --seconds")
+    p.add_argument("--no-offline", action="store_true",
+                   help="skip transformers' offline generate and the SNR comparisons (first-packet timing only)")
     p.add_argument("--voice", default="Chelsie")
     p.add_argument("--seconds", type=float, default=10.0, help="reply length in seconds of speech (default 10)")
     p.add_argument("--text-tokens", type=int, default=40, help="Thinker reply length limit (default 40)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    try:
+        check_device(args.device)
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        p.error(str(e))
     torch.set_flush_denormal(True)  # as the CLI does: denormals make CPU runs erratic
-    if args.model == ".cache/tiny-omni" and not Path(args.model, "config.json").exists():
-        make_tiny(args.model)
-    ck = load_omni(args.model, device=args.device)
+    model = args.model
+    if model in SHAPES[1:]:  # "3b" / "7b": config-only, materialised on the device by load_omni
+        import tempfile
+
+        model = str(make_tiny(Path(tempfile.mkdtemp(prefix=f"omni-{model}-")), shape=model))
+    elif model == ".cache/tiny-omni" and not Path(model, "config.json").exists():
+        make_tiny(model)
+    t = time.perf_counter()
+    ck = load_omni(model, device=args.device, dtype=args.dtype)
+    load_s = time.perf_counter() - t
+    if args.force_length:
+        force_length(ck)
     codes = int(args.seconds * SAMPLE_RATE / 480)  # 50 codec tokens per second
 
-    out = {"model": args.model, "device": args.device, "threads": torch.get_num_threads()}
+    out = {"model": args.model, "device": args.device, "dtype": str(next(ck.thinker.parameters()).dtype),
+           "load_s": load_s, "force_length": args.force_length, "threads": torch.get_num_threads()}
     st, chat, pcm = streaming(ck, args.text_tokens, codes, args.voice, args.seed)
-    off = offline(ck, args.text_tokens, codes, args.voice, args.seed)
     out |= st
+    if args.device.startswith("cuda"):
+        out["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if args.no_offline:
+        out |= floor(ck, chat, args.seed)
+        print(json.dumps(out, indent=None if args.json else 2))
+        return 0
+    off = offline(ck, args.text_tokens, codes, args.voice, args.seed)
     out["offline_total_s"] = off["offline_total_s"]
     out["first_packet_ratio"] = st["first_audio_s"] / off["offline_total_s"]
     out["codes_equal"] = chat.reply_codes == off["codes"]

@@ -1,117 +1,219 @@
 #!/usr/bin/env bash
-# Issue 4 GPU check: the sink + window KV-cache kernels on a CUDA GPU (sized for one H200), < 5 minutes.
+# The one prepared script for a session lent a GPU (one H200: step limits sum to 475 s), resumable.
 #
-# Assumptions (a fresh checkout, run from anywhere):
-#   * Python >= 3.11 with the project's dependencies (pyproject.toml: transformers 5.x, pytest, tqdm, ...);
-#   * a CUDA build of torch and triton:  pip install torch==<the CUDA build present there> triton
-#     (keep the machine's own CUDA torch; never let pip swap it for a CPU wheel);
-#   * PYTHON=/path/to/python if `python` is not that interpreter.
-# What it runs (each step under its own timeout; a failing step does not stop the others):
-#   1. pytest tests/test_kernels.py (Triton compiled for the GPU: TRITON_INTERPRET is unset) and the
-#      kernel-path tests of tests/test_window_cache.py (-k kernel: the tiny Thinker on CUDA decoding
-#      through the Triton kernel vs the growing cache and the rotated-key path, fp32 and bf16);
-#   2. benchmarks/kernels.py --json: Triton decode attention vs torch SDPA on the gathered cache
-#      (rotate + SDPA, and SDPA on a pre-rotated cache) vs FlexAttention with a sink + window block
-#      mask; bf16 and fp16; contexts 2k..128k; GB/s and the fraction of the H200's 4.8 TB/s;
-#   3. benchmarks/long_session.py --json --device cuda (window cache in kernel mode, tiny checkpoint,
-#      contexts 2k..128k, a 5-minute simulated audio+video session).
-# Output: $OUT if set, else ./gpu_check_out: env.txt, pytest.txt, kernels.json, long_session.json,
-# summary.txt (also printed). Exit status: the number of failed steps.
-#   bash benchmarks/gpu_check.sh            # on the GPU machine
-#   bash benchmarks/gpu_check.sh --smoke    # the same steps on CPU with tiny sizes (checks the script)
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh            # on the GPU machine
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh --smoke    # every step on CPU, tiny shapes (< 10 min)
+#
+# Python: $PYTHON if set, else the project's own .venv/bin/python (made by `make test` / `make demo`;
+# on a CUDA machine with TORCH_SPEC set to a CUDA build of torch), else python3. The script refuses
+# to start, in one line, when that interpreter has no torch (or, without --smoke, no CUDA).
+# Each step writes one JSON file to $OUT (default ./gpu_check_out) and is SKIPPED when that file
+# already holds valid JSON, so a rerun after a timeout or a lost machine resumes where it stopped
+# (delete a file to redo its step). Checkpoints are config-only (`make-tiny --shape 7b`: no download;
+# random weights created on the GPU in bf16) and written to $WORK (default /tmp/omnistream-gpu-check),
+# outside $OUT. Steps (time limits on the GPU; a failing step does not stop the others):
+#   pytest        75 s  tests/test_kernels.py + the kernel-path tests of tests/test_window_cache.py (Triton
+#                       compiled for the GPU)                                          -> pytest.json
+#   kernels       80 s  benchmarks/kernels.py: Triton decode attention vs SDPA / FlexAttention, bf16+fp16,
+#                       2k..128k contexts, fraction of the H200's 4.8 TB/s            -> kernels.json
+#   first_packet 100 s  benchmarks/first_packet.py on the published 7B shape in bf16, replies forced to
+#                       their configured length (random weights must not end them early) -> first_packet.json
+#   capacity     120 s  benchmarks/capacity.py (the lead's): concurrent real-time sessions on the 7B shape,
+#                       in-process layout (null with the reason when the script is not there) -> capacity.json
+#   nav_step      40 s  benchmarks/nav_step.py on the tiny JanusVLN in bf16 (no 7B-shape JanusVLN writer
+#                       exists yet: nav_step_ms_7b is null with that reason)          -> nav_step.json
+#   long_session  60 s  benchmarks/long_session.py --device cuda (window cache, kernel mode)
+#                                                                                     -> long_session.json
+# Then a summary table (summary.txt, summary.json) with the keys kernel_fraction_of_peak,
+# first_audio_s_7b_bf16, max_realtime_sessions_7b, nav_step_ms_7b (null where a step could not measure
+# it, with the reason). Exit status: the number of failed steps.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-OUTDIR=${OUT:-gpu_check_out}
-mkdir -p "$OUTDIR"
 SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
-export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=python3; fi
+OUTDIR=${OUT:-gpu_check_out}
+WORK=${WORK:-/tmp/omnistream-gpu-check}
+mkdir -p "$OUTDIR" "$WORK"
+# PYTHONSAFEPATH: a script's own folder is not put first on sys.path, so benchmarks/kernels.py cannot
+# hide the optional `kernels` package transformers imports (each script adds the project root itself)
+export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 unset OMNISTREAM_KERNELS
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "gpu_check: $PY cannot import torch; run \`make test\` first (TORCH_SPEC=<a CUDA torch> on a GPU box) or set PYTHON" >&2
+  exit 2
+fi
 if [[ $SMOKE == 0 ]]; then
   unset TRITON_INTERPRET  # compile the kernels for the GPU
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "no CUDA device visible to $PY (use --smoke to exercise this script on CPU)" >&2
+    echo "gpu_check: no CUDA device visible to $PY (use --smoke to exercise this script on CPU)" >&2
     exit 2
   fi
+  DEV=cuda; DT=bf16; SHAPE=7b
+else
+  export TRITON_INTERPRET=1
+  DEV=cpu; DT=bf16; SHAPE=tiny
 fi
 
 failed=0
-step() {  # step NAME TIMEOUT_S COMMAND...
-  local name=$1 limit=$2
-  shift 2
+# step NAME FILE LIMIT_S COMMAND... : skipped when $OUTDIR/FILE already holds valid JSON; the command's
+# stdout goes to FILE (one JSON object), its stderr to NAME.err.
+step() {
+  local name=$1 file=$OUTDIR/$2 limit=$3
+  shift 3
+  if [[ -s $file ]] && "$PY" -c "import json, sys; json.load(open(sys.argv[1]))" "$file" 2>/dev/null; then
+    echo "step $name: done before, skipped ($file)" | tee -a "$OUTDIR/steps.txt" >&2
+    return
+  fi
   local t0=$SECONDS
-  timeout "$limit" "$@"
+  timeout "$limit" "$@" > "$file.tmp" 2> "$OUTDIR/$name.err"
   local rc=$?
+  if [[ $rc == 0 ]] && "$PY" -c "import json, sys; json.load(open(sys.argv[1]))" "$file.tmp" 2>/dev/null; then
+    mv "$file.tmp" "$file"
+  else
+    [[ $rc == 0 ]] && rc=1  # no valid JSON
+    mv -f "$file.tmp" "$file.failed"  # kept for reading; the next run redoes the step
+    failed=$((failed + 1))
+  fi
   echo "step $name: rc=$rc, $((SECONDS - t0)) s" | tee -a "$OUTDIR/steps.txt" >&2
-  [[ $rc == 0 ]] || failed=$((failed + 1))
 }
-
-: > "$OUTDIR/steps.txt"
 {
   date -u
   git rev-parse HEAD 2>/dev/null || true
-  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  "$PY" -c "import torch, transformers; print('python', __import__('sys').executable); print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'transformers', transformers.__version__); print(torch.cuda.get_device_name() if \
+torch.cuda.is_available() else 'cpu')"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv 2>/dev/null || true
 } > "$OUTDIR/env.txt" 2>&1
+echo "--- $(date -u +%T) $([[ $SMOKE == 1 ]] && echo smoke) run" >> "$OUTDIR/steps.txt"
 
-# 1. tests (CUDA: compiled Triton; smoke: the interpreter, as in CI)
-step pytest 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_window_cache.py \
-  -k "not test_window_cache or kernel" -rs > "$OUTDIR/pytest.txt" 2>&1
-tail -n 5 "$OUTDIR/pytest.txt" >&2
+# the checkpoints: config-only 7B shape on the GPU (no weights on disk), the tiny one for the smoke run
+TINY=$WORK/tiny-omni
+"$PY" -m omnistream make-tiny "$TINY" --if-missing > /dev/null
+if [[ $SHAPE == 7b ]]; then
+  MODEL=$WORK/omni-7b
+  "$PY" -m omnistream make-tiny --shape 7b "$MODEL" --if-missing > /dev/null
+else
+  MODEL=$TINY
+fi
+
+# 1. tests (CUDA: compiled Triton; smoke: the interpreter, as in CI; the kernel-path window tests only).
+# pytest runs in this one process (a timeout leaves no orphan); the JSON holds its exit status and tail.
+step pytest pytest.json $([[ $SMOKE == 1 ]] && echo 300 || echo 75) "$PY" -c '
+import contextlib, io, json, sys
+import pytest
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_window_cache.py",
+                          "-k", "not test_window_cache or kernel", "-rs"]))
+print(json.dumps({"rc": rc, "tail": buf.getvalue().splitlines()[-15:]}))
+sys.exit(rc)'
 
 # 2. kernel benchmark
 if [[ $SMOKE == 0 ]]; then
-  step kernels 120 "$PY" benchmarks/kernels.py --json --dtypes bf16,fp16 --time-budget-s 70 \
-    > "$OUTDIR/kernels.json" 2> "$OUTDIR/kernels.err"
+  step kernels kernels.json 80 "$PY" benchmarks/kernels.py --json --dtypes bf16,fp16 --time-budget-s 50
 else
-  step kernels 120 "$PY" benchmarks/kernels.py --json --contexts 256 --reps 1 --warmup 0 \
-    > "$OUTDIR/kernels.json" 2> "$OUTDIR/kernels.err"
+  step kernels kernels.json 120 "$PY" benchmarks/kernels.py --json --contexts 256 --reps 1 --warmup 0
 fi
 
-# 3. long session on the GPU (kernel mode)
+# 3. first audio packet, 7B shape in bf16, forced lengths
 if [[ $SMOKE == 0 ]]; then
-  step long_session 80 "$PY" benchmarks/long_session.py --json --device cuda --session-minutes 5 \
-    > "$OUTDIR/long_session.json" 2> "$OUTDIR/long_session.err"
+  step first_packet first_packet.json 100 "$PY" benchmarks/first_packet.py --json --model "$MODEL" --device $DEV \
+    --dtype $DT --force-length --no-offline --seconds 4 --text-tokens 24
 else
-  step long_session 120 "$PY" benchmarks/long_session.py --json --device cpu --kernel on --contexts 512,1024 \
-    --window 256 --steps 4 --session-minutes 1 --segment-s 20 \
-    > "$OUTDIR/long_session.json" 2> "$OUTDIR/long_session.err"
+  step first_packet first_packet.json 180 "$PY" benchmarks/first_packet.py --json --model "$MODEL" --device $DEV \
+    --dtype $DT --force-length --no-offline --seconds 1 --text-tokens 4
 fi
 
-# summary
-"$PY" - "$OUTDIR" > "$OUTDIR/summary.txt" 2>&1 <<'EOF'
+# 4. capacity: how many real-time sessions one GPU holds (benchmarks/capacity.py is written by the lead)
+if [[ -f benchmarks/capacity.py ]]; then
+  step capacity capacity.json $([[ $SMOKE == 1 ]] && echo 180 || echo 120) "$PY" benchmarks/capacity.py --json \
+    --model "$MODEL" --device $DEV --dtype $DT --layouts inproc \
+    --max-sessions $([[ $SMOKE == 1 ]] && echo 2 || echo 8)
+else  # no JSON written: a rerun once the script exists measures it
+  echo "step capacity: benchmarks/capacity.py does not exist yet, skipped" | tee -a "$OUTDIR/steps.txt" >&2
+fi
+
+# 5. navigation step latency (tiny JanusVLN; a 7B-shape JanusVLN writer does not exist yet)
+step nav_step nav_step.json $([[ $SMOKE == 1 ]] && echo 180 || echo 40) "$PY" benchmarks/nav_step.py --json \
+  --device $DEV --dtype $([[ $SMOKE == 1 ]] && echo fp32 || echo $DT) --steps $([[ $SMOKE == 1 ]] && echo 100 || echo 120) \
+  --reencode-steps 2
+
+# 6. long session on the window cache (GPU: kernel mode)
+if [[ $SMOKE == 0 ]]; then
+  step long_session long_session.json 60 "$PY" benchmarks/long_session.py --json --device cuda --session-minutes 5
+else
+  step long_session long_session.json 120 "$PY" benchmarks/long_session.py --json --device cpu --kernel on \
+    --contexts 512,1024 --window 256 --steps 4 --session-minutes 1 --segment-s 20
+fi
+
+# summary: the four headline keys (null with a reason where not measured), then what each step said
+"$PY" - "$OUTDIR" "$SMOKE" > "$OUTDIR/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
-d = pathlib.Path(sys.argv[1])
-print((d / "env.txt").read_text().strip())
+
+d, smoke = pathlib.Path(sys.argv[1]), sys.argv[2] == "1"
+
+
+def load(name):
+    try:
+        return json.loads((d / name).read_text()), None
+    except Exception as e:  # noqa: BLE001 - a missing or broken step is reported, not fatal
+        return None, f"{name}: {type(e).__name__}: {e}"[:200]
+
+
+keys, why = {}, {}
+k, err = load("kernels.json")
+if k:
+    keys["kernel_fraction_of_peak"] = k.get("kernel_fraction_of_peak")
+    why["kernel_fraction_of_peak"] = f"decode kernel at ctx {max(k['config']['contexts'])} on {k.get('device')}" \
+        f" ({k.get('kernel_backend')} backend), of {k['config']['peak_bw'] / 1e12:.1f} TB/s"
+else:
+    keys["kernel_fraction_of_peak"], why["kernel_fraction_of_peak"] = None, err
+fp, err = load("first_packet.json")
+is7b = bool(fp) and not smoke
+keys["first_audio_s_7b_bf16"] = fp["first_audio_s"] if is7b else None
+why["first_audio_s_7b_bf16"] = (f"7B shape, {fp['dtype']}, {fp['device']}, forced lengths" if is7b else
+                                "the 7B shape does not run on CPU (smoke: tiny shape, below)" if fp else err)
+cap, err = load("capacity.json")
+if cap is None and not pathlib.Path("benchmarks/capacity.py").exists():
+    err = "benchmarks/capacity.py does not exist yet"
+n = cap.get("max_realtime_sessions", cap.get("max_sessions")) if cap else None
+keys["max_realtime_sessions_7b"] = None if smoke else n
+why["max_realtime_sessions_7b"] = (cap.get("reason") if cap and n is None else
+                                   "smoke: tiny shape, below" if smoke and cap else err or "7B shape")
+nav, err = load("nav_step.json")
+keys["nav_step_ms_7b"] = None
+why["nav_step_ms_7b"] = "no 7B-shape JanusVLN checkpoint writer yet (navigation/tiny.py); tiny measured below" \
+    if nav else err
+
+print(f"{'key':28} {'value':>10}  note")
+for key, v in keys.items():
+    print(f"{key:28} {('%.4g' % v) if isinstance(v, (int, float)) else 'null':>10}  {why[key]}")
+extra = {}
+if fp:
+    extra["first_audio_s_" + ("tiny" if smoke else "7b")] = fp.get("first_audio_s")
+    extra["load_s"] = fp.get("load_s")
+    extra["max_memory_allocated_gb"] = fp.get("max_memory_allocated_gb")
+if nav:
+    extra["nav_step_ms_tiny_at_60"] = (nav.get("dual") or {}).get("step_ms_at_60")
+if cap and smoke:
+    extra["max_realtime_sessions_tiny"] = n
+ls, err = load("long_session.json")
+if ls:
+    extra["long_session_decode_flatness"] = ls.get("decode_flatness")
+pt, err = load("pytest.json")
+if pt:
+    extra["pytest"] = (pt["tail"] or ["?"])[-1]
+for key, v in extra.items():
+    print(f"  {key:26} {v}")
 print((d / "steps.txt").read_text().strip())
-for line in (d / "pytest.txt").read_text().splitlines():
-    if " passed" in line or " failed" in line or "error" in line.lower():
-        print("pytest:", line)
-try:
-    k = json.loads((d / "kernels.json").read_text())
-    print(f"kernels on {k['device']} (peak {k['config']['peak_bw'] / 1e12:.1f} TB/s), {k['wall_s']} s:")
-    print("\n".join(k["summary"]))
-    for e in k["errors"] + k["skipped"]:
-        print("  ", e)
-except Exception as e:  # noqa: BLE001
-    print("kernels.json unreadable:", e)
-try:
-    s = json.loads((d / "long_session.json").read_text())
-    print(f"long_session on {s['device']} kernel_mode={s['kernel_mode']}: decode_flatness "
-          f"{s['decode_flatness']:.3f}, speedup_vs_recompute {s['speedup_vs_recompute']:.1f}, "
-          f"max_rotated_position_with_cutting {s['max_rotated_position_with_cutting']}")
-    for c, r in s["decode"].items():
-        print(f"  ctx {c:>6}: window {r['window']['s_per_token'] * 1e3:.3f} ms/tok {r['window']['kv_bytes']} B | "
-              f"dynamic {r['dynamic']['s_per_token'] * 1e3:.3f} ms/tok | recompute {r['recompute']['s_per_token'] * 1e3:.3f}")
-    ss = s["session"]
-    print(f"  session {ss['minutes']} min: kv_bytes_max {ss['kv_bytes_max']} (bound {ss['kv_bytes_bound']}), "
-          f"compute {ss['compute_s_per_media_s']:.4f} s per media s")
-except Exception as e:  # noqa: BLE001
-    print("long_session.json unreadable:", e)
+print((d / "env.txt").read_text().strip())
+(d / "summary.json").write_text(json.dumps({**keys, "notes": why, "extra": extra}, indent=1) + "\n")
 EOF
 cat "$OUTDIR/summary.txt"
 exit $failed

@@ -283,6 +283,11 @@ def main(argv=None) -> int:
                               if f"speedup_vs_{b}" in row))
             if cuda:
                 torch.cuda.empty_cache()
+    # the headline: the decode kernel's (Triton on CUDA, else the torch reference) fraction of peak
+    # bandwidth at the largest context measured, the best over dtypes (gpu_check.sh's summary key)
+    biggest = [r for r in out["results"] if r["ctx"] == max(r2["ctx"] for r2 in out["results"])]
+    fracs = [(r.get("triton") or r.get("reference") or {}).get("frac_peak") for r in biggest]
+    out["kernel_fraction_of_peak"] = max((f for f in fracs if f is not None), default=None)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=None if args.json else 2))
     return 0

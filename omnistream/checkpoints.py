@@ -75,6 +75,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, incomplete or malformed. The message names the file."""
 
 
+class PartNotLoaded(CheckpointError, AttributeError):
+    """A part skipped at load time (``talker=False``). Also an AttributeError, so ``getattr(ck,
+    "token2wav", None)`` and ``hasattr`` read it as absent while direct use still says why."""
+
+
 @dataclass(frozen=True)
 class VisionPreprocessing:
     """The image/video processor settings of `preprocessor_config.json` that the encoders use.
@@ -82,6 +87,12 @@ class VisionPreprocessing:
     transformers' Qwen2-VL video processor needs torchvision, whose CPU wheels do not match the
     CPU torch build used here; the streaming video encoder does its own resize/normalize/patchify
     with these settings instead (and is tested against the vision tower on the same patches).
+
+    Images and video frames have different pixel bounds: ``min_pixels``/``max_pixels`` are the
+    image processor's (preprocessor_config.json), ``video_min_pixels``/``video_max_pixels`` the ones
+    ``Qwen2_5OmniProcessor`` gives its video processor (``videos_kwargs["size"]``: shortest_edge
+    128*28*28, longest_edge 768*28*28 pixels per frame), unless the checkpoint's
+    ``video_preprocessor_config.json`` says otherwise.
     """
 
     patch_size: int = 14
@@ -91,11 +102,25 @@ class VisionPreprocessing:
     max_pixels: int = 12845056
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
 
     @classmethod
-    def from_json(cls, d: dict) -> "VisionPreprocessing":
+    def from_json(cls, d: dict, video: dict | None = None) -> "VisionPreprocessing":
+        """From preprocessor_config.json (``d``) and, if the checkpoint has one, video_preprocessor_config.json."""
         keys = cls.__dataclass_fields__
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys})
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys}
+        for k in ("video_min_pixels", "video_max_pixels"):
+            kw.pop(k, None)  # only the video processor's own file sets these
+        if video:
+            size = video.get("size") or {}
+            lo = size.get("shortest_edge", video.get("min_pixels"))
+            hi = size.get("longest_edge", video.get("max_pixels"))
+            if lo is not None:
+                kw["video_min_pixels"] = int(lo)
+            if hi is not None:
+                kw["video_max_pixels"] = int(hi)
+        return cls(**kw)
 
 
 @dataclass
@@ -116,18 +141,53 @@ class OmniCheckpoint:
     @property
     def talker(self):
         if not getattr(self.model, "has_talker", False):
-            raise CheckpointError(f"{self.path}: loaded without the Talker (talker=False)")
+            raise PartNotLoaded(f"{self.path}: loaded without the Talker (talker=False)")
         return self.model.talker
 
     @property
     def token2wav(self):
         if not getattr(self.model, "has_talker", False):
-            raise CheckpointError(f"{self.path}: loaded without Token2Wav (talker=False)")
+            raise PartNotLoaded(f"{self.path}: loaded without Token2Wav (talker=False)")
         return self.model.token2wav
 
     @property
     def config(self):
         return self.model.config
+
+
+# What config.json says for the checkpoints people point us at by mistake: (model_type, what it is).
+_KNOWN_KINDS = {
+    "qwen2_5_vl": "a Qwen2.5-VL checkpoint",
+    "qwen2_vl": "a Qwen2-VL checkpoint",
+    "qwen2": "a Qwen2 text-only checkpoint",
+    "qwen2_5_omni_thinker": "a Qwen2.5-Omni Thinker-only checkpoint (no Talker / Token2Wav)",
+    "qwen3_omni_moe": "a Qwen3-Omni checkpoint",
+}
+# The published Qwen/Qwen2.5-Omni-7B config.json says "Qwen2_5OmniModel" (the class name at release);
+# transformers >= 4.52 writes "Qwen2_5OmniForConditionalGeneration". Both load the same way.
+OMNI_ARCHITECTURES = ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel")
+# A checkpoint written by `make-tiny --shape 3b|7b` (or --config-only) holds no weight file: this
+# file marks it, and load_omni initialises seeded random weights directly on the target device.
+RANDOM_INIT_FILE = "random_init.json"
+
+
+def check_kind(cfg, where: str) -> None:
+    """Refuse, from config.json alone (nothing allocated yet), a checkpoint that is not Qwen2.5-Omni.
+
+    The message names what was found (a JanusVLN / Qwen2.5-VL / text-only checkpoint ...) and what
+    is expected, so a user who passed the wrong directory knows it from one line.
+    """
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    mtype, archs = cfg.get("model_type"), cfg.get("architectures")
+    if mtype != "qwen2_5_omni":
+        what = _KNOWN_KINDS.get(mtype, "not a Qwen2.5-Omni checkpoint")
+        if mtype == "qwen2_5_vl" and ("lam" in cfg or "vggt_merger_hidden_dim" in cfg):
+            what = "a JanusVLN checkpoint (Qwen2.5-VL + VGGT; run it with `omnistream nav --agent janus`)"
+        raise CheckpointError(f"{where}: model_type is {mtype!r}, architectures {archs!r}: {what}; expected "
+                              f"model_type 'qwen2_5_omni' ({' or '.join(OMNI_ARCHITECTURES)})")
+    if archs is not None and not (isinstance(archs, list) and set(archs) & set(OMNI_ARCHITECTURES)):
+        raise CheckpointError(f"{where}: architectures {archs!r}; expected one of {list(OMNI_ARCHITECTURES)}")
 
 
 def _check_local_dir(path: Path) -> None:
@@ -146,11 +206,9 @@ def _check_local_dir(path: Path) -> None:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "qwen2_5_omni":
-        got = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
-        raise CheckpointError(f"{cfg_file}: model_type is {got!r}, expected 'qwen2_5_omni'")
+    check_kind(cfg, str(cfg_file))
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
-    if not weights:
+    if not weights and not (path / RANDOM_INIT_FILE).exists():
         raise CheckpointError(f"{path}: no weights (model.safetensors or model-*.safetensors) found")
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -166,37 +224,126 @@ def _check_local_dir(path: Path) -> None:
             raise CheckpointError(f"{path / name} is missing: the processor cannot be built")
 
 
+# --------------------------------------------------------------------------- device, dtype, attention
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_device(device) -> str:
+    """The canonical name of ``device`` if this machine can use it; else a one-line CheckpointError.
+
+    Checked before any file is read, so ``--device cuda`` on a CPU-only torch build fails at once
+    with the reason instead of a CUDA traceback after the weights were read.
+    """
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CheckpointError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+            raise CheckpointError(f"device {device!r} is not available: torch {torch.__version__} {why}; "
+                                  f"use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise CheckpointError(f"device {device!r} is not available: this machine has "
+                                  f"{torch.cuda.device_count()} GPU(s)")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CheckpointError(f"device {device!r} is not available on this machine; use --device cpu")
+    elif d.type != "cpu":
+        raise CheckpointError(f"device {device!r}: use cpu, cuda, cuda:N or mps")
+    return str(d)
+
+
+def resolve_dtype(dtype, device="cpu") -> torch.dtype:
+    """``auto`` (or None): bf16 on CUDA, fp32 elsewhere; else fp32 | bf16 | fp16 (or a torch dtype)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise CheckpointError(f"dtype {dtype}: use fp32, bf16 or fp16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"dtype {dtype!r}: use auto, fp32, bf16 or fp16") from None
+
+
+def check_attn(attn: str, device="cpu", dtype=torch.float32) -> str:
+    """``attn`` if transformers can run it here (flash_attention_2: CUDA, fp16/bf16, flash-attn installed)."""
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise CheckpointError(f"attention {attn!r}: use {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if attn == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if torch.device(device).type != "cuda":
+            raise CheckpointError(f"attention 'flash_attention_2' needs a CUDA device, not {device!r}; use sdpa")
+        if resolve_dtype(dtype, device) == torch.float32:
+            raise CheckpointError("attention 'flash_attention_2' needs --dtype bf16 or fp16, not fp32")
+        if not is_flash_attn_2_available():
+            raise CheckpointError("attention 'flash_attention_2': the flash-attn package is not installed; use sdpa")
+    return attn
+
+
 def load_omni(
     path: str | os.PathLike,
     *,
     talker: bool = True,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = "auto",
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> OmniCheckpoint:
     """Load a Qwen2.5-Omni checkpoint from a local directory or a hub id.
 
     ``talker=False`` builds only the Thinker (text output): the Talker and Token2Wav weights are
-    skipped, saving about a third of the memory of the 7B model.
+    skipped, saving about a third of the memory of the 7B model. ``dtype`` ``"auto"`` is bf16 on CUDA
+    and fp32 elsewhere; Token2Wav always runs in fp32 (its ODE and vocoder, as upstream does).
+
+    Device, dtype, attention and the checkpoint's kind (config.json) are all checked before any
+    weight is allocated. A config-only checkpoint (``make-tiny --shape 7b``: no weight file, a
+    ``random_init.json``) gets seeded random weights created directly on ``device`` in ``dtype``.
     """
+    # Everything that can be refused is refused first, before transformers' model code is even
+    # imported (that import alone takes ~2 s and 200 MB).
+    device = check_device(device)
+    dtype = resolve_dtype(dtype, device)
+    check_attn(attn_implementation, device, dtype)
+    p = Path(path)
+    is_local = p.exists() or str(path).startswith((".", "/", "~"))
+    random_init = None
+    if is_local:
+        p = p.expanduser()
+        _check_local_dir(p)
+        path = p
+        if not (list(p.glob("*.safetensors")) + list(p.glob("*.bin"))):
+            try:
+                random_init = json.loads((p / RANDOM_INIT_FILE).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{p / RANDOM_INIT_FILE} is unreadable: {e}") from e
     from transformers import AutoTokenizer, Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
     from transformers import WhisperFeatureExtractor
     from transformers.utils import cached_file
 
-    p = Path(path)
-    is_local = p.exists() or str(path).startswith((".", "/", "~"))
-    if is_local:
-        _check_local_dir(p.expanduser())
     try:
+        if not is_local:  # a hub id: read config.json alone first, so a wrong repo costs no weight download
+            check_kind(json.loads(Path(cached_file(str(path), "config.json")).read_text()), f"{path}/config.json")
         config = Qwen2_5OmniConfig.from_pretrained(str(path))
         config.enable_audio_output = talker
-        model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-            str(path), config=config, dtype=dtype, attn_implementation=attn_implementation
-        )
+        if random_init is not None:
+            model = _materialize(config, p, device, dtype, attn_implementation, int(random_init.get("seed", 0)))
+        else:
+            model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+                str(path), config=config, dtype=dtype, attn_implementation=attn_implementation
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         feature_extractor = WhisperFeatureExtractor.from_pretrained(str(path))
         prep_file = cached_file(str(path), "preprocessor_config.json")
-        vision = VisionPreprocessing.from_json(json.loads(Path(prep_file).read_text()))
+        video_file = cached_file(str(path), "video_preprocessor_config.json",
+                                 _raise_exceptions_for_missing_entries=False)
+        vision = VisionPreprocessing.from_json(json.loads(Path(prep_file).read_text()),
+                                               json.loads(Path(video_file).read_text()) if video_file else None)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors, tokenizers and hub errors have no common base
@@ -204,6 +351,8 @@ def load_omni(
     model.to(device).eval()
     if talker:
         model.token2wav.float()  # the DiT ODE and the vocoder run in fp32, as upstream does
+    log.info("loaded %s on %s in %s (attention %s%s)", path, device, dtype, attn_implementation,
+             ", random weights" if random_init is not None else "")
     return OmniCheckpoint(
         path=str(path),
         model=model,
@@ -212,6 +361,31 @@ def load_omni(
         vision=vision,
         voices=dict(model.speaker_map),
     )
+
+
+def _materialize(config, path: Path, device: str, dtype: torch.dtype, attn: str, seed: int):
+    """Random weights for a config-only checkpoint, created on ``device`` in ``dtype`` directly.
+
+    No fp32 CPU copy is ever made (a 7B shape in bf16 is 21 GB on the GPU and nothing on the host);
+    transformers' own ``_init_weights`` gives every tensor its usual initial value (filters, position
+    tables included). The speaker dictionary is read from spk_dict.pt as for a real checkpoint.
+    """
+    from transformers import GenerationConfig, Qwen2_5OmniForConditionalGeneration
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+    finally:
+        torch.set_default_dtype(old)
+    if getattr(model, "has_talker", False):
+        _only_valid_codes(model)
+    model.load_speakers(str(path / "spk_dict.pt"))
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model
 
 
 # --------------------------------------------------------------------------- tiny checkpoints
@@ -240,8 +414,6 @@ def _tiny_tokenizer(vocab_size: int):
 
 def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layers: int = 2):
     """A self-consistent tiny Qwen2_5OmniConfig whose special-token ids match the tokenizer."""
-    from transformers import Qwen2_5OmniConfig
-
     heads, kv_heads = 4, 2
     head_dim = hidden // heads  # 16; the M-RoPE sections must sum to head_dim // 2
     mrope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
@@ -278,28 +450,6 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
         out_hidden_size=hidden,
         fullatt_block_indexes=[layers - 1],
     )
-    # Multimodal token ids and TMRoPE rates: the Thinker and the Talker must agree on them.
-    media = dict(
-        audio_token_index=ids["<|AUDIO|>"],
-        image_token_index=ids["<|IMAGE|>"],
-        video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"],
-        vision_end_token_id=ids["<|vision_eos|>"],
-        position_id_per_seconds=25,
-        seconds_per_chunk=2,
-    )
-    thinker = dict(
-        text_config=text,
-        audio_config=audio,
-        vision_config=vision,
-        **media,
-        user_token_id=ids["user"],
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
     talker = dict(
         vocab_size=8448,
         embedding_size=hidden,
@@ -310,11 +460,6 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         rope_parameters=dict(mrope),
-        tts_text_start_token_id=ids["<tts_text_bos>"],
-        tts_text_end_token_id=ids["<tts_text_eod>"],
-        tts_text_pad_token_id=ids["<tts_pad>"],
-        **media,
-        spatial_merge_size=2,
     )
     token2wav = dict(
         dit_config=dict(
@@ -346,6 +491,168 @@ def tiny_config(text_vocab: int, ids: dict[str, int], *, hidden: int = 64, layer
             upsample_kernel_sizes=[11, 7, 4, 4, 4, 4],
         ),
     )
+    return _assemble(ids, text, audio, vision, talker, token2wav)
+
+
+# Real-size shapes of the published checkpoints, for `make-tiny --shape 3b|7b` (config-only: random
+# weights, real shapes, so memory, speed and kernels are measured at size without a 22 GB download).
+# transformers' Qwen2_5OmniConfig defaults are NOT the published checkpoint (its Talker defaults to the
+# Thinker's 3584 width: 18.4B parameters in all), so every size is spelled out here. Sources:
+# * Qwen/Qwen2.5-Omni-7B config.json as copied verbatim into fine-tunes of it, e.g.
+#   https://huggingface.co/ACE-Step/acestep-captioner/blob/main/config.json and
+#   https://huggingface.co/Duofu/EmotionThinker/blob/main/config.json (talker: hidden 896, embedding 3584,
+#   head_dim 128, intermediate 18944, vocab 8448; thinker hidden 3584); NVIDIA Megatron-Bridge's
+#   Qwen25OmniModelProvider (https://docs.nvidia.com/nemo/megatron-bridge/latest/apidocs/bridge/
+#   bridge.models.qwen_omni.qwen25_omni_provider.html: vocab 152064, mrope_section [16, 24, 24], patch 14,
+#   25 positions/s, 2-s chunks). The towers (audio: d_model 1280, 32 layers, 20 heads; vision: depth 32,
+#   hidden 1280, 16 heads, window 112), DiT (dim 1024, depth 22, 16 heads, 8193 codes) and BigVGAN (mel 80,
+#   1536 channels, rates 5,3,2,2,2,2) are the values of those same files.
+# * Qwen/Qwen2.5-Omni-3B: its Thinker LM is Qwen2.5-3B's (hidden 2048, intermediate 11008, 36 layers,
+#   16 heads, 2 KV heads, vocab 151936; e.g. https://huggingface.co/unsloth/Qwen2.5-3B/blob/main/config.json
+#   and the Omni-3B text defaults "from HF config.json" in the Tyr project's Qwen25Omni/Config.lean), the
+#   audio/vision towers and Token2Wav are the 7B's with output width 2048. Its Talker sizes (Qwen2.5-0.5B's:
+#   14 heads, 2 KV heads, head_dim 64, intermediate 4864; M-RoPE sections [8, 12, 12], which must sum to
+#   head_dim / 2) are as remembered from the model's config.json, NOT confirmed by a source found here;
+#   the total they give (5.537B) matches the published model size.
+# Published totals (Hugging Face "Model size"): 7B 10.7B parameters; 3B 5.54B (thinker-only copies:
+# https://huggingface.co/Tevatron/Qwen2.5-Omni-7B-Thinker "9B", ytaek-oh/Qwen2.5-Omni-3B-Thinker "5B").
+PUBLISHED_PARAMS = {"7b": 10.7e9, "3b": 5.54e9}
+_SHAPES = {  # text (hidden, intermediate, layers, heads, kv heads, vocab); talker (heads, kv, head_dim, ffn, mrope)
+    "7b": dict(text=(3584, 18944, 28, 28, 4, 152064), talker=(12, 4, 128, 18944, [16, 24, 24])),
+    "3b": dict(text=(2048, 11008, 36, 16, 2, 151936), talker=(14, 2, 64, 4864, [8, 12, 12])),
+}
+SHAPES = ("tiny",) + tuple(_SHAPES)
+
+
+def published_config(shape: str, ids: dict[str, int]):
+    """The published Qwen2.5-Omni-3B / -7B sizes (sources above) with the tokenizer's special-token ids.
+
+    Only the special-token ids differ from the published file: they must be the ids of the tokenizer
+    written next to it (the tiny BPE), and they all lie inside the published vocabulary.
+    """
+    if shape not in _SHAPES:
+        raise CheckpointError(f"shape {shape!r}: use one of {', '.join(SHAPES)}")
+    hidden, ffn, layers, heads, kv_heads, vocab = _SHAPES[shape]["text"]
+    t_heads, t_kv, t_head_dim, t_ffn, t_mrope = _SHAPES[shape]["talker"]
+    mrope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                rope_parameters=mrope, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    audio = dict(num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280,
+                 output_dim=hidden, n_window=100, max_source_positions=1500)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=hidden,
+                  fullatt_block_indexes=[7, 15, 23, 31], in_channels=3)
+    talker = dict(vocab_size=8448, embedding_size=hidden, hidden_size=896, intermediate_size=t_ffn,
+                  num_hidden_layers=24, num_attention_heads=t_heads, num_key_value_heads=t_kv, head_dim=t_head_dim,
+                  max_position_embeddings=32768, rope_parameters=dict(mrope, mrope_section=t_mrope),
+                  rms_norm_eps=1e-6)
+    token2wav = dict(
+        dit_config=dict(hidden_size=1024, num_hidden_layers=22, num_attention_heads=16, head_dim=64, ff_mult=2,
+                        emb_dim=512, block_size=24, look_ahead_layers=[10], look_backward_layers=[0, 20], repeats=2,
+                        num_embeds=8193, mel_dim=80, enc_emb_dim=192, enc_dim=128,
+                        enc_channels=[256, 256, 256, 256, 768], enc_attention_channels=64, enc_se_channels=64),
+        bigvgan_config=dict(mel_dim=80, upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11],
+                            resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+                            upsample_rates=[5, 3, 2, 2, 2, 2], upsample_kernel_sizes=[11, 7, 4, 4, 4, 4]),
+    )
+    return _assemble(ids, text, audio, vision, talker, token2wav)
+
+
+def _assemble(ids: dict[str, int], text: dict, audio: dict, vision: dict, talker: dict, token2wav: dict):
+    """One Qwen2_5OmniConfig from the parts' sizes plus the tokenizer's special-token ids."""
+    from transformers import Qwen2_5OmniConfig
+
+    # Multimodal token ids and TMRoPE rates: the Thinker and the Talker must agree on them.
+    media = dict(
+        audio_token_index=ids["<|AUDIO|>"],
+        image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"],
+        audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"],
+        vision_end_token_id=ids["<|vision_eos|>"],
+        position_id_per_seconds=25,
+        seconds_per_chunk=2,
+    )
+    talker = dict(
+        vocab_size=8448,
+        embedding_size=hidden,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rope_parameters=dict(mrope),
+    )
+    token2wav = dict(
+        dit_config=dict(
+            hidden_size=hidden,
+            num_hidden_layers=4,
+            num_attention_heads=heads,
+            head_dim=head_dim,
+            ff_mult=2,
+            emb_dim=32,
+            block_size=24,
+            look_ahead_layers=[2],
+            look_backward_layers=[0, 3],
+            repeats=2,
+            num_embeds=8193,
+            mel_dim=80,
+            enc_emb_dim=192,
+            enc_dim=32,
+            enc_channels=[32, 32, 32, 32, 96],
+            enc_attention_channels=16,
+            enc_se_channels=16,
+            dropout=0.0,
+        ),
+        bigvgan_config=dict(
+            mel_dim=80,
+            upsample_initial_channel=64,  # 1 channel after the 6 upsampling stages (64 // 2**6)
+            resblock_kernel_sizes=[3, 7, 11],
+            resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+            upsample_rates=[5, 3, 2, 2, 2, 2],
+            upsample_kernel_sizes=[11, 7, 4, 4, 4, 4],
+        ),
+    )
+    return _assemble(ids, text, audio, vision, talker, token2wav)
+
+
+def _assemble(ids: dict[str, int], text: dict, audio: dict, vision: dict, talker: dict, token2wav: dict):
+    """One Qwen2_5OmniConfig from the parts' sizes plus the tokenizer's special-token ids."""
+    from transformers import Qwen2_5OmniConfig
+
+    # Multimodal token ids and TMRoPE rates: the Thinker and the Talker must agree on them.
+    media = dict(
+        audio_token_index=ids["<|AUDIO|>"],
+        image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"],
+        audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"],
+        vision_end_token_id=ids["<|vision_eos|>"],
+        position_id_per_seconds=25,
+        seconds_per_chunk=2,
+    )
+    thinker = dict(
+        text_config=text,
+        audio_config=audio,
+        vision_config=vision,
+        **media,
+        user_token_id=ids["user"],
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    talker = dict(
+        talker,
+        tts_text_start_token_id=ids["<tts_text_bos>"],
+        tts_text_end_token_id=ids["<tts_text_eod>"],
+        tts_text_pad_token_id=ids["<tts_pad>"],
+        **media,
+        spatial_merge_size=2,
+    )
     return Qwen2_5OmniConfig(
         thinker_config=thinker, talker_config=talker, token2wav_config=token2wav, enable_audio_output=True
     )
@@ -373,16 +680,26 @@ def tiny_qwen_tokenizer(specials: list[str], media_tokens: dict[str, str]):
     return bpe, tokenizer
 
 
-def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2, shape: str = "tiny",
+              weights: bool | None = None) -> Path:
     """Write a complete tiny Qwen2.5-Omni checkpoint in the real Hugging Face format.
 
     The directory holds ``config.json``, ``model.safetensors`` (seeded random weights),
     ``generation_config.json``, tokenizer files (a small byte-level BPE), the processor configs
     (feature extractor, image and video processors, chat template) and ``spk_dict.pt``. It loads
     through :func:`load_omni` exactly like ``Qwen/Qwen2.5-Omni-7B``.
+
+    ``shape="3b"`` / ``"7b"`` writes the published sizes (:func:`published_config`) and no weight file
+    (``weights`` defaults to False for them): :func:`load_omni` then creates seeded random weights on
+    the target device in the target dtype. ``weights=False`` with the tiny shape does the same, small.
     """
     from transformers import GenerationConfig, Qwen2_5OmniForConditionalGeneration, WhisperFeatureExtractor
 
+    if shape not in SHAPES:
+        raise CheckpointError(f"shape {shape!r}: use one of {', '.join(SHAPES)}")
+    weights = shape == "tiny" if weights is None else weights
+    if weights and shape != "tiny":
+        raise CheckpointError(f"shape {shape!r} is config-only: writing {shape} random weights would take tens of GB")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -402,17 +719,25 @@ def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, la
     text_vocab = bpe.get_vocab_size(with_added_tokens=True)
     text_vocab += (-text_vocab) % 64  # pad the embedding like the real checkpoint does
 
-    config = tiny_config(text_vocab, ids, hidden=hidden, layers=layers)
-    torch.manual_seed(seed)
-    model = Qwen2_5OmniForConditionalGeneration(config).eval()
-    _reinit(model, seed)
-    _only_valid_codes(model)
-    model.generation_config = GenerationConfig(
+    config = tiny_config(text_vocab, ids, hidden=hidden, layers=layers) if shape == "tiny" else \
+        published_config(shape, ids)
+    generation = GenerationConfig(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
         do_sample=False,
     )
-    model.save_pretrained(out)
+    if weights:
+        torch.manual_seed(seed)
+        model = Qwen2_5OmniForConditionalGeneration(config).eval()
+        _reinit(model, seed)
+        _only_valid_codes(model)
+        model.generation_config = generation
+        model.save_pretrained(out)
+    else:  # config-only: the loader materialises random weights on the device it is asked for
+        config.architectures = [OMNI_ARCHITECTURES[0]]
+        config.save_pretrained(out)
+        generation.save_pretrained(out)
+        (out / RANDOM_INIT_FILE).write_text(json.dumps({"seed": seed, "shape": shape}) + "\n")
 
     tokenizer.save_pretrained(out)
     feature_extractor = WhisperFeatureExtractor(
@@ -423,7 +748,8 @@ def make_tiny(out_dir: str | os.PathLike, *, seed: int = 0, hidden: int = 64, la
     # the real checkpoint ships it.
     prep = json.loads((out / "preprocessor_config.json").read_text())
     vision = VisionPreprocessing()
-    prep.update({k: list(v) if isinstance(v, tuple) else v for k, v in vision.__dict__.items()})
+    prep.update({k: list(v) if isinstance(v, tuple) else v for k, v in vision.__dict__.items()
+                 if not k.startswith("video_")})
     prep.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5OmniProcessor")
     (out / "preprocessor_config.json").write_text(json.dumps(prep, indent=2, sort_keys=True) + "\n")
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")

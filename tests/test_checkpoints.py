@@ -120,3 +120,89 @@ def test_broken_checkpoints_name_the_problem(tiny_dir, tmp_path, breakage, messa
     breakage(d)
     with pytest.raises(CheckpointError, match=message):
         load_omni(d, talker=False)
+
+
+_REFUSE = """
+import json, os, sys, time
+from omnistream.checkpoints import CheckpointError, load_omni
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+r, t = rss(), time.perf_counter()
+try:
+    load_omni(sys.argv[1], talker=False)
+    msg = None
+except CheckpointError as e:
+    msg = str(e)
+print(json.dumps({"msg": msg, "s": time.perf_counter() - t, "rss_growth": rss() - r}))
+"""
+
+
+def _refuse_in_a_fresh_process(d) -> dict:
+    """load_omni(d) in a new interpreter (nothing of transformers imported yet): message, time, RSS growth."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _REFUSE, str(d)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _qwen25_vl_dir(d):
+    """A Qwen2.5-VL checkpoint directory: transformers' own config plus a 64 MB weight file."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLConfig
+
+    cfg = Qwen2_5_VLConfig()
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    cfg.save_pretrained(d)
+    save_file({"model.embed_tokens.weight": torch.zeros(4096, 4096)}, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("kind, found", [
+    ("qwen2_5_vl", ["'qwen2_5_vl'", "Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL checkpoint"]),
+    ("janus", ["'qwen2_5_vl'", "JanusVLN checkpoint", "nav --agent janus"]),
+    ("random", ["model_type is None", "not a Qwen2.5-Omni checkpoint"]),
+    ("omni_wrong_arch", ["architectures ['LlamaForCausalLM']"]),
+])
+def test_other_checkpoint_kinds_are_refused_from_config_alone(tmp_path, tiny_dir, kind, found):
+    d = tmp_path / kind
+    d.mkdir()
+    if kind == "qwen2_5_vl":
+        _qwen25_vl_dir(d)
+    elif kind == "janus":
+        from omnistream.navigation.tiny import make_tiny_janus
+
+        make_tiny_janus(d)
+    elif kind == "random":
+        (d / "config.json").write_text(json.dumps({"hidden": 3, "note": "some other project"}))
+        (d / "weights.bin").write_bytes(b"\0" * 1000)
+    else:
+        shutil.copytree(tiny_dir, d, dirs_exist_ok=True)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"])))
+    out = _refuse_in_a_fresh_process(d)
+    msg = out["msg"]
+    assert msg is not None and "\n" not in msg and "expected" in msg, msg
+    for f in found:
+        assert f in msg, (f, msg)
+    assert out["s"] < 2.0, out  # config.json read, nothing else (measured: about 1 ms)
+    assert out["rss_growth"] < 16e6, out  # neither the weights nor transformers' model code (~200 MB) loaded
+
+
+def test_device_dtype_and_attention_are_checked_before_loading(tiny_dir, tmp_path):
+    from omnistream.checkpoints import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype(torch.float16) == torch.float16
+    with pytest.raises(CheckpointError, match="dtype 'int8'"):
+        load_omni(tmp_path / "does-not-matter", dtype="int8")  # refused before the path is looked at
+    with pytest.raises(CheckpointError, match="'flash_attention_2' needs a CUDA device"):
+        load_omni(tiny_dir, attn_implementation="flash_attention_2")
+    with pytest.raises(CheckpointError, match="attention 'fast'"):
+        load_omni(tiny_dir, attn_implementation="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(CheckpointError, match="device 'cuda:0' is not available"):
+            load_omni(tmp_path / "does-not-matter", device="cuda:0")
+    ck = load_omni(tiny_dir, talker=False, dtype="bf16", attn_implementation="eager")
+    assert {p.dtype for p in ck.thinker.parameters()} == {torch.bfloat16}
+    assert ck.thinker.config.get_text_config()._attn_implementation == "eager"

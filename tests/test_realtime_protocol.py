@@ -149,6 +149,29 @@ def test_bad_images(url, code):
     assert e.value.code == code
 
 
+def test_size_limits_before_decoding():
+    """Images over the pixel or byte limit, items over the text or image-count limit and long
+    instructions are ``input_too_large``; the pixel check reads the header only."""
+    from omnistream.apps.limits import SessionLimits
+
+    url = _data_url(np.zeros((64, 64, 3), np.uint8), "PNG")
+    assert decode_image(url, limits=SessionLimits(max_image_pixels=64 * 64)).shape == (64, 64, 3)
+    for lim in (SessionLimits(max_image_pixels=64 * 63), SessionLimits(max_image_bytes=16)):
+        with pytest.raises(ProtocolError) as e:
+            decode_image(url, limits=lim)
+        assert e.value.code == "input_too_large"
+    lim = SessionLimits(max_text_chars=10, max_item_images=1, max_instructions_chars=5)
+    text = {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "x" * 6}, {"type": "input_text", "text": "y" * 5}]}}
+    images = {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_image", "image_url": url}] * 2}}
+    for ev in (text, images, {"type": "session.update", "session": {"instructions": "abcdef"}}):
+        with pytest.raises(ProtocolError) as e:
+            parse_client_event(json.dumps(ev), lim)
+        assert e.value.code == "input_too_large", ev
+    assert parse_client_event(json.dumps(text)).text == "xxxxxx\nyyyyy"  # the default limits take it
+
+
 @pytest.mark.parametrize("item,code", [
     (None, "missing_required_parameter"),
     ({"type": "function_call"}, "unsupported_item"),
@@ -308,6 +331,29 @@ def test_vad_silence_and_reset(speech):
     assert ev[0].ms >= 2000 + (48000 + len(speech) // 2) * 1000 // 24000 - 300  # the clock kept counting
 
 
+def test_input_buffer_hands_out_exactly_the_detected_speech(speech):
+    """InputBuffer (appends of random sizes, server VAD): the turn audio it hands out is exactly
+    the appended samples from audio_start_ms to audio_end_ms (sliced here from the whole clip)."""
+    from omnistream.apps.input_buffer import InputBuffer
+    from omnistream.apps.realtime import TurnDetection
+    from omnistream.apps.vad import ServerVad
+
+    buf, td = InputBuffer(), TurnDetection()
+    buf.set_vad(ServerVad(td.threshold, td.silence_duration_ms, td.prefix_padding_ms))
+    pcm = np.concatenate([np.zeros(24000, np.int16), speech])  # 1 s of silence more before it
+    steps, rng, i = [], np.random.default_rng(1), 0
+    while i < len(pcm):
+        n = int(rng.integers(1, 5000))
+        steps += buf.append(pcm[i:i + n], td)
+        i += n
+    kinds = [x.kind for x in steps if x.kind != "audio"]
+    assert kinds == ["speech_started", "speech_stopped"]
+    start, stop = (x.ms * 24 for x in steps if x.kind != "audio")
+    got = np.concatenate([x.pcm for x in steps if x.kind == "audio"])
+    assert np.array_equal(got, pcm[start:stop])
+    assert len(buf.hist) <= (td.prefix_padding_ms + 300) * 24 + 5000  # idle: only the padding is kept
+
+
 # ---------------------------------------------------------------------------------- fuzz
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -320,16 +366,17 @@ _part = st.fixed_dictionaries({}, optional={
     "type": st.sampled_from(["input_text", "input_image", "input_audio", "text", "output_text", 3]),
     "text": _json, "audio": _b64ish,
     "image_url": st.one_of(_b64ish.map(lambda s: "data:image/png;base64," + s),
-                           st.binary(max_size=80).map(
-                               lambda b: "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b).decode()),
+                           st.binary(max_size=80).map(lambda b: "data:image/png;base64," + base64.b64encode(
+                               b"\x89PNG\r\n\x1a\n" + b).decode()),
                            _json)})
 _session = st.fixed_dictionaries({}, optional={
     k: _json for k in ("type", "model", "instructions", "output_modalities", "modalities", "voice",
                        "input_audio_format", "turn_detection", "temperature", "max_output_tokens", "tools", "zz")
 } | {"audio": st.fixed_dictionaries({}, optional={
-    "input": st.fixed_dictionaries({}, optional={"format": _json, "turn_detection": st.one_of(_json, st.fixed_dictionaries(
-        {}, optional={"type": st.sampled_from(["server_vad", "semantic_vad"]), "threshold": _json,
-                      "silence_duration_ms": _json, "create_response": _json}))}),
+    "input": st.fixed_dictionaries({}, optional={"format": _json, "turn_detection": st.one_of(
+        _json, st.fixed_dictionaries({}, optional={
+            "type": st.sampled_from(["server_vad", "semantic_vad"]), "threshold": _json,
+            "silence_duration_ms": _json, "create_response": _json}))}),
     "output": st.fixed_dictionaries({}, optional={"voice": _json, "format": _json})})})
 _event = st.fixed_dictionaries({"type": _types}, optional={
     "event_id": _json, "session": st.one_of(_session, _json), "audio": _b64ish,

@@ -18,9 +18,10 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 from test_runtime import alive, children
-from test_server import Session, config, url
+from test_server import RATE, Session, config, url
 from websockets.asyncio.client import connect
 
 from omnistream.apps.server import RealtimeServer
@@ -163,6 +164,126 @@ def test_kill_9_a_stage_during_live_sessions(served, stage):
               f"{[round(t, 2) for *_, t in results]} s")
 
     served.run(body(), 140)
+
+
+async def _all_ready(served: Served) -> None:
+    """Every stage serves and has a loaded spare (a kill of an earlier test is behind us)."""
+    while not all(st["spare_ready"] and st["state"] == "ready" for st in served.stages().values()):
+        await asyncio.sleep(0.1)
+
+
+def _ga_update(instructions: str, voice: str) -> dict:
+    return {"type": "realtime", "instructions": instructions, "audio": {"output": {"voice": voice}}}
+
+
+@pytest.mark.timeout(240)
+def test_session_update_during_a_reply_and_an_open_turn(served):
+    """Over the split stages: a session.update (instructions + voice) during a reply -- the reply
+    ends with response.done and the next one speaks with the new voice; one during an open user
+    turn -- the turn is answered whole, the new voice applies from the next turn."""
+
+    async def reply_voice(s: Session) -> str:
+        return (await s.until("response.created", timeout=60))["response"]["audio"]["output"]["voice"]
+
+    async def body():
+        await _all_ready(served)
+        async with connect(url(served.server)) as ws:
+            s = Session(ws)
+            await s.until("session.created")
+            await start_text_turn(s, "please talk for a while")
+            assert await reply_voice(s) == "Chelsie"
+            await s.until("response.output_audio_transcript.delta", timeout=90)
+            await s.send("session.update", session=_ga_update("Be terse.", "Ethan"))
+            upd = await s.until("session.updated", timeout=30)
+            assert upd["session"]["audio"]["output"]["voice"] == "Ethan"
+            err, done = await outcome(s, timeout=90)
+            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
+            await start_text_turn(s, "and now?")
+            assert await reply_voice(s) == "Ethan"
+            err, done = await outcome(s, timeout=90)
+            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
+            # an update while a user turn is open
+            await s.append(np.zeros(RATE // 2, np.int16))
+            await s.send("session.update", session=_ga_update("Be kind.", "Chelsie"))
+            await s.until("session.updated")
+            await s.append(np.zeros(RATE // 2, np.int16))
+            await s.send("input_audio_buffer.commit")
+            await s.until("input_audio_buffer.committed")
+            await s.send("response.create")
+            assert await reply_voice(s) == "Ethan"  # this turn began before the update
+            n0 = len(s.events)
+            err, done = await outcome(s, timeout=90)
+            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
+            assert any(e["type"] == "response.output_audio.delta" for e in s.events[n0:])
+            await start_text_turn(s, "bye")
+            assert await reply_voice(s) == "Chelsie"
+            err, done = await outcome(s, timeout=90)
+            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
+
+    served.run(body(), 230)
+
+
+@pytest.mark.timeout(240)
+def test_a_turn_lost_with_a_stage_is_reported_not_answered(served):
+    """The thinker is killed while a user turn is open: the commit is answered with ``stage_lost``
+    (no ``input_audio_buffer.committed``, no reply from the restarted, empty conversation); the
+    session's next turn gets a whole reply."""
+
+    async def body():
+        await _all_ready(served)
+        async with connect(url(served.server)) as ws:
+            s = Session(ws)
+            await s.until("session.created")
+            await s.append(np.zeros(RATE, np.int16))
+            pid, restarts = served.stages()["thinker"]["pid"], served.stages()["thinker"]["restarts"]
+            os.kill(pid, signal.SIGKILL)
+            while not (served.stages()["thinker"]["restarts"] > restarts and
+                       all(st["state"] == "ready" for st in served.stages().values())):
+                await asyncio.sleep(0.1)
+            n0 = len(s.events)
+            await s.send("input_audio_buffer.commit")
+            await s.send("input_audio_buffer.clear")  # a marker: answered after the commit
+            await s.until("input_audio_buffer.cleared", timeout=60)
+            after = s.events[n0:]
+            codes = [e["error"]["code"] for e in after if e["type"] == "error"]
+            assert "stage_lost" in codes, after
+            assert not {"input_audio_buffer.committed", "response.created"} & {e["type"] for e in after}, after
+            await start_text_turn(s, "are you back?")
+            err, done = await outcome(s, timeout=90)
+            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
+
+    served.run(body(), 230)
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_stage_is_not_serving(served):
+    """SIGSTOP one stage: within the stall bound (well before the hang watchdog would kill it)
+    the supervisor's health says not serving, naming the stage; SIGCONT: serving again."""
+    sv = served.client.supervisor
+    assert sv.hang_timeout_s == 300 and sv.stall_s < sv.hang_timeout_s  # the constructor's setting reached it
+
+    async def body():
+        await _all_ready(served)
+        assert sv.health() == {"serving": True, "reason": None}
+        pid = served.stages()["talker"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            while sv.health()["serving"] and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.05)
+            h, t_off = sv.health(), time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert not h["serving"] and "talker" in h["reason"], h
+        assert t_off <= sv.stall_s + 2.0, t_off
+        t0 = time.monotonic()
+        while not sv.health()["serving"] and time.monotonic() - t0 < 30:
+            await asyncio.sleep(0.05)
+        assert sv.health()["serving"] and served.stages()["talker"]["pid"] == pid  # nothing was killed
+        print(f"stalled stage: not serving after {t_off:.2f} s (stall_s {sv.stall_s:g} s, "
+              f"hang {sv.hang_timeout_s:g} s)")
+
+    served.run(body(), 110)
 
 
 @pytest.mark.timeout(150)

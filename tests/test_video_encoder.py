@@ -76,6 +76,49 @@ def test_smart_resize_matches_transformers():
         smart_resize(10, 5000)
 
 
+def _processor_video_bounds() -> tuple[int, int]:
+    """The per-frame pixel bounds transformers' Qwen2_5OmniProcessor gives its video processor."""
+    from transformers import Qwen2_5OmniProcessor
+
+    size = Qwen2_5OmniProcessor.videos_kwargs["size"]
+    return size["shortest_edge"], size["longest_edge"]
+
+
+@pytest.mark.parametrize("hw", [(720, 1280), (1080, 1920), (480, 640), (84, 112), (2160, 3840), (1280, 720), (28, 900)])
+def test_video_frames_use_the_processors_video_pixel_bounds(hw):
+    # the video processor's module needs torchvision (not installable here); its smart_resize is the
+    # same function as the PIL image processor's, which test_smart_resize_matches_transformers pins
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as ref
+
+    lo, hi = _processor_video_bounds()
+    assert (PREP.video_min_pixels, PREP.video_max_pixels) == (lo, hi)
+    expected = ref(*hw, factor=28, min_pixels=lo, max_pixels=hi)
+    assert target_size(*hw, PREP) == expected
+    if hw == (720, 1280):
+        assert expected == (560, 1008)  # not the image bounds' 728x1288
+        assert target_size(*hw, PREP, video=False) == (728, 1288)
+    enc = StreamingVideoEncoder(torch.nn.Identity(), PREP)
+    enc.push(np.zeros((*hw, 3), np.uint8), 0.0)  # the stream's grid is fixed by the first frame
+    assert enc.size == expected
+
+
+def test_a_checkpoints_video_processor_overrides_the_bounds(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from omnistream.checkpoints import load_omni
+
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_dir, d)
+    (d / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": 64 * 28 * 28,
+                                                                   "longest_edge": 256 * 28 * 28}}))
+    prep = load_omni(d, talker=False).vision
+    assert (prep.video_min_pixels, prep.video_max_pixels) == (64 * 28 * 28, 256 * 28 * 28)
+    assert prep.max_pixels == PREP.max_pixels  # the image bounds are untouched
+    assert target_size(720, 1280, prep) == smart_resize(720, 1280, 28, 64 * 28 * 28, 256 * 28 * 28)
+
+
 @pytest.mark.parametrize("hw", [(84, 112), (70, 90), (130, 61), (100, 140), (57, 139), (20, 30)])
 def test_patch_layout_matches_qwen2vl_image_processor(hw):
     pytest.importorskip("PIL")
@@ -91,11 +134,11 @@ def test_patch_layout_matches_qwen2vl_image_processor(hw):
     for seed in range(2):
         img = next(iter(synthetic_frames(1, *hw, seed=seed)))[0]  # (H, W, 3)
         ref = proc(images=[img], return_tensors="np")
-        ours, grid = patchify([img, img], PREP)  # an image = a temporal patch of 2 equal frames
+        ours, grid = patchify([img, img], PREP, video=False)  # an image = a temporal patch of 2 equal frames
         assert grid.tolist() == ref["image_grid_thw"].tolist()
         assert ours.dtype == torch.float32 and ours.shape == ref["pixel_values"].shape
         diff = np.abs(ours.numpy() - ref["pixel_values"])
-        if tuple(hw) == smart_resize(*hw):  # no resize: pure rescale/normalize/layout
+        if tuple(hw) == smart_resize(*hw, 28, PREP.min_pixels, PREP.max_pixels):  # no resize: layout only
             assert diff.max() <= 1e-5
         else:  # torch's antialiased bicubic vs PIL's fixed point: a level, rarely
             assert diff.max() <= 1.01 * level
@@ -105,10 +148,10 @@ def test_patch_layout_matches_qwen2vl_image_processor(hw):
 def test_streaming_layout_equals_video_processor_layout():
     """Per-pair flattening concatenated == the video processor's grid_t > 1 layout."""
     frames = [f for f, _ in synthetic_frames(6, 84, 140, seed=3)]
-    size = target_size(84, 140, PREP)
+    size = target_size(84, 140, PREP, video=False)  # small: the layout, not the resize, is under test
     x = torch.stack([preprocess_frame(f, size, PREP) for f in frames])
     whole, grid = video_processor_patchify(x, PREP)
-    pairs = [patchify(frames[i : i + 2], PREP) for i in range(0, 6, 2)]
+    pairs = [patchify(frames[i : i + 2], PREP, size) for i in range(0, 6, 2)]
     assert grid == [3, 6, 10] and all(g.tolist() == [[1, 6, 10]] for _, g in pairs)
     assert torch.equal(torch.cat([p for p, _ in pairs]), whole)
 
@@ -189,7 +232,7 @@ def test_streaming_equals_offline_tower(tiny):
         assert [p.index for p in got] == list(range(math.ceil(n / 2)))
         assert [p.start_s for p in got] == pytest.approx([i * 1.0 for i in range(len(got))])
         assert [p.padded for p in got] == [False] * (n // 2) + [True] * (n % 2)
-        gh, gw = (s // 14 for s in smart_resize(h, w, 28, PREP.min_pixels, PREP.max_pixels))
+        gh, gw = (s // 14 for s in smart_resize(h, w, 28, PREP.video_min_pixels, PREP.video_max_pixels))
         assert all(p.grid_thw == (1, gh, gw) for p in got)
         stream = torch.cat([p.embeds for p in got])  # (tokens, out_hidden)
         ref = offline_embeds(visual, frames, tiny.vision)
@@ -236,7 +279,9 @@ def test_frame_size_change_resizes_to_first_grid(tiny, caplog):
         out = enc.push(a[0], 0.0) + enc.push(a[1], 0.5)
         for k, f in enumerate(b):
             out += enc.push(f, 1.0 + 0.5 * k)
-    assert len(out) == 3 and all(p.grid_thw == (1, 6, 8) for p in out)
+    gh, gw = (s // 14 for s in smart_resize(84, 112, 28, PREP.video_min_pixels, PREP.video_max_pixels))
+    assert (gh, gw) == (20, 28)  # 84x112 is below the video minimum: upscaled to 280x392, as the processor does
+    assert len(out) == 3 and all(p.grid_thw == (1, gh, gw) for p in out)
     assert sum("size changed" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -266,7 +311,8 @@ def test_push_file_mp4(tiny, tmp_path):
     n_model_frames = len(nearest_oracle([Fraction(i, 30) for i in range(90)], 2))  # 6
     assert len(patches) == math.ceil(n_model_frames / 2) == 3
     assert [p.start_s for p in patches] == pytest.approx([0.0, 1.0, 2.0], abs=1e-3)
-    assert all(p.grid_thw == (1, 6, 6) and p.embeds.shape == (9, 64) for p in patches)
+    gh, gw = (s // 14 for s in smart_resize(80, 96, 28, PREP.video_min_pixels, PREP.video_max_pixels))
+    assert all(p.grid_thw == (1, gh, gw) and p.embeds.shape == (gh * gw // 4, 64) for p in patches)
     assert torch.isfinite(torch.cat([p.embeds for p in patches])).all()
 
 

@@ -17,7 +17,9 @@ both would otherwise play every audio chunk twice, and audio would cost twice th
 Both session shapes are accepted in either dialect.
 
 Audio is pcm16 mono at 24 kHz, base64, both ways; images (``input_image`` content parts, used
-for video frames) are ``data:image/png|jpeg|webp;base64,...`` URLs decoded with PyAV.
+for video frames) are ``data:image/png|jpeg|webp;base64,...`` URLs decoded with PyAV. Image
+pixels and bytes, images and text characters per item, and instruction characters are bounded by
+:class:`~omnistream.apps.limits.SessionLimits` (``input_too_large``), checked before decoding.
 
 Where the pipeline differs from OpenAI's conversation model, the server maps as follows (and says
 so here rather than pretending): a user item's images and audio join the open user turn and its
@@ -38,8 +40,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from omnistream.apps.limits import SessionLimits
+
 SAMPLE_RATE = 24000  # pcm16 in and out, as the OpenAI Realtime API
-MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
+_DEFAULT_LIMITS = SessionLimits()
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 
 # GA event name -> beta event name (events not listed have one name in both)
@@ -111,7 +115,7 @@ _BETA_ONLY = {"modalities", "voice", "input_audio_format", "output_audio_format"
 _GA_ONLY = {"output_modalities", "audio", "max_output_tokens", "type"}
 
 
-def parse_session(s, event_id: str | None = None) -> SessionPatch:
+def parse_session(s, event_id: str | None = None, limits: SessionLimits = _DEFAULT_LIMITS) -> SessionPatch:
     """Validate a ``session`` object in the GA or the beta shape; unknown keys are errors."""
     err = lambda code, msg, param: ProtocolError(code, msg, param, event_id)
     if not isinstance(s, dict):
@@ -126,11 +130,16 @@ def parse_session(s, event_id: str | None = None) -> SessionPatch:
     if "model" in s:
         out["model"] = _str(s["model"], "session.model", event_id, max_len=256)
     if "instructions" in s:
-        out["instructions"] = None if s["instructions"] is None else _str(
-            s["instructions"], "session.instructions", event_id, max_len=100_000) or None
+        ins = s["instructions"]
+        if isinstance(ins, str) and len(ins) > limits.max_instructions_chars:
+            raise err("input_too_large", f"session.instructions holds {len(ins)} characters: at most "
+                      f"{limits.max_instructions_chars} are taken", "session.instructions")
+        out["instructions"] = None if ins is None else _str(ins, "session.instructions", event_id,
+                                                            max_len=limits.max_instructions_chars) or None
     for key in ("tools",):
         if s.get(key):
-            raise err("unsupported_feature", "tools (function calling) are not supported by this server", "session.tools")
+            raise err("unsupported_feature", "tools (function calling) are not supported by this server",
+                      "session.tools")
     # output modalities: GA ["audio"] | ["text"]; beta ["text", "audio"] | ["text"]
     for key in ("output_modalities", "modalities"):
         if key in s:
@@ -321,8 +330,9 @@ _UNSUPPORTED = {"conversation.item.delete", "conversation.item.retrieve", "outpu
                 "transcription_session.update"}
 
 
-def parse_client_event(data) -> ClientEvent:
-    """One WebSocket message -> a typed client event, or :class:`ProtocolError`."""
+def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientEvent:
+    """One WebSocket message -> a typed client event, or :class:`ProtocolError` (items and
+    instructions over ``limits`` too: code ``input_too_large``)."""
     if isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("invalid_event", "binary messages are not supported: send JSON text events")
     try:
@@ -341,7 +351,7 @@ def parse_client_event(data) -> ClientEvent:
     if t == "session.update":
         if "session" not in ev:
             raise err("missing_required_parameter", "Missing required parameter: 'session'", "session")
-        return SessionUpdate(event_id, parse_session(ev["session"], event_id))
+        return SessionUpdate(event_id, parse_session(ev["session"], event_id, limits))
     if t == "input_audio_buffer.append":
         return AudioAppend(event_id, decode_pcm16(ev.get("audio"), "audio", event_id))
     if t == "input_audio_buffer.commit":
@@ -349,7 +359,7 @@ def parse_client_event(data) -> ClientEvent:
     if t == "input_audio_buffer.clear":
         return AudioClear(event_id)
     if t == "conversation.item.create":
-        return _item_create(ev, event_id)
+        return _item_create(ev, event_id, limits)
     if t == "conversation.item.truncate":
         item_id = ev.get("item_id")
         if not isinstance(item_id, str) or not item_id:
@@ -406,8 +416,11 @@ _DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,(.*)", re.DOTALL)
 _MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "jpg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
 
-def decode_image(url, param: str = "image_url", event_id: str | None = None) -> np.ndarray:
-    """A ``data:image/...;base64,`` URL -> (H, W, 3) uint8 RGB; anything else is an error."""
+def decode_image(url, param: str = "image_url", event_id: str | None = None,
+                 limits: SessionLimits = _DEFAULT_LIMITS) -> np.ndarray:
+    """A ``data:image/...;base64,`` URL -> (H, W, 3) uint8 RGB; anything else is an error. Images
+    over ``limits.max_image_bytes`` (encoded) or ``max_image_pixels`` (read from the header, before
+    decoding: decompression bombs) are ``input_too_large``."""
     if not isinstance(url, str):
         raise ProtocolError("invalid_type", f"{param} must be a data URL string", param, event_id)
     m = _DATA_URL.fullmatch(url)
@@ -415,6 +428,9 @@ def decode_image(url, param: str = "image_url", event_id: str | None = None) -> 
         raise ProtocolError("invalid_image", f"{param} must be a data URL 'data:image/png|jpeg|webp;base64,...' "
                             "(remote URLs are not fetched)", param, event_id)
     kind = m.group(1)
+    if len(m.group(2)) // 4 * 3 > limits.max_image_bytes:
+        raise ProtocolError("input_too_large", f"{param}: more than {limits.max_image_bytes} bytes of image data",
+                            param, event_id)
     try:
         raw = base64.b64decode(m.group(2), validate=True)
     except (binascii.Error, ValueError):
@@ -429,9 +445,10 @@ def decode_image(url, param: str = "image_url", event_id: str | None = None) -> 
             if not c.streams.video:
                 raise ProtocolError("invalid_image", f"{param}: no image found", param, event_id)
             st = c.streams.video[0]
-            if st.codec_context.width * st.codec_context.height > MAX_IMAGE_PIXELS:
-                raise ProtocolError("invalid_image", f"{param}: image larger than {MAX_IMAGE_PIXELS} pixels",
-                                    param, event_id)
+            w, h = st.codec_context.width, st.codec_context.height
+            if w * h > limits.max_image_pixels:
+                raise ProtocolError("input_too_large", f"{param}: a {w}x{h} image is larger than "
+                                    f"{limits.max_image_pixels} pixels", param, event_id)
             frame = next(c.decode(st))
             img = frame.to_ndarray(format="rgb24")
     except ProtocolError:
@@ -439,12 +456,12 @@ def decode_image(url, param: str = "image_url", event_id: str | None = None) -> 
     except Exception as e:  # noqa: BLE001 -- PyAV raises many error types on corrupt data
         raise ProtocolError("invalid_image", f"{param}: cannot decode {kind.upper()}: {type(e).__name__}",
                             param, event_id) from None
-    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] * img.shape[1] > limits.max_image_pixels:
         raise ProtocolError("invalid_image", f"{param}: unexpected decoded shape {img.shape}", param, event_id)
     return np.ascontiguousarray(img)
 
 
-def _item_create(ev: dict, event_id) -> ItemCreate:
+def _item_create(ev: dict, event_id, limits: SessionLimits = _DEFAULT_LIMITS) -> ItemCreate:
     err = lambda code, msg, param=None: ProtocolError(code, msg, param, event_id)
     item = ev.get("item")
     if not isinstance(item, dict):
@@ -467,15 +484,23 @@ def _item_create(ev: dict, event_id) -> ItemCreate:
     if len(content) > 64:
         raise err("invalid_value", "item.content holds more than 64 parts", "item.content")
     texts, images, audio = [], [], []
+    n_chars = sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if n_chars > limits.max_text_chars:  # before any image is decoded
+        raise err("input_too_large", f"the item holds {n_chars} characters of text: at most {limits.max_text_chars} "
+                  "are taken in one item", "item.content")
+    n_images = sum(isinstance(p, dict) and p.get("type") == "input_image" for p in content)
+    if n_images > limits.max_item_images:
+        raise err("input_too_large", f"the item holds {n_images} images: at most {limits.max_item_images} are "
+                  "taken in one item", "item.content")
     for i, part in enumerate(content):
         p = f"item.content[{i}]"
         if not isinstance(part, dict):
             raise err("invalid_type", f"{p} must be an object", p)
         kind = part.get("type")
         if kind in ("input_text", "text"):
-            texts.append(_str(part.get("text"), f"{p}.text", event_id, max_len=100_000))
+            texts.append(_str(part.get("text"), f"{p}.text", event_id, max_len=limits.max_text_chars))
         elif kind == "input_image":
-            images.append(decode_image(part.get("image_url"), f"{p}.image_url", event_id))
+            images.append(decode_image(part.get("image_url"), f"{p}.image_url", event_id, limits))
         elif kind == "input_audio":
             audio.append(decode_pcm16(part.get("audio"), f"{p}.audio", event_id))
         else:

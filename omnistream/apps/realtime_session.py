@@ -1,14 +1,30 @@
-"""One Realtime session: a WebSocket's client events in, the pipeline's reply out, paced.
+"""One Realtime session: a WebSocket's client events in, the pipeline's reply out.
 
-:class:`RealtimeSession` owns the session state the protocol implies -- the input audio buffer
-(with server VAD, only speech and its prefix padding reach the model, so a long silence does not
-fill the context), the conversation's item ids, the active response -- and maps each client event
-onto the :class:`~omnistream.runtime.client.Client` calls. :class:`_Response` streams one reply:
-text deltas at once, audio re-chunked into 40 ms deltas sent at real-time pace with at most
-``output_lead_ms`` of lead (Pipecat's rule), so a barge-in takes effect at once and the server
-knows how much the user heard: on ``speech_started`` during a reply the reply is cancelled (epoch
-bump), no further audio goes out, and the conversation is truncated to the played samples
-(``conversation.item.truncated`` tells the client).
+:class:`RealtimeSession` maps each client event onto the
+:class:`~omnistream.runtime.client.Client` calls and owns the state the protocol implies: the
+input audio buffer (:mod:`omnistream.apps.input_buffer`, server VAD), the open user turn, the
+conversation's item ids and the active reply (:mod:`omnistream.apps.realtime_reply`, paced by
+:mod:`omnistream.apps.pacer`). On ``speech_started`` during a reply the reply is cancelled
+(epoch bump), no further audio goes out, and the conversation is truncated to the played
+samples (``conversation.item.truncated`` tells the client).
+
+The event loop only moves bytes: messages larger than ``offload_bytes`` are parsed (JSON,
+base64, image decoding) on a worker thread, and long appends run the VAD there too; a session
+awaits each of its messages before the next, so its order is kept while other sessions, the
+replies' pacing and ``/health`` go on. The limits of :mod:`omnistream.apps.limits` are answered
+with ``error`` events.
+
+Rules the server keeps towards the pipeline:
+
+- a ``session.update`` that changes the pipeline's options (voice, instructions...) while a
+  reply runs or a user turn is open is acknowledged at once but sent to the pipeline only when
+  the next user turn opens (or the buffer is cleared) with no reply running, so it applies from
+  the next turn and never rebuilds a conversation under an open turn or a running reply;
+- a user turn the pipeline lost (a stage died or hung while it was open, or at its commit) is
+  reported as lost -- an ``error`` event ``stage_lost``, no ``committed``, no reply from the
+  restarted, empty conversation;
+- a client that asks to start while ``Client.admission()`` refuses gets ``server_busy`` and a
+  polite close (1013).
 """
 
 from __future__ import annotations
@@ -16,15 +32,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
+import socket
 import time
-from collections import deque
 from dataclasses import replace
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.frames import Close
 
+from omnistream.apps.input_buffer import InputBuffer
+from omnistream.apps.limits import SessionLimits, TokenBucket
 from omnistream.apps.realtime import (
     OPENAI_VOICES,
     SAMPLE_RATE,
@@ -39,10 +57,10 @@ from omnistream.apps.realtime import (
     ServerEvents,
     SessionConfig,
     SessionUpdate,
-    encode_pcm16,
     parse_client_event,
 )
-from omnistream.runtime.client import AudioDelta, ClientError, ResponseDone, SessionError, SessionOptions, TextDelta
+from omnistream.apps.realtime_reply import Reply, new_id
+from omnistream.runtime.client import ClientError, SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +70,14 @@ def subprotocols(headers) -> list[str]:
     return [p.strip() for h in headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",") if p.strip()]
 
 
-class _TokenBucket:
-    """``rate`` events per second on average, bursts of up to ``burst`` (rate <= 0: no limit)."""
-
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst, self.tokens, self.t = rate, burst, burst, time.monotonic()
-
-    def take(self) -> bool:
-        if self.rate <= 0:
-            return True
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
+def _parse(msg, max_message: int, limits: SessionLimits):
+    """Size check + :func:`parse_client_event` (run on a worker thread for large messages)."""
+    size = len(msg) if isinstance(msg, bytes) else (len(msg) if len(msg) * 4 <= max_message
+                                                    else len(msg.encode("utf-8", "surrogatepass")))
+    if size > max_message:
+        raise ProtocolError("message_too_large", f"message of {size} bytes is over the {max_message} byte limit: "
+                            "event dropped")
+    return parse_client_event(msg, limits)
 
 
 class RealtimeSession:
@@ -80,32 +86,46 @@ class RealtimeSession:
     def __init__(self, server, ws: ServerConnection):
         self.server, self.ws, self.client = server, ws, server.client
         c = server.config
+        self.limits: SessionLimits = getattr(c, "limits", None) or SessionLimits()
         beta = "realtime=v1" in ws.request.headers.get("OpenAI-Beta", "") or \
             "openai-beta.realtime-v1" in subprotocols(ws.request.headers)
         self.ev = ServerEvents("beta" if beta else "ga")
         self.cfg = SessionConfig(turn_detection=SessionConfig().turn_detection if c.server_vad else None)
-        self.bucket = _TokenBucket(c.rate_limit, c.rate_burst or max(50.0, 2 * c.rate_limit))
+        self.bucket = TokenBucket(c.rate_limit, c.rate_burst or max(50.0, 2 * c.rate_limit))
+        self.audio_bucket = TokenBucket(self.limits.audio_rate, self.limits.audio_burst_s)
         self.sid: str | None = None
-        self.options: SessionOptions | None = None
-        self.vad = None
-        self.audio_pos = 0  # 24 kHz samples appended during the session
-        self.hist = np.zeros(0, np.int16)  # VAD mode: recent audio from hist_pos on, not yet in a turn
-        self.hist_pos = 0
-        self.speaking = False
-        self.turn_from = 0  # VAD mode: first sample of the current turn not yet pushed
+        self.options: SessionOptions | None = None  # what the pipeline has
+        self.pending_options: SessionOptions | None = None  # a session.update waiting for the session to be idle
+        self.buf = InputBuffer()
         self.turn_samples = 0  # samples in the open user turn (the "input audio buffer")
-        self.turn_t0: float | None = None  # monotonic time the open turn began (frame clock)
+        self.turn_t0: float | None = None  # monotonic time the open turn began (frame clock); None: no open turn
         self.last_frame_t = -1.0
         self.turn_frames = 0  # camera frames in the open user turn
+        self.turn_lost = False  # the pipeline lost the open turn (stage_lost): it is not committed
         self.idle_frame = None  # VAD mode, no speech: only the latest camera frame is kept
         self.user_item_id: str | None = None
         self.last_item_id: str | None = None
-        self.response: _Response | None = None
-        self.last_reply: _Response | None = None
+        self.response: Reply | None = None
+        self.last_reply: Reply | None = None
 
     # -- plumbing
     async def send(self, event: dict) -> None:
-        await self.ws.send(json.dumps(event))
+        """Send one event; a client that has not taken it within ``send_timeout_s`` stopped
+        reading: its output is dropped and the connection closed (ConnectionClosed is raised)."""
+        try:
+            async with asyncio.timeout(self.limits.send_timeout_s):  # (no task per send, unlike wait_for)
+                await self.ws.send(json.dumps(event))
+        except TimeoutError:
+            reason = f"the client read nothing for {self.limits.send_timeout_s:g} s: output dropped"
+            log.warning("session %s: %s; closing it", self.sid, reason)
+            if self.response is not None:
+                self.response.stop("client_cancelled")
+            try:  # the close frame is queued behind what the client did not read: a short wait, then drop
+                await asyncio.wait_for(self.ws.close(1008, reason[:120]), 1.0)
+            except (TimeoutError, ConnectionClosed):
+                pass
+            self.ws.transport.abort()
+            raise ConnectionClosedError(None, Close(1008, reason)) from None
 
     async def send_error(self, e: ProtocolError) -> None:
         await self.send(self.ev.error(e))
@@ -128,10 +148,18 @@ class RealtimeSession:
         return v
 
     def _session_json(self) -> dict:
-        return self.ev.session(self.sid, self.cfg, self.options.voice, self.cfg.max_output_tokens)
+        o = self.pending_options or self.options
+        return self.ev.session(self.sid, self.cfg, o.voice, self.cfg.max_output_tokens)
 
     # -- lifecycle
     async def run(self) -> None:
+        self._bound_send_buffer()
+        busy = self.client.admission()
+        if busy is not None:  # one more session would make the others fall behind real time
+            await self.send_error(ProtocolError("server_busy", f"the server is busy: {busy}; try again later",
+                                                type="server_error"))
+            await self.ws.close(1013, "server busy: try again later")
+            return
         self.options = self._options(self.cfg, self._voice(self.cfg))
         try:
             self.sid = await self.client.open_session(self.options)
@@ -151,14 +179,24 @@ class RealtimeSession:
                 await self._ensure_vad()
             except ProtocolError as e:  # silero-vad missing: manual turns, and the client is told
                 vad_error = e
-        await self.send(self.ev.event("session.created", session=self._session_json()))
-        if vad_error is not None:
-            await self.send_error(vad_error)
         try:
+            await self.send(self.ev.event("session.created", session=self._session_json()))
+            if vad_error is not None:
+                await self.send_error(vad_error)
             async for msg in self.ws:
                 await self._on_message(msg)
         except ConnectionClosed:
             pass
+
+    def _bound_send_buffer(self) -> None:
+        """What a client that stops reading pins in the kernel is bounded (SO_SNDBUF)."""
+        n = self.limits.send_buffer_bytes
+        sock = self.ws.transport.get_extra_info("socket") if self.ws.transport is not None else None
+        if n is not None and sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, n)
+            except OSError:
+                log.debug("cannot set SO_SNDBUF", exc_info=True)
 
     async def cleanup(self) -> None:
         if self.response is not None:
@@ -175,28 +213,31 @@ class RealtimeSession:
         from omnistream.apps.vad import ServerVad, VadUnavailable
 
         td = self.cfg.turn_detection
-        if self.vad is None:
+        if self.buf.vad is None:
             try:
-                self.vad = await asyncio.to_thread(ServerVad, td.threshold, td.silence_duration_ms,
-                                                   td.prefix_padding_ms)
+                vad = await asyncio.to_thread(ServerVad, td.threshold, td.silence_duration_ms, td.prefix_padding_ms)
             except VadUnavailable as e:
                 self.cfg = replace(self.cfg, turn_detection=None)
                 raise ProtocolError("unsupported_feature", str(e), "turn_detection") from None
-            self.vad.skip(self.audio_pos)
+            self.buf.set_vad(vad)
         else:
-            self.vad.configure(td.threshold, td.silence_duration_ms, td.prefix_padding_ms)
+            self.buf.vad.configure(td.threshold, td.silence_duration_ms, td.prefix_padding_ms)
 
     async def _on_message(self, msg) -> None:
-        c = self.server.config
+        c, lim = self.server.config, self.limits
         try:
             if not self.bucket.take():
                 raise ProtocolError("rate_limit_exceeded", f"more than {c.rate_limit:g} events/s: event dropped")
-            size = len(msg) if isinstance(msg, bytes) else (len(msg) if len(msg) * 4 <= c.max_message
-                                                            else len(msg.encode("utf-8", "surrogatepass")))
-            if size > c.max_message:
-                raise ProtocolError("message_too_large", f"message of {size} bytes is over the "
-                                    f"{c.max_message} byte limit: event dropped")
-            await self._dispatch(parse_client_event(msg))
+            if len(msg) > lim.offload_bytes:  # JSON, base64 and images of a large message: off the loop
+                ev = await asyncio.to_thread(_parse, msg, c.max_message, lim)
+            else:
+                ev = _parse(msg, c.max_message, lim)
+            audio = ev.pcm if isinstance(ev, AudioAppend) else getattr(ev, "audio", None)
+            if isinstance(ev, AudioAppend):
+                self.bucket.refund()  # an append is charged in audio time instead
+            if audio is not None:
+                self._charge_audio(len(audio), ev.event_id)
+            await self._dispatch(ev)
         except ProtocolError as e:
             await self.send_error(e)
         except ClientError as e:
@@ -206,8 +247,29 @@ class RealtimeSession:
         except Exception as e:
             log.exception("session %s: error handling an event", self.sid)
             await self.send_error(ProtocolError("server_error", f"{type(e).__name__}: {e}", type="server_error"))
+        await self._take_errors()
+
+    def _charge_audio(self, n: int, event_id: str | None) -> None:
+        lim = self.limits
+        s = max(n / SAMPLE_RATE, lim.min_append_s)
+        if s > lim.audio_burst_s:
+            raise ProtocolError("input_too_large", f"{s:.1f} s of audio in one event: at most {lim.audio_burst_s:g} s "
+                                "are taken at once (send it in pieces)", "audio", event_id)
+        if not self.audio_bucket.take(s):
+            raise ProtocolError("rate_limit_exceeded", f"audio arrives faster than {lim.audio_rate:g} s per second "
+                                f"(bursts up to {lim.audio_burst_s:g} s): event dropped", "audio", event_id)
+
+    async def _take_errors(self) -> bool:
+        """Send the pipeline's input errors; True if a stage loss took the open user turn."""
+        lost = False
         for err in self.client.take_errors(self.sid):
-            await self.send_error(ProtocolError(err.code, err.message))
+            if err.code == "stage_lost" and self._turn_open():
+                lost = self.turn_lost = True
+            await self.send_error(ProtocolError(err.code, err.message, type="server_error"))
+        return lost
+
+    def _turn_open(self) -> bool:
+        return self.turn_t0 is not None or self.buf.speaking
 
     async def _dispatch(self, ev) -> None:
         if isinstance(ev, AudioAppend):
@@ -226,6 +288,8 @@ class RealtimeSession:
             await self._response_create(ev)
         elif isinstance(ev, ResponseCancel):
             await self._response_cancel(ev)
+        if self._over_cap():
+            await self._cap_turn()
 
     # -- session.update
     async def _session_update(self, ev: SessionUpdate) -> None:
@@ -236,74 +300,67 @@ class RealtimeSession:
             e.event_id = ev.event_id
             raise
         opts = self._options(new, voice)
-        if opts != self.options:
-            await self.client.update_session(self.sid, opts)  # ClientError (bad voice...) keeps the old
-            self.options = opts
+        if opts != (self.pending_options or self.options):
+            if self.response is not None or self._turn_open():
+                self.pending_options = None if opts == self.options else opts  # applied once idle
+            else:
+                await self.client.update_session(self.sid, opts)  # ClientError (bad voice...) keeps the old
+                self.options, self.pending_options = opts, None
         old_td, self.cfg = self.cfg.turn_detection, new
         if ev.patch.dialect is not None:
             self.ev.dialect = ev.patch.dialect
         if new.turn_detection is not None:
             await self._ensure_vad()
-        elif old_td is not None and self.speaking:  # VAD off mid-speech: the turn stays open, manual now
-            await self._push_hist(self.audio_pos)
-            self.speaking = False
+        elif old_td is not None and self.buf.speaking:  # VAD off mid-speech: the turn stays open, manual now
+            await self._push_turn_audio(self.buf.flush(reset_vad=False))
         await self.send(self.ev.event("session.updated", session=self._session_json()))
 
-    # -- input audio
-    async def _push_turn_audio(self, pcm: np.ndarray) -> None:
-        if len(pcm) == 0:
+    async def _apply_pending(self, opening: bool = False) -> None:
+        """A deferred session.update reaches the pipeline: only when no reply runs and no turn is
+        open (``opening``: a turn is about to open, nothing of it has reached the pipeline yet)."""
+        opts = self.pending_options
+        if opts is None or self.response is not None or (self._turn_open() and not opening) or self.sid is None:
             return
-        if self.turn_t0 is None:
-            self.turn_t0 = time.monotonic()
+        self.pending_options = None
+        try:
+            await self.client.update_session(self.sid, opts)
+            self.options = opts
+        except ClientError as e:
+            await self.send_error(ProtocolError("invalid_request", f"session.update could not be applied: {e}"))
+
+    # -- input audio
+    async def _push_turn_audio(self, pcm: np.ndarray | None) -> None:
+        if pcm is None or len(pcm) == 0:
+            return
+        await self._open_turn()
         await self._flush_idle_frame()
         self.turn_samples += len(pcm)
         await self.client.push_audio(self.sid, pcm, SAMPLE_RATE)
 
+    async def _open_turn(self) -> None:
+        if self.turn_t0 is None:
+            await self._apply_pending(opening=True)
+            self.turn_t0 = time.monotonic()
+
     async def _append(self, pcm: np.ndarray) -> None:
-        if len(pcm) == 0:
-            return
-        self.audio_pos += len(pcm)
         td = self.cfg.turn_detection
-        if td is None or self.vad is None:
-            if self.vad is not None:
-                self.vad.skip(len(pcm))
-            await self._push_turn_audio(pcm)
-            return
-        self.hist = np.concatenate([self.hist, pcm])
-        for e in self.vad.push(pcm):
-            p = e.ms * SAMPLE_RATE // 1000
-            if e.kind == "speech_started":
-                self.turn_from = max(p, self.hist_pos)
-                self.speaking = True
-                await self._speech_started(e.ms)
-            elif self.speaking:
-                await self._push_hist(min(p, self.audio_pos))
-                self.speaking = False
-                item_id = self.user_item_id = self.user_item_id or _new_id("item")
-                await self.send(self.ev.event("input_audio_buffer.speech_stopped", audio_end_ms=e.ms,
+        if len(pcm) > self.limits.offload_vad_s * SAMPLE_RATE and td is not None and self.buf.vad is not None:
+            steps = await asyncio.to_thread(self.buf.append, pcm, td)
+        else:
+            steps = self.buf.append(pcm, td)
+        for st in steps:
+            if st.kind == "audio":
+                await self._push_turn_audio(st.pcm)
+            elif st.kind == "speech_started":
+                await self._speech_started(st.ms)
+            else:
+                item_id = self.user_item_id = self.user_item_id or new_id("item")
+                await self.send(self.ev.event("input_audio_buffer.speech_stopped", audio_end_ms=st.ms,
                                               item_id=item_id))
                 await self._commit_turn(auto=td.create_response)
-                self._drop_hist(p)
-        if self.speaking:
-            await self._push_hist(self.audio_pos)
-            self._drop_hist(self.audio_pos)
-        else:  # keep enough for the prefix padding of a start detected up to a window late
-            self._drop_hist(self.audio_pos - (td.prefix_padding_ms + 300) * SAMPLE_RATE // 1000)
-
-    async def _push_hist(self, end: int) -> None:
-        a, b = self.turn_from - self.hist_pos, end - self.hist_pos
-        if b > a:
-            await self._push_turn_audio(self.hist[max(a, 0):b])
-            self.turn_from = end
-
-    def _drop_hist(self, before: int) -> None:
-        k = min(max(before - self.hist_pos, 0), len(self.hist))
-        if k:
-            self.hist = self.hist[k:].copy()
-            self.hist_pos += k
 
     async def _speech_started(self, ms: int) -> None:
-        self.user_item_id = _new_id("item")
+        self.user_item_id = new_id("item")
         r = self.response
         td = self.cfg.turn_detection
         interrupted = r is not None and td.interrupt_response and r.stopped is None
@@ -324,21 +381,23 @@ class RealtimeSession:
                                               audio_end_ms=r.truncated_ms))
 
     async def _commit(self, ev: AudioCommit) -> None:
-        if self.speaking:
-            await self._push_hist(self.audio_pos)
-            self.vad.reset()
-            self.speaking = False
-        if self.turn_samples < SAMPLE_RATE // 10:
+        await self._push_turn_audio(self.buf.flush())
+        if self.turn_samples < SAMPLE_RATE // 10 and not self.turn_lost:
             raise ProtocolError("input_audio_buffer_commit_empty", "buffer too small: expected at least 100 ms "
                                 f"of audio, the buffer holds {self.turn_samples * 1000 // SAMPLE_RATE} ms",
                                 event_id=ev.event_id)
         await self._commit_turn(auto=False)
 
     async def _commit_turn(self, auto: bool) -> None:
-        item_id = self.user_item_id or _new_id("item")
+        item_id = self.user_item_id or new_id("item")
         self.user_item_id = None
+        if await self._lost_turn():
+            return
         await self._seal_frames_only_turn()
         await self.client.commit(self.sid)
+        if await self._take_errors():  # the commit itself found a stage gone
+            await self._lost_turn()
+            return
         self._turn_closed()
         await self.send(self.ev.event("input_audio_buffer.committed", item_id=item_id,
                                       previous_item_id=self.last_item_id))
@@ -348,8 +407,20 @@ class RealtimeSession:
         if auto:
             await self._start_response()
 
+    async def _lost_turn(self) -> bool:
+        """A turn the pipeline lost is dropped, not committed: the client is told (stage_lost)."""
+        await self._take_errors()
+        if not self.turn_lost:
+            return False
+        await self.send_error(ProtocolError("stage_lost", "the user turn was lost with a pipeline stage and is not "
+                                            "committed: nothing was answered; please say it again",
+                                            type="server_error"))
+        await self._clear(announce=False)
+        return True
+
     def _turn_closed(self) -> None:
         self.turn_samples, self.turn_t0, self.last_frame_t, self.turn_frames = 0, None, -1.0, 0
+        self.turn_lost = False
 
     async def _seal_frames_only_turn(self) -> None:
         """A turn of camera frames without audio goes to the model as video with a silent
@@ -357,22 +428,32 @@ class RealtimeSession:
         if self.turn_frames and not self.turn_samples:
             await self._push_turn_audio(np.zeros(int(max(0.5, self.last_frame_t + 0.5) * SAMPLE_RATE), np.int16))
 
-    async def _clear(self) -> None:
-        if self.vad is not None:
-            self.vad.reset()
-        self.speaking, self.idle_frame, self.user_item_id = False, None, None
-        self._drop_hist(self.audio_pos)
-        self.turn_from = self.audio_pos
+    async def _clear(self, announce: bool = True) -> None:
+        self.buf.clear()
+        self.idle_frame, self.user_item_id = None, None
         await self.client.clear(self.sid)
         self._turn_closed()
-        await self.send(self.ev.event("input_audio_buffer.cleared"))
+        if announce:
+            await self.send(self.ev.event("input_audio_buffer.cleared"))
+        await self._apply_pending()
+
+    def _over_cap(self) -> bool:
+        return self.turn_t0 is not None and (self.turn_samples >= self.limits.max_turn_s * SAMPLE_RATE
+                                             or self.last_frame_t >= self.limits.max_turn_s)
+
+    async def _cap_turn(self) -> None:
+        """The open turn reached ``max_turn_s``: it is committed as it is (no reply is started
+        for it) and what follows is a new turn."""
+        await self.send_error(ProtocolError("turn_too_long", f"the user turn reached max_turn_s="
+                                            f"{self.limits.max_turn_s:g} s: it was committed as it is (no reply); "
+                                            "what follows starts a new turn", "audio"))
+        await self._push_turn_audio(self.buf.flush())
+        await self._commit_turn(auto=False)
 
     # -- items
     async def _push_frame(self, frame: np.ndarray) -> None:
-        now = time.monotonic()
-        if self.turn_t0 is None:
-            self.turn_t0 = now
-        t = max(self.turn_samples / SAMPLE_RATE, now - self.turn_t0, self.last_frame_t + 1e-3)
+        await self._open_turn()
+        t = max(self.turn_samples / SAMPLE_RATE, time.monotonic() - self.turn_t0, self.last_frame_t + 1e-3)
         self.last_frame_t = t
         self.turn_frames += 1
         await self.client.push_frame(self.sid, frame, t)
@@ -383,9 +464,9 @@ class RealtimeSession:
             await self._push_frame(f)
 
     async def _item_create(self, ev: ItemCreate) -> None:
-        item_id = ev.item_id or _new_id("item")
+        item_id = ev.item_id or new_id("item")
         content = []
-        idle = self.cfg.turn_detection is not None and not self.speaking and self.turn_t0 is None
+        idle = self.cfg.turn_detection is not None and not self.buf.speaking and self.turn_t0 is None
         for img in ev.images:
             if idle and ev.text is None and ev.audio is None:
                 self.idle_frame = img  # latest-only until speech (or a response) opens the turn
@@ -398,10 +479,11 @@ class RealtimeSession:
             content.append({"type": "input_audio", "transcript": None})
         if ev.text is not None:
             await self._flush_idle_frame()
-            if self.speaking:
-                await self._push_hist(self.audio_pos)
-                self.vad.reset()
-                self.speaking = False
+            await self._push_turn_audio(self.buf.flush())
+            if self.turn_t0 is None:
+                await self._apply_pending(opening=True)  # a typed turn is a new turn too
+            if await self._lost_turn():
+                return
             await self._seal_frames_only_turn()
             await self.client.commit(self.sid, ev.text)
             self._turn_closed()
@@ -437,11 +519,10 @@ class RealtimeSession:
         if self.response is not None:
             raise ProtocolError("conversation_already_has_active_response", "Conversation already has an active "
                                 f"response in progress: {self.response.id}", event_id=ev.event_id)
-        if self.speaking:  # mid-speech: the turn so far is the input
-            await self._push_hist(self.audio_pos)
-            self.vad.reset()
-            self.speaking = False
+        await self._push_turn_audio(self.buf.flush())  # mid-speech: the turn so far is the input
         await self._flush_idle_frame()
+        if self._turn_open() and await self._lost_turn():
+            return
         await self._seal_frames_only_turn()
         self._turn_closed()  # the pipeline commits an open turn before replying
         await self._start_response()
@@ -456,170 +537,11 @@ class RealtimeSession:
 
     async def _start_response(self) -> None:
         prev = self.response
-        r = _Response(self, prev)
+        r = Reply(self, prev)
         self.response = self.last_reply = r
         r.task = asyncio.create_task(r.run())
 
-    def response_finished(self, r: _Response) -> None:
+    def response_finished(self, r: Reply) -> None:
+        """The reply ended (called before its ``response.done`` leaves: the client may answer it at once)."""
         if self.response is r:
             self.response = None
-
-
-class _Response:
-    """One reply: streams the pipeline's events out, pacing the audio in real time."""
-
-    def __init__(self, conn: RealtimeSession, prev: _Response | None):
-        self.conn, self.prev = conn, prev
-        self.id, self.item_id = _new_id("resp"), _new_id("item")
-        self.audio = conn.options.voice is not None
-        self.voice = conn.options.voice
-        self.max_tokens = conn.options.max_new_tokens
-        self.task: asyncio.Task | None = None
-        self.stopped: str | None = None  # cancel reason: "turn_detected" | "client_cancelled"
-        self.truncated_ms: int | None = None
-        self.pending: deque = deque()  # int16 pieces not yet sent
-        self.pending_n = 0
-        self.sent = 0  # samples sent
-        self._play_pos, self._play_t = 0.0, None  # estimated samples played by the client
-        self.wake = asyncio.Event()
-        self.gen_done = False
-        self.text: list[str] = []
-
-    def stop(self, reason: str) -> None:
-        if self.stopped is None:
-            self.stopped = reason
-            self.pending.clear()
-            self.pending_n = 0
-            self.wake.set()
-
-    def played(self) -> int:
-        """Samples the client has played: real time since the first chunk, stalling when it ran dry."""
-        now = time.monotonic()
-        if self._play_t is not None:
-            self._play_pos = min(float(self.sent), self._play_pos + (now - self._play_t) * SAMPLE_RATE)
-        self._play_t = now
-        return int(self._play_pos)
-
-    async def run(self) -> None:
-        c = self.conn
-        try:
-            if self.prev is not None and self.prev.task is not None:
-                await asyncio.shield(self.prev.task)  # an auto-response waits for the one it follows
-            await self._run()
-        except ConnectionClosed:
-            self.stop("client_cancelled")
-            try:  # the connection's cleanup may have closed the session already
-                await c.client.cancel(c.sid)
-            except ClientError:
-                pass
-        except Exception as e:
-            log.exception("session %s: response failed", c.sid)
-            try:
-                await c.send_error(ProtocolError("server_error", f"{type(e).__name__}: {e}", type="server_error"))
-            except ConnectionClosed:
-                pass
-        finally:
-            c.response_finished(self)
-
-    async def _run(self) -> None:
-        c, ev = self.conn, self.conn.ev
-        prev_item = c.last_item_id
-        await c.send(ev.event("response.created", response=ev.response(
-            self.id, "in_progress", self.audio, self.voice, max_output_tokens=self.max_tokens)))
-        item = ev.assistant_item(self.item_id, "in_progress", self.audio)
-        await c.send(ev.event("response.output_item.added", response_id=self.id, output_index=0, item=item))
-        await c.send(ev.event("conversation.item.created", previous_item_id=prev_item, item=item))
-        c.last_item_id = self.item_id
-        ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
-        await c.send(ev.event("response.content_part.added", **ids, part=ev.part(self.audio)))
-        pacer = asyncio.create_task(self._pace(ids))
-        done: ResponseDone | None = None
-        failure: SessionError | None = None
-        try:
-            if self.stopped is None:  # a barge-in before the reply began: nothing to generate
-                async for e in c.client.respond(c.sid):
-                    if isinstance(e, TextDelta):
-                        self.text.append(e.text)
-                        if self.stopped is None:
-                            kind = "response.output_audio_transcript.delta" if self.audio else \
-                                "response.output_text.delta"
-                            await c.send(ev.event(kind, **ids, delta=e.text))
-                    elif isinstance(e, AudioDelta):
-                        if self.stopped is None and self.audio:
-                            pcm = np.round(np.clip(e.pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-                            self.pending.append(pcm)
-                            self.pending_n += len(pcm)
-                            self.wake.set()
-                    elif isinstance(e, ResponseDone):
-                        done = e
-                    elif isinstance(e, SessionError):
-                        failure = e
-        finally:
-            self.gen_done = True
-            self.wake.set()
-            await pacer
-        text = "".join(self.text)
-        if failure is not None:
-            await c.send_error(ProtocolError(failure.code, failure.message, type="server_error"))
-            status, details = "failed", {"type": "failed", "error": {"type": "server_error", "code": failure.code,
-                                                                     "message": failure.message}}
-        elif self.stopped is not None:
-            status, details = "cancelled", {"type": "cancelled", "reason": self.stopped}
-        elif done is not None and done.reply_tokens >= self.max_tokens:
-            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
-        else:
-            status, details = "completed", None
-        if self.audio:
-            await c.send(ev.event("response.output_audio.done", **ids))
-            await c.send(ev.event("response.output_audio_transcript.done", **ids, transcript=text))
-        else:
-            await c.send(ev.event("response.output_text.done", **ids, text=text))
-        await c.send(ev.event("response.content_part.done", **ids, part=ev.part(self.audio, text)))
-        item = ev.assistant_item(self.item_id, "completed" if status == "completed" else "incomplete", self.audio,
-                                 text)
-        await c.send(ev.event("response.output_item.done", response_id=self.id, output_index=0, item=item))
-        n = done.reply_tokens if done is not None else 0
-        usage = {"total_tokens": n, "input_tokens": 0, "output_tokens": n}
-        stats = {"audio_samples": self.sent, **(done.stats if done is not None else {})}
-        r = ev.response(self.id, status, self.audio, self.voice, [item], details, usage, self.max_tokens)
-        r["metadata"] = {k: str(v) for k, v in stats.items()}  # server timings, for clients that care
-        await c.send(ev.event("response.done", response=r))
-
-    async def _pace(self, ids: dict) -> None:
-        """Send reply audio in ``chunk_samples`` deltas, never more than ``output_lead_ms`` ahead."""
-        c, cfg = self.conn, self.conn.server.config
-        chunk, lead = cfg.chunk_samples, cfg.output_lead_ms * SAMPLE_RATE / 1000
-        while self.stopped is None:
-            if self.pending_n >= chunk or (self.gen_done and self.pending_n > 0):
-                n = min(chunk, self.pending_n)
-                while self.sent and (wait := (self.sent + n - self.played() - lead) / SAMPLE_RATE) > 0:
-                    self.wake.clear()
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), wait)
-                    except TimeoutError:
-                        pass
-                    if self.stopped is not None:
-                        return
-                pcm = self._take(n)
-                self.played()
-                self.sent += n
-                await c.send(c.ev.event("response.output_audio.delta", **ids, delta=encode_pcm16(pcm)))
-            elif self.gen_done:
-                return
-            else:
-                self.wake.clear()
-                await self.wake.wait()
-
-    def _take(self, n: int) -> np.ndarray:
-        out, need = [], n
-        while need:
-            head = self.pending[0]
-            if len(head) <= need:
-                out.append(self.pending.popleft())
-                need -= len(head)
-            else:
-                out.append(head[:need])
-                self.pending[0] = head[need:]
-                need = 0
-        self.pending_n -= n
-        return np.concatenate(out) if len(out) > 1 else out[0]

@@ -11,7 +11,11 @@ Why our own preprocessing: transformers' Qwen2-VL *video* processor needs torchv
 has no wheel matching the CPU torch build used here. We therefore reimplement its steps with
 torch/numpy and the checkpoint's ``VisionPreprocessing`` settings:
 
-* ``smart_resize`` -- the same rule as Qwen2-VL (sides multiples of 28, pixel count clamped).
+* ``smart_resize`` -- the same rule as Qwen2-VL (sides multiples of 28, pixel count clamped),
+  with the *video* pixel bounds ``Qwen2_5OmniProcessor`` passes to its video processor (128*28*28
+  to 768*28*28 pixels per frame, or the checkpoint's video_preprocessor_config.json), not the
+  image bounds of preprocessor_config.json: a 720x1280 frame becomes 560x1008, as transformers
+  makes it, not 728x1288.
 * resize with ``F.interpolate(mode="bicubic", antialias=True)``: torch's antialiased bicubic
   uses the same separable kernel (a = -0.5, support scaled when downsampling) as PIL's BICUBIC,
   which the processor uses. The result is rounded and clamped to uint8 levels, because both
@@ -71,9 +75,11 @@ def smart_resize(h: int, w: int, factor: int = 28, min_pixels: int = 56 * 56, ma
     return h_bar, w_bar
 
 
-def target_size(h: int, w: int, prep) -> tuple[int, int]:
-    """The resized (height, width) the processor would give a frame of size h x w."""
-    return smart_resize(h, w, prep.patch_size * prep.merge_size, prep.min_pixels, prep.max_pixels)
+def target_size(h: int, w: int, prep, *, video: bool = True) -> tuple[int, int]:
+    """The resized (height, width) the processor would give a video frame (``video=False``: an
+    image) of size h x w: the video and image processors clamp the pixel count differently."""
+    lo, hi = (prep.video_min_pixels, prep.video_max_pixels) if video else (prep.min_pixels, prep.max_pixels)
+    return smart_resize(h, w, prep.patch_size * prep.merge_size, lo, hi)
 
 
 def check_frame(frame) -> np.ndarray:
@@ -148,17 +154,18 @@ def flatten_patches(pair: torch.Tensor, prep) -> torch.Tensor:
     return x.reshape(gh * gw, c * tp * p * p).contiguous()
 
 
-def patchify(frames, prep, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def patchify(frames, prep, size: tuple[int, int] | None = None, *, video: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """One temporal patch of 2 RGB frames (H, W, 3) -> (patches (gh*gw, 1176) fp32, grid_thw (1, 3)).
 
     ``size`` overrides the smart_resize target (used when a stream changes frame size). An image
-    is a temporal patch whose two frames are the same image.
+    is a temporal patch whose two frames are the same image (pass ``video=False``: image bounds).
     """
     frames = [check_frame(f) for f in frames]
     if len(frames) != prep.temporal_patch_size:
         raise VideoError(f"a temporal patch has {prep.temporal_patch_size} frames, got {len(frames)}")
     if size is None:
-        size = target_size(frames[0].shape[0], frames[0].shape[1], prep)
+        size = target_size(frames[0].shape[0], frames[0].shape[1], prep, video=video)
     pair = torch.stack([preprocess_frame(f, size, prep) for f in frames])  # (2, 3, h, w)
     grid = torch.tensor([[1, size[0] // prep.patch_size, size[1] // prep.patch_size]])
     return flatten_patches(pair, prep), grid

@@ -13,6 +13,7 @@ A layout is also read from YAML::
       - name: front
         workers: [encoders, thinker]
         device: cuda:0
+        dtype: bf16                      # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
         address: tcp://10.0.0.1:5604
       - name: speech
         workers: [talker, token2wav]
@@ -23,15 +24,17 @@ A layout is also read from YAML::
     events: tcp://10.0.0.1:5602
     epochs: tcp://10.0.0.1:5603
 
-or from a one-line CLI spec: ``"encoders+thinker@cuda:0,talker+token2wav@cuda:1"`` (each stage
-``worker[+worker...][@device][=address]``). Addresses default to ``ipc://`` sockets in a private
+or from a one-line CLI spec: ``"encoders+thinker@cuda:0:bf16,talker+token2wav@cuda:1"`` (each stage
+``worker[+worker...][@device[:dtype]][=address]``). Addresses default to ``ipc://`` sockets in a private
 run directory; ``tcp://host:port`` puts a stage's input (or the supervisor's sockets) on a network
 interface. A ``remote`` stage is not spawned by the supervisor: it is started on its own host with
 ``python -m omnistream.runtime.stage --layout FILE --stage NAME --model DIR`` and connects back
 (then every address must be tcp://). A fifth worker, ``echo``, answers audio with the same audio:
 it loads no model and serves the supervisor tests and the hop benchmark.
 
-Bad layouts raise :class:`LayoutError` naming the file and the offending entry.
+Bad layouts raise :class:`LayoutError` naming the file and the offending entry; :func:`check_devices`
+also refuses a stage whose device this machine does not have (a CUDA device on a CPU-only build),
+before any process is started.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ PIPELINE = ("encoders", "thinker", "talker", "token2wav")
 WORKERS = PIPELINE + ("echo",)
 BUILTIN = ("all-in-one", "split")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 _TCP = re.compile(r"^tcp://(\*|[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})$")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -64,6 +68,7 @@ class StageSpec:
     address: str | None = None  # None: an ipc:// path under the run directory
     threads: int | None = None  # torch CPU threads; None: the host's cores shared by the CPU stages
     remote: bool = False  # started on its own host (``python -m omnistream.runtime.stage``), not spawned
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU (checkpoints.resolve_dtype)
 
     @property
     def needs_talker(self) -> bool:
@@ -106,35 +111,38 @@ class Layout:
                        epochs=self.epochs or ipc("epochs"), run_dir=str(d))
 
 
-def builtin(name: str, device: str = "cpu") -> Layout:
-    """``all-in-one`` or ``split`` on ``device``."""
+def builtin(name: str, device: str = "cpu", dtype: str = "auto") -> Layout:
+    """``all-in-one`` or ``split`` on ``device`` in ``dtype``."""
     if name == "all-in-one":
-        return validate(Layout((StageSpec("pipeline", PIPELINE, device),), source=name))
+        return validate(Layout((StageSpec("pipeline", PIPELINE, device, dtype=dtype),), source=name))
     if name == "split":
-        return validate(Layout(tuple(StageSpec(w, (w,), device) for w in PIPELINE), source=name))
+        return validate(Layout(tuple(StageSpec(w, (w,), device, dtype=dtype) for w in PIPELINE), source=name))
     raise LayoutError(f"unknown built-in layout {name!r}; built-ins: {', '.join(BUILTIN)}")
 
 
-def load(spec, device: str = "cpu") -> Layout:
-    """A :class:`Layout` from a Layout, a built-in name, a YAML file path, or a one-line CLI spec."""
+def load(spec, device: str = "cpu", dtype: str = "auto") -> Layout:
+    """A :class:`Layout` from a Layout, a built-in name, a YAML file path, or a one-line CLI spec.
+
+    ``device`` and ``dtype`` are the defaults of stages that name none (built-ins and CLI specs; a
+    YAML file says it all itself)."""
     if isinstance(spec, Layout):
         return validate(spec)
     if not isinstance(spec, (str, os.PathLike)):
         raise LayoutError(f"layout must be a name, a YAML path or a Layout, got {type(spec).__name__}")
     s = os.fspath(spec)
     if s in BUILTIN:
-        return builtin(s, device)
+        return builtin(s, device, dtype)
     if s.endswith((".yaml", ".yml")) or Path(s).is_file():
         return from_yaml(s)
     if re.split(r"[+@=,]", s, maxsplit=1)[0].strip() in WORKERS:
-        return from_cli(s, device)
+        return from_cli(s, device, dtype)
     if os.path.sep in s:
         return from_yaml(s)  # says the file cannot be read
     raise LayoutError(f"unknown layout {s!r}: give a built-in ({', '.join(BUILTIN)}), a YAML file, or a spec like "
                       "'encoders+thinker@cuda:0,talker+token2wav@cuda:1'")
 
 
-def from_cli(spec: str, device: str = "cpu") -> Layout:
+def from_cli(spec: str, device: str = "cpu", dtype: str = "auto") -> Layout:
     """``"encoders+thinker@cuda:0,talker+token2wav@cuda:1=tcp://127.0.0.1:5601"``."""
     stages = []
     for i, part in enumerate(p.strip() for p in spec.split(",")):
@@ -143,11 +151,14 @@ def from_cli(spec: str, device: str = "cpu") -> Layout:
         addr = None
         if "=" in part:
             part, addr = part.split("=", 1)
-        dev = device
+        dev, dt = device, dtype
         if "@" in part:
             part, dev = part.split("@", 1)
+            head, _, tail = dev.strip().rpartition(":")
+            if head and tail in DTYPES:  # "cuda:0:bf16", "cpu:fp32"
+                dev, dt = head, tail
         workers = tuple(w.strip() for w in part.split("+"))
-        stages.append(StageSpec("-".join(workers), workers, dev.strip(), addr and addr.strip()))
+        stages.append(StageSpec("-".join(workers), workers, dev.strip(), addr and addr.strip(), dtype=dt))
     return validate(Layout(tuple(stages), source=f"layout {spec!r}"))
 
 
@@ -181,10 +192,10 @@ def from_dict(doc, source: str = "<layout>") -> Layout:
         where = f"{source}: stages[{i}]"
         if not isinstance(st, dict):
             raise LayoutError(f"{where}: expected a mapping, got {type(st).__name__}")
-        bad = set(st) - {"name", "workers", "device", "address", "threads", "remote"}
+        bad = set(st) - {"name", "workers", "device", "dtype", "address", "threads", "remote"}
         if bad:
-            raise LayoutError(f"{where}: unknown key(s) {sorted(bad)}; allowed: name, workers, device, address, "
-                              "threads, remote")
+            raise LayoutError(f"{where}: unknown key(s) {sorted(bad)}; allowed: name, workers, device, dtype, "
+                              "address, threads, remote")
         if not isinstance(st.get("remote", False), bool):
             raise LayoutError(f"{where}: 'remote' must be true or false")
         workers = st.get("workers")
@@ -193,8 +204,8 @@ def from_dict(doc, source: str = "<layout>") -> Layout:
         if not isinstance(workers, list) or not workers or not all(isinstance(w, str) for w in workers):
             raise LayoutError(f"{where}: 'workers' must be a list of worker names from {list(WORKERS)}")
         name = st.get("name", "-".join(workers))
-        dev, addr = st.get("device", "cpu"), st.get("address")
-        for key, v in (("name", name), ("device", dev)):
+        dev, addr, dtype = st.get("device", "cpu"), st.get("address"), st.get("dtype", "auto")
+        for key, v in (("name", name), ("device", dev), ("dtype", dtype)):
             if not isinstance(v, str):
                 raise LayoutError(f"{where}: {key!r} must be a string, got {v!r}")
         if addr is not None and not isinstance(addr, str):
@@ -202,7 +213,7 @@ def from_dict(doc, source: str = "<layout>") -> Layout:
         threads = st.get("threads")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise LayoutError(f"{where}: 'threads' must be an int >= 1, got {threads!r}")
-        stages.append(StageSpec(name, tuple(workers), dev, addr, threads, st.get("remote", False)))
+        stages.append(StageSpec(name, tuple(workers), dev, addr, threads, st.get("remote", False), dtype))
     addrs = {k: doc.get(k) for k in ("control", "events", "epochs")}
     for k, v in addrs.items():
         if v is not None and not isinstance(v, str):
@@ -229,6 +240,8 @@ def validate(layout: Layout) -> Layout:
             raise LayoutError(f"{where}: a worker is listed twice")
         if not _DEVICE.match(s.device):
             raise LayoutError(f"{where}: bad device {s.device!r}; use cpu, cuda or cuda:N")
+        if s.dtype not in DTYPES:
+            raise LayoutError(f"{where}: bad dtype {s.dtype!r}; use {', '.join(DTYPES)}")
         if s.address is not None:
             _check_address(s.address, where)
     for k in ("control", "events", "epochs"):
@@ -252,6 +265,21 @@ def validate(layout: Layout) -> Layout:
             raise LayoutError(f"{src}: {', '.join(twice)} hosted by more than one stage")
     if ws.count("echo") > 1:
         raise LayoutError(f"{src}: at most one echo worker")
+    return layout
+
+
+def check_devices(layout: Layout) -> Layout:
+    """Refuse a layout whose model stages name a device this machine lacks (``cuda:1`` on a one-GPU
+    box, any CUDA device on a CPU-only torch build): one line naming the stage and the device, raised
+    before any stage process is started. Remote stages are checked on their own host."""
+    from omnistream.checkpoints import CheckpointError, check_device
+
+    for s in layout.stages:
+        if s.needs_model and not s.remote:
+            try:
+                check_device(s.device)
+            except CheckpointError as e:
+                raise LayoutError(f"{layout.source}: stage {s.name!r}: {e}") from None
     return layout
 
 

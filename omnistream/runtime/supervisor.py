@@ -12,6 +12,13 @@ every ``ping_interval_s``:
   process all look like this) and is killed with SIGKILL;
 * a stage that has not become Ready within ``load_timeout_s`` is killed as well.
 
+``hang_timeout_s`` (the CLI's ``--hang-s``) is how long a silent stage is given before it is
+killed: long enough for the slowest forward of the deployment, else a busy stage is restarted
+for nothing. Well before that, a stage silent for ``stall_s`` (default: 4 ping intervals, at
+least 2 s, at most ``hang_timeout_s``) makes :meth:`Supervisor.health` report the pipeline as not
+serving -- ``{"serving": false, "reason": ...}`` -- so a load balancer's ``/health`` check stops
+sending new users to a server whose replies are stalled, without anything being killed.
+
 A lost stage is restarted (a new *incarnation*, so late messages of the old one are ignored):
 with ``spares=True`` by promoting a warm standby process that has already loaded its model part
 (a restart then costs a handshake, not an interpreter start and a checkpoint load; memory is
@@ -87,12 +94,17 @@ class Supervisor:
     def __init__(self, layout: Layout, model: str | None, *, ctx: zmq.asyncio.Context | None = None,
                  ping_interval_s: float = 0.5, hang_timeout_s: float = 30.0, load_timeout_s: float = 180.0,
                  max_sessions: int = 8, on_lost: Callable | None = None, on_ready: Callable | None = None,
-                 spares: bool = False, log_level: int = logging.WARNING):
+                 spares: bool = False, log_level: int = logging.WARNING, stall_s: float | None = None):
         if layout.run_dir is None:
             layout = layout.resolved()
         self.layout, self.model = layout, model
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.ping_interval_s, self.hang_timeout_s, self.load_timeout_s = ping_interval_s, hang_timeout_s, load_timeout_s
+        for k, v in (("ping_interval_s", ping_interval_s), ("hang_timeout_s", hang_timeout_s),
+                     ("load_timeout_s", load_timeout_s)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ValueError(f"{k} must be a positive number of seconds, got {v!r}")
+        self.stall_s = min(hang_timeout_s, max(4 * ping_interval_s, 2.0)) if stall_s is None else stall_s
         self.max_sessions, self.log_level = max_sessions, log_level
         self.on_lost, self.on_ready = on_lost, on_ready
         self.spares = spares  # keep one loaded standby process per spawned stage (memory x2, restarts ~instant)
@@ -292,10 +304,19 @@ class Supervisor:
             sp.history.append((time.time(), "silent"))
             sp.state, sp.restarts = "waiting", sp.restarts + 1
             self._ready.clear()
-            if self.on_lost is not None:
-                await _maybe_await(self.on_lost(sp.spec.name, f"silent for {now - sp.last_pong:.1f}s (remote)"))
+            await self._tell_lost(sp.spec.name, f"silent for {now - sp.last_pong:.1f}s (remote)")
         else:
             await self.ctrl.send_multipart([sp.identity, *wire.encode(wire.Ping(seq=next(self._seq), t=now))])
+
+    async def _tell_lost(self, stage: str, reason: str) -> None:
+        """``on_lost``, which must not stop the watchdog: a failing owner callback is logged, and the
+        stage is restarted all the same (else one bug there would leave the pipeline down for good)."""
+        if self.on_lost is None:
+            return
+        try:
+            await _maybe_await(self.on_lost(stage, reason))
+        except Exception:
+            log.exception("on_lost(%s) failed; restarting the stage anyway", stage)
 
     async def _lost(self, sp: StageProc, reason: str) -> None:
         if self._closing:
@@ -308,8 +329,7 @@ class Supervisor:
         sp.restarts += 1
         sp.crash_loop = sp.crash_loop + 1 if never_served else 0
         self._ready.clear()
-        if self.on_lost is not None:
-            await _maybe_await(self.on_lost(sp.spec.name, reason))
+        await self._tell_lost(sp.spec.name, reason)
         if sp.crash_loop >= self.MAX_START_FAILURES:  # it cannot start: stop trying, say why
             sp.state, sp.error = "failed", f"failed to start {sp.crash_loop} times in a row; last: {reason}"
             log.error("stage %s: %s", sp.spec.name, sp.error)
@@ -319,6 +339,23 @@ class Supervisor:
             self._spawn(sp)
 
     # ------------------------------------------------------------------ status
+    def health(self) -> dict:
+        """``{"serving": bool, "reason": str | None}``: False while a stage is not ready (starting,
+        restarting, failed) or has not answered a ping for ``stall_s`` -- the field ``/health``
+        reads, so it does not answer 200 during a stall."""
+        if self._closing:
+            return {"serving": False, "reason": "shutting down"}
+        now = time.monotonic()
+        for name, sp in self.stages.items():
+            if sp.state == "failed":
+                return {"serving": False, "reason": f"stage {name} failed: {sp.error}"}
+            if sp.state != "ready":
+                return {"serving": False, "reason": f"stage {name} is {sp.state}, not ready"}
+            if sp.last_pong and now - sp.last_pong > self.stall_s:
+                return {"serving": False, "reason": f"stage {name} has not answered for {now - sp.last_pong:.1f} s "
+                        f"(stalled; killed after {self.hang_timeout_s:g} s)"}
+        return {"serving": True, "reason": None}
+
     def status(self) -> list[dict]:
         now = time.monotonic()
         return [{"name": n, "pid": sp.pid, "remote": sp.spec.remote,
