@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]  # (benchmarks/kernels.py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]  # (a benchmark named kernels.py
 sys.path.insert(0, str(ROOT))  # would shadow the `kernels` package transformers imports)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

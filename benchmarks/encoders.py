@@ -27,10 +27,23 @@ from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
 from omnistream.encoders.audio import AudioStream, StreamingLogMel, measure_clamp_rule  # noqa: E402
 from omnistream.encoders.media import read_audio  # noqa: E402
 from omnistream.encoders.tmrope import (  # noqa: E402
-    Audio, AudioVideo, Image, Text, TMRoPE, Video, audio_block_tokens, get_rope_index_whole, segment_token_ids,
+    Audio,
+    AudioVideo,
+    Image,
+    Text,
+    TMRoPE,
+    Video,
+    audio_block_tokens,
+    get_rope_index_whole,
+    segment_token_ids,
 )
 from omnistream.encoders.vision import (  # noqa: E402
-    FrameResampler, VideoStream, flatten_patches, preprocess_frame, synthetic_frames, target_size,
+    FrameResampler,
+    VideoStream,
+    flatten_patches,
+    preprocess_frame,
+    synthetic_frames,
+    target_size,
 )
 
 ASSET = Path(__file__).resolve().parents[1] / "omnistream" / "assets" / "hello.flac"

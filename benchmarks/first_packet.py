@@ -37,9 +37,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from omnistream.chat import SYSTEM_PROMPT, OmniChat  # noqa: E402
 from omnistream.checkpoints import SHAPES, check_device, load_omni, make_tiny  # noqa: E402
-from omnistream.talker.talker import TalkerConfig  # noqa: E402
-from omnistream.talker.token2wav import (  # noqa: E402
-    DEFAULT, QWEN_REFERENCE, SAMPLE_RATE, StreamingToken2Wav, decode_offline, decode_stream, mel_snr_db,
+from omnistream.model.talker import TalkerConfig  # noqa: E402
+from omnistream.model.token2wav import (  # noqa: E402
+    DEFAULT,
+    QWEN_REFERENCE,
+    SAMPLE_RATE,
+    StreamingToken2Wav,
+    decode_offline,
+    decode_stream,
+    mel_snr_db,
     wave_snr_db,
 )
 

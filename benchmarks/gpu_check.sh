@@ -14,7 +14,7 @@
 # outside $OUT. Steps (time limits on the GPU; a failing step does not stop the others):
 #   pytest        75 s  tests/test_kernels.py + the kernel-path tests of tests/test_window_cache.py (Triton
 #                       compiled for the GPU)                                          -> pytest.json
-#   kernels       80 s  benchmarks/kernels.py: Triton decode attention vs SDPA / FlexAttention, bf16+fp16,
+#   kernels       80 s  benchmarks/kernel_bench.py: Triton decode attention vs SDPA / FlexAttention, bf16+fp16,
 #                       2k..128k contexts, fraction of the H200's 4.8 TB/s            -> kernels.json
 #   first_packet 100 s  benchmarks/first_packet.py on the published 7B shape in bf16, replies forced to
 #                       their configured length (random weights must not end them early) -> first_packet.json
@@ -38,7 +38,7 @@ else PY=python3; fi
 OUTDIR=${OUT:-gpu_check_out}
 WORK=${WORK:-/tmp/omnistream-gpu-check}
 mkdir -p "$OUTDIR" "$WORK"
-# PYTHONSAFEPATH: a script's own folder is not put first on sys.path, so benchmarks/kernels.py cannot
+# PYTHONSAFEPATH: a script's own folder is not put first on sys.path, so a benchmark script cannot
 # hide the optional `kernels` package transformers imports (each script adds the project root itself)
 export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 unset OMNISTREAM_KERNELS
@@ -116,9 +116,9 @@ sys.exit(rc)'
 
 # 2. kernel benchmark
 if [[ $SMOKE == 0 ]]; then
-  step kernels kernels.json 80 "$PY" benchmarks/kernels.py --json --dtypes bf16,fp16 --time-budget-s 50
+  step kernels kernels.json 80 "$PY" benchmarks/kernel_bench.py --json --dtypes bf16,fp16 --time-budget-s 50
 else
-  step kernels kernels.json 120 "$PY" benchmarks/kernels.py --json --contexts 256 --reps 1 --warmup 0
+  step kernels kernels.json 120 "$PY" benchmarks/kernel_bench.py --json --contexts 256 --reps 1 --warmup 0
 fi
 
 # 3. first audio packet, 7B shape in bf16, forced lengths

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
-from omnistream.talker.token2wav import (  # noqa: E402
+from omnistream.model.token2wav import (  # noqa: E402
     DEFAULT,
     DiTJob,
     StreamingToken2Wav,

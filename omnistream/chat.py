@@ -31,9 +31,9 @@ from omnistream.engine.conversation import (
     TurnStats,
     parse_window,
 )
-from omnistream.talker.talker import StreamingTalker, TalkerConfig
-from omnistream.talker.token2wav import DEFAULT as TOKEN2WAV_DEFAULT
-from omnistream.talker.token2wav import StreamingConfig, StreamingToken2Wav
+from omnistream.model.talker import StreamingTalker, TalkerConfig
+from omnistream.model.token2wav import DEFAULT as TOKEN2WAV_DEFAULT
+from omnistream.model.token2wav import StreamingConfig, StreamingToken2Wav
 
 __all__ = ["SYSTEM_PROMPT", "OmniChat", "ReplyEvent", "TextDeltas", "TurnStats", "media_events", "parse_window",
            "run_chat"]
@@ -273,7 +273,8 @@ def run_chat(args) -> int:
         raise ValueError("give at least one input: --audio FILE, --video FILE or --text '...'")
     speak = bool(args.out or args.voice)
     t = time.perf_counter()
-    ck = load_omni(args.model, talker=speak, device=args.device)
+    ck = load_omni(args.model, talker=speak, device=args.device, dtype=getattr(args, "dtype", "auto"),
+                   attn_implementation=getattr(args, "attn", "sdpa"))
     print(f"loaded {args.model} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     voice = args.voice or "Chelsie"
     if speak and voice not in ck.voices:

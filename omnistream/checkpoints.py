@@ -106,7 +106,7 @@ class VisionPreprocessing:
     video_max_pixels: int = 768 * 28 * 28
 
     @classmethod
-    def from_json(cls, d: dict, video: dict | None = None) -> "VisionPreprocessing":
+    def from_json(cls, d: dict, video: dict | None = None) -> VisionPreprocessing:
         """From preprocessor_config.json (``d``) and, if the checkpoint has one, video_preprocessor_config.json."""
         keys = cls.__dataclass_fields__
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys}
@@ -322,8 +322,12 @@ def load_omni(
                 random_init = json.loads((p / RANDOM_INIT_FILE).read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{p / RANDOM_INIT_FILE} is unreadable: {e}") from e
-    from transformers import AutoTokenizer, Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
-    from transformers import WhisperFeatureExtractor
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5OmniConfig,
+        Qwen2_5OmniForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
     from transformers.utils import cached_file
 
     try:
@@ -555,66 +559,6 @@ def published_config(shape: str, ids: dict[str, int]):
         bigvgan_config=dict(mel_dim=80, upsample_initial_channel=1536, resblock_kernel_sizes=[3, 7, 11],
                             resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
                             upsample_rates=[5, 3, 2, 2, 2, 2], upsample_kernel_sizes=[11, 7, 4, 4, 4, 4]),
-    )
-    return _assemble(ids, text, audio, vision, talker, token2wav)
-
-
-def _assemble(ids: dict[str, int], text: dict, audio: dict, vision: dict, talker: dict, token2wav: dict):
-    """One Qwen2_5OmniConfig from the parts' sizes plus the tokenizer's special-token ids."""
-    from transformers import Qwen2_5OmniConfig
-
-    # Multimodal token ids and TMRoPE rates: the Thinker and the Talker must agree on them.
-    media = dict(
-        audio_token_index=ids["<|AUDIO|>"],
-        image_token_index=ids["<|IMAGE|>"],
-        video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"],
-        vision_end_token_id=ids["<|vision_eos|>"],
-        position_id_per_seconds=25,
-        seconds_per_chunk=2,
-    )
-    talker = dict(
-        vocab_size=8448,
-        embedding_size=hidden,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        rope_parameters=dict(mrope),
-    )
-    token2wav = dict(
-        dit_config=dict(
-            hidden_size=hidden,
-            num_hidden_layers=4,
-            num_attention_heads=heads,
-            head_dim=head_dim,
-            ff_mult=2,
-            emb_dim=32,
-            block_size=24,
-            look_ahead_layers=[2],
-            look_backward_layers=[0, 3],
-            repeats=2,
-            num_embeds=8193,
-            mel_dim=80,
-            enc_emb_dim=192,
-            enc_dim=32,
-            enc_channels=[32, 32, 32, 32, 96],
-            enc_attention_channels=16,
-            enc_se_channels=16,
-            dropout=0.0,
-        ),
-        bigvgan_config=dict(
-            mel_dim=80,
-            upsample_initial_channel=64,  # 1 channel after the 6 upsampling stages (64 // 2**6)
-            resblock_kernel_sizes=[3, 7, 11],
-            resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-            upsample_rates=[5, 3, 2, 2, 2, 2],
-            upsample_kernel_sizes=[11, 7, 4, 4, 4, 4],
-        ),
     )
     return _assemble(ids, text, audio, vision, talker, token2wav)
 

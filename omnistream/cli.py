@@ -76,9 +76,11 @@ def _window(spec: str) -> str:
     """
     from omnistream.memory.window_config import AUDIO_TOKENS_PER_SECOND, WindowConfig
 
+    if spec.strip() in ("auto", "none"):
+        return spec.strip()
     m = re.fullmatch(r"(\d+)|(\d+(?:\.\d*)?|\.\d+)s", spec.strip())
     if not m:
-        raise argparse.ArgumentTypeError(f"{spec!r}: give a token count like 8192 or seconds like 600s")
+        raise argparse.ArgumentTypeError(f"{spec!r}: give auto, none, a token count like 8192 or seconds like 600s")
     sinks = WindowConfig().sink_tokens
     tokens = int(m[1]) if m[1] else math.ceil(float(m[2]) * AUDIO_TOKENS_PER_SECOND)
     least = sinks + 2 * AUDIO_TOKENS_PER_SECOND
@@ -366,8 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spares", action="store_true", help="with --layout: keep one loaded standby process per "
                    "stage, so a crashed stage is replaced in well under a second (twice the memory)")
     s.add_argument("--voice", help="default voice (a speaker of the checkpoint; OpenAI voice names map to it)")
-    s.add_argument("--window", type=_window,
-                   help="bound each session's KV cache: tokens (8192) or seconds of media (600s)")
+    s.add_argument("--allowed-hosts", action="append", metavar="HOST",
+                   help="Host header names accepted besides IP addresses, localhost and --host (repeatable; "
+                   "'.example.com' also matches subdomains; '*': any, turning off the DNS-rebinding check)")
+    s.add_argument("--window", type=_window, default="auto",
+                   help="bound each session's KV cache: auto (sinks + a window sized from the model's context, "
+                   "the default), tokens (8192), seconds of media (600s), or none (grows with the session)")
+    s.add_argument("--hang-s", type=_positive, default=30.0,
+                   help="with --layout: a stage that answers no ping for this long is restarted (default 30)")
+    s.add_argument("--max-turn-s", type=_positive, default=120.0,
+                   help="a user turn is committed when it gets this long (default 120)")
     s.add_argument("--max-new-tokens", type=_positive_int, default=256, help="reply text limit (default 256)")
     s.add_argument("--max-speech-s", type=_positive, default=30.0, help="reply speech limit in seconds (default 30)")
     s.add_argument("--no-vad", action="store_true", help="sessions start with turn_detection null (manual commit)")

@@ -21,8 +21,8 @@ from omnistream import kernels as K
 from omnistream.kernels.window_attention import STATS
 from omnistream.memory.batch import BatchCache, cache_kind
 from omnistream.memory.window_cache import WindowCache, WindowConfig
-from omnistream.talker.talker import StreamingTalker, TalkerConfig, step_talkers
-from omnistream.talker.thinker import StreamingThinker, step_tokens, window_thinker
+from omnistream.model.talker import StreamingTalker, TalkerConfig, step_talkers
+from omnistream.model.thinker import StreamingThinker, step_tokens, window_thinker
 
 TOL = 1e-4
 PROMPTS = [[5, 17, 3, 99, 41], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [300, 301, 302, 303]]

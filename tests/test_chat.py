@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from omnistream.chat import OmniChat
-from omnistream.talker.talker import TalkerConfig
-from omnistream.talker.token2wav import StreamingConfig
+from omnistream.model.talker import TalkerConfig
+from omnistream.model.token2wav import StreamingConfig
 
 GREEDY = TalkerConfig(do_sample=False, max_new_tokens=120)
 SMALL = StreamingConfig(chunk_codes=12, left_codes=12, right_codes=6, vocoder_context_frames=8)
@@ -92,7 +92,7 @@ def test_windowed_chat_keeps_memory_bounded(tiny):
                     window=WindowConfig(sink_tokens=4, window_tokens=48, chunk_tokens=32))
     sizes = set()
     for turn in range(4):  # far more tokens than the window holds
-        chat.say("a fairly long user message number %d that keeps the conversation going" % turn)
+        chat.say(f"a fairly long user message number {turn} that keeps the conversation going")
         text, pcm, _ = collect(chat.reply(max_new_tokens=8, seed=turn))
         assert pcm.size == 480 * chat.stats.codec_tokens > 0
         sizes.add(chat.thinker.cache.memory_bytes())
@@ -103,7 +103,7 @@ def test_windowed_chat_keeps_memory_bounded(tiny):
 def test_cancel_between_replies_does_not_mute_the_next_and_late_truncate_is_refused(tiny):
     """A barge-in that lands after a reply ended must not silence the next reply, and a truncation
     that arrives after the user's next turn began must not cut into that turn."""
-    from omnistream.talker.talker import TalkerConfig
+    from omnistream.model.talker import TalkerConfig
 
     chat = OmniChat(tiny, voice="Chelsie", talker_config=TalkerConfig(max_new_tokens=30, seed=0))
     chat.say("hello")

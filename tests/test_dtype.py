@@ -60,8 +60,6 @@ def test_bf16_chat_equals_fp32_where_greedy_choices_agree(tiny_dir):
             break
 
 
-@pytest.mark.xfail(reason="omnistream/chat.py run_chat does not pass dtype=args.dtype to load_omni yet "
-                   "(change requested from its owner)", strict=False)
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_cli_chat_runs_in_bf16_on_cpu(tiny_dir, dtype):
     """`chat --device cpu --dtype bf16` runs its tiny path (speech in, text out) with bf16 weights."""

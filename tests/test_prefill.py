@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omnistream.encoders.tmrope import Audio, AudioVideo, Image, Text, audio_block_tokens, segment_token_ids
-from omnistream.talker.thinker import StreamingThinker
+from omnistream.model.thinker import StreamingThinker
 
 TOL = 1e-4
 BLOCK = 200  # mel frames per audio-encoder block (2 * n_window)

@@ -207,8 +207,8 @@ def test_cancel_clear_and_client_truncate(tiny, hello24k):
                           audio_end_ms=20)
             t = await s.until("conversation.item.truncated")
             assert t["audio_end_ms"] == 20 and t["item_id"] == r["output"][0]["id"]
-            chat = next(iter(client._sessions.values())).chat
-            assert len(chat.reply_ids) == min(1, r["usage"]["output_tokens"])  # 20 ms = 480 samples = 1 code
+            conv = next(iter(client.workers["thinker"].slots.values())).state
+            assert conv.last_reply[1] == min(1, r["usage"]["output_tokens"])  # 20 ms = 480 samples = 1 code
             await text_turn_works(s)
     run(body())
 
@@ -238,8 +238,8 @@ def test_barge_in_cancels_and_truncates(tiny, hello24k):
                        if e["type"] == "response.output_audio.delta")
             assert trunc["item_id"] == r["output"][0]["id"]
             assert 0 <= trunc["audio_end_ms"] <= sent * 1000 // RATE
-            chat = next(iter(client._sessions.values())).chat
-            kept = len(chat.reply_ids)  # the Thinker's context was cut to what was played
+            conv = next(iter(client.workers["thinker"].slots.values())).state
+            kept = conv.last_reply[1]  # the Thinker's context was cut to what was played
             assert kept == min(r["usage"]["output_tokens"], math.ceil(trunc["audio_end_ms"] * RATE / 1000 / 480))
             assert kept < r["usage"]["output_tokens"]
             # the interruption is the next user turn: it ends and gets its own reply
@@ -309,8 +309,9 @@ def test_image_items(tiny):
             assert [c["type"] for c in item["content"]] == ["input_image", "input_image", "input_text"]
             await s.send("response.create")
             await s.until("response.done")
-            chat = next(iter(client._sessions.values())).chat
-            assert chat.stats.video_frames == 2 and chat.stats.video_patches == 1
+            enc = next(iter(client.workers["encoders"].slots.values()))
+            conv = next(iter(client.workers["thinker"].slots.values())).state
+            assert enc.last_turn_frames == 2 and conv.stats.video_patches == 1
             # server VAD on, nobody speaking: three frames, only the newest joins the turn
             await s.send("session.update", session={"type": "realtime", "audio": {"input": {"turn_detection": {
                 "type": "server_vad"}}}})
@@ -321,7 +322,7 @@ def test_image_items(tiny):
                 await s.until("conversation.item.created")
             await s.send("response.create")
             await s.until("response.done")
-            assert chat.stats.video_frames == 1 and chat.stats.video_patches == 1
+            assert enc.last_turn_frames == 1 and conv.stats.video_patches == 1
     run(body())
 
 

@@ -41,7 +41,7 @@ def test_published_shapes_are_config_only(tmp_path):
 
 def test_config_only_tiny_checkpoint_materialises_and_speaks(tmp_path):
     from omnistream.chat import OmniChat
-    from omnistream.talker.talker import TalkerConfig
+    from omnistream.model.talker import TalkerConfig
 
     d = make_tiny(tmp_path / "co", weights=False, seed=3)
     assert not list(d.glob("*.safetensors"))

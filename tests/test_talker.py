@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from omnistream.encoders.tmrope import Audio, Image, Text, audio_block_tokens, segment_token_ids
-from omnistream.talker.talker import StreamingTalker, TalkerConfig
-from omnistream.talker.thinker import StreamingThinker
+from omnistream.model.talker import StreamingTalker, TalkerConfig
+from omnistream.model.thinker import StreamingThinker
 
 TOL = 1e-4
 N_MEL = 250  # two audio-encoder blocks (200 + 50 frames)

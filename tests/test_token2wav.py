@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.talker.token2wav import (
+from omnistream.model.token2wav import (
     DEFAULT,
     QWEN_REFERENCE,
     SeededNoise,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.talker.token2wav import (
+from omnistream.model.token2wav import (
     DiTJob,
     StreamingConfig,
     StreamingToken2Wav,

@@ -45,7 +45,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_
 
 from omnistream.encoders.tmrope import TMRoPE
 from omnistream.memory.window_cache import WindowCache, WindowConfig
-from omnistream.talker.thinker import StreamingThinker, window_thinker
+from omnistream.model.thinker import StreamingThinker, window_thinker
 
 TOL = 1e-5
 

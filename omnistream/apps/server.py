@@ -7,7 +7,8 @@ ZeroMQ stage processes), so the event loop only moves events and never waits on 
 Endpoints (one port; plain HTTP is answered from ``process_request`` before any handshake):
 
 - ``GET /v1/realtime`` (WebSocket): the Realtime protocol (:mod:`omnistream.apps.realtime`).
-- ``GET /health``: 200 ``{"status": "ok"}`` while the server runs.
+- ``GET /health``: 200 ``{"status": "ok"}`` while the pipeline serves; 503 with the reason when a stage is
+  down or stalled.
 - ``GET /status``: the pipeline's stages (name, pid, alive, last heartbeat), sessions and queue
   depths, from ``Client.status()``; with an API key set, a request without it gets counts only
   (connections, stages alive): pids, ipc paths and session ids are operator data.
@@ -57,6 +58,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING
 from websockets.server import ServerProtocol
 
+from omnistream.apps.limits import SessionLimits
 from omnistream.apps.realtime_session import RealtimeSession, subprotocols
 from omnistream.runtime.client import Client, SessionOptions
 
@@ -90,6 +92,7 @@ class ServerConfig:
     server_vad: bool = True  # sessions start with turn_detection server_vad (False: null)
     output_lead_ms: float = 100.0  # reply audio sent ahead of real time at most this much
     chunk_samples: int = 960  # 40 ms at 24 kHz per output audio delta
+    limits: SessionLimits = field(default_factory=SessionLimits)  # input sizes, audio rate, turn cap, slow readers
     web_dir: Path = WEB_DIR
 
 
@@ -193,7 +196,8 @@ class RealtimeServer:
     def _route(self, path: str, headers: Headers) -> Response:
         """The plain HTTP endpoints (GET or HEAD)."""
         if path == "/health":
-            return _http(200, _json({"status": "ok", "sessions": len(self.sessions)}), "application/json")
+            health = self.health()
+            return _http(200 if health["status"] == "ok" else 503, _json(health), "application/json")
         if path == "/status":
             return _http(200, _json(self.status(full=self._authorized(headers))), "application/json")
         if path == "/config.json":
@@ -201,6 +205,18 @@ class RealtimeServer:
         if path in ("/", "/index.html") or path.startswith("/web/"):
             return self._static("index.html" if path in ("/", "/index.html") else path[len("/web/"):])
         return _http(404, b"not found\n")
+
+    def health(self) -> dict:
+        """``ok`` while the pipeline serves and takes sessions; else 503 with why (a stage down or
+        stalled, at capacity) -- what a load balancer reads."""
+        try:
+            st = self.client.status()
+        except Exception as e:  # noqa: BLE001
+            return {"status": "unavailable", "reason": f"status failed: {e}", "sessions": len(self.sessions)}
+        if st.get("serving") is False:
+            return {"status": "unavailable", "reason": st.get("reason") or "the pipeline is not serving",
+                    "sessions": len(self.sessions)}
+        return {"status": "ok", "sessions": len(self.sessions)}
 
     def _admission(self) -> str | None:
         """``Client.admission()``'s reason to refuse one more session, or None. A check that fails
@@ -390,11 +406,17 @@ def build_client(args):
         except ImportError as e:
             raise ValueError(f"--layout {args.layout}: the multi-process runtime (omnistream.runtime.procclient) "
                              f"is not available in this installation ({e}); run without --layout") from e
-        return MultiProcClient(args.model, layout=args.layout, spares=getattr(args, "spares", False), **opts)
+        from omnistream.runtime import layout as layouts
+
+        lay = layouts.load(args.layout, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "auto"))
+        return MultiProcClient(args.model, layout=lay, spares=getattr(args, "spares", False),
+                               hang_timeout_s=getattr(args, "hang_s", 30.0), **opts)
     from omnistream.checkpoints import load_omni
     from omnistream.runtime.client import InProcClient
 
-    return InProcClient(load_omni(args.model), **opts)
+    ck = load_omni(args.model, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "auto"),
+                   attn_implementation=getattr(args, "attn", "sdpa"))
+    return InProcClient(ck, **opts)
 
 
 def bind_socket(host: str, port) -> socket.socket:
@@ -425,6 +447,7 @@ def run_server(args) -> int:
         max_sessions=args.max_sessions, rate_limit=args.rate_limit, voice=args.voice,
         defaults=SessionOptions(window=args.window, max_new_tokens=args.max_new_tokens,
                                 max_speech_s=args.max_speech_s),
+        limits=SessionLimits(max_turn_s=getattr(args, "max_turn_s", 120.0)),
         server_vad=not args.no_vad,
     )
     if not getattr(args, "verbose", False):

@@ -361,7 +361,7 @@ class AudioStream:
         self._finished = False
 
     @classmethod
-    def from_checkpoint(cls, ck, **kwargs) -> "AudioStream":
+    def from_checkpoint(cls, ck, **kwargs) -> AudioStream:
         return cls(ck.feature_extractor, ck.thinker.model.audio_tower, **kwargs)
 
     def reset(self) -> None:

@@ -6,8 +6,8 @@ MP4 soundtracks, ...) for the CLI, the demo and the benchmarks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

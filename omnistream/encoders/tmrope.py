@@ -109,7 +109,7 @@ class TMRoPE:
         self.reset()
 
     @classmethod
-    def from_config(cls, thinker_config, tokenizer=None) -> "TMRoPE":
+    def from_config(cls, thinker_config, tokenizer=None) -> TMRoPE:
         c = thinker_config
 
         def get(attr, tok):
@@ -132,7 +132,7 @@ class TMRoPE:
         return cls(ids=ids, position_id_per_seconds=c.position_id_per_seconds,
                    seconds_per_chunk=c.seconds_per_chunk, spatial_merge_size=c.vision_config.spatial_merge_size)
 
-    def fresh(self) -> "TMRoPE":
+    def fresh(self) -> TMRoPE:
         """A new, empty state with the same settings."""
         return TMRoPE(**self._args)
 

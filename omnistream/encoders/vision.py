@@ -362,7 +362,7 @@ class VideoStream:
         self.encoder = encoder
 
     @classmethod
-    def from_checkpoint(cls, ck, fps: float = 2.0) -> "VideoStream":
+    def from_checkpoint(cls, ck, fps: float = 2.0) -> VideoStream:
         return cls(StreamingVideoEncoder(ck.thinker.model.visual, ck.vision, fps=fps))
 
     def push_frame(self, frame, t_s: float) -> list[VideoPatch]:

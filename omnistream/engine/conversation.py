@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 
 from omnistream.memory.window_config import AUDIO_TOKENS_PER_SECOND
-from omnistream.talker.thinker import StreamingThinker, ThinkerStep, sample
+from omnistream.model.thinker import StreamingThinker, ThinkerStep, sample
 
 SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -274,7 +274,7 @@ class Conversation:
         if window is None:  # the growing cache: exact, memory grows with the session
             self.thinker = StreamingThinker(ck.thinker, tokenizer=ck.tokenizer, record=record)
         else:  # sinks + sliding window: bounded memory for hours-long sessions
-            from omnistream.talker.thinker import window_thinker
+            from omnistream.model.thinker import window_thinker
 
             self.thinker = window_thinker(ck.thinker, window, tokenizer=ck.tokenizer, record=record)
         self.stop_ids = {self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<|endoftext|>")}

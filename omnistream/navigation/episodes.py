@@ -110,7 +110,7 @@ def _load_json(path: Path):
     except FileNotFoundError:
         raise
     except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EpisodeFormatError(f"{path}: not a valid {'gzipped ' if path.suffix == '.gz' else ''}JSON file ({e})")
+        raise EpisodeFormatError(f"{path}: not a valid {'gzipped ' if path.suffix == '.gz' else ''}JSON file ({e})") from e
 
 
 class _Check:

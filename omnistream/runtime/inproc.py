@@ -151,6 +151,7 @@ class InProcClient(WireClient):
     def status(self) -> dict:
         alive = self._thread is not None and self._thread.is_alive()
         return {
+            "serving": alive, "reason": None if alive else "the engine thread is not running",
             "mode": "in-process",
             "stages": [{"name": "all", "pid": None, "alive": alive, "last_heartbeat_s": 0.0 if alive else None}],
             "sessions": self._sessions_status(),

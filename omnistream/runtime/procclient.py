@@ -124,8 +124,16 @@ class MultiProcClient(WireClient):
         if self.supervisor is not None and self.supervisor.pub is not None:
             await self.supervisor.publish(msg)
 
+    def admission(self) -> str | None:
+        if len(self._sessions) >= self.max_sessions:
+            return f"too many sessions (max {self.max_sessions})"
+        return self.supervisor.admission(len(self._sessions)) if self.supervisor is not None else None
+
     def status(self) -> dict:
+        health = self.supervisor.health() if self.supervisor is not None else {"serving": False,
+                                                                                "reason": "not started"}
         return {
+            **health,
             "mode": "multi-process",
             "layout": self.layout.source,
             "stages": self.supervisor.status() if self.supervisor is not None else [],

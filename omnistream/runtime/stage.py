@@ -168,7 +168,8 @@ class Stage:
 
             if self.ck is None:
                 self._threads()
-                self.ck = load_omni(self.model, talker=self.spec.needs_talker, device=self.spec.device)
+                self.ck = load_omni(self.model, talker=self.spec.needs_talker, device=self.spec.device,
+                                    dtype=self.spec.dtype)
             cls = WORKER_TYPES[w]
             self.workers[w] = cls(self.ck, self.send, self.spec.device)
             self._accepts.append((self.workers[w], cls.handles + (wire.OpenSession, wire.CloseSession)))

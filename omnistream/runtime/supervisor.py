@@ -15,7 +15,8 @@ every ``ping_interval_s``:
 ``hang_timeout_s`` (the CLI's ``--hang-s``) is how long a silent stage is given before it is
 killed: long enough for the slowest forward of the deployment, else a busy stage is restarted
 for nothing. Well before that, a stage silent for ``stall_s`` (default: 4 ping intervals, at
-least 2 s, at most ``hang_timeout_s``) makes :meth:`Supervisor.health` report the pipeline as not
+least 5 s, as one batched Token2Wav call of a busy CPU stage can take seconds; at most
+``hang_timeout_s``) makes :meth:`Supervisor.health` report the pipeline as not
 serving -- ``{"serving": false, "reason": ...}`` -- so a load balancer's ``/health`` check stops
 sending new users to a server whose replies are stalled, without anything being killed.
 
@@ -69,6 +70,7 @@ class StageProc:
     state: str = "stopped"  # starting | handshake | ready | dead | failed | stopped
     started_at: float = 0.0
     last_pong: float = 0.0
+    stats: dict = field(default_factory=dict)  # the stage's load and batch figures, from its last pong
     restarts: int = 0
     error: str | None = None
     crash_loop: int = 0  # consecutive deaths before serving
@@ -104,7 +106,7 @@ class Supervisor:
                      ("load_timeout_s", load_timeout_s)):
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ValueError(f"{k} must be a positive number of seconds, got {v!r}")
-        self.stall_s = min(hang_timeout_s, max(4 * ping_interval_s, 2.0)) if stall_s is None else stall_s
+        self.stall_s = min(hang_timeout_s, max(4 * ping_interval_s, 5.0)) if stall_s is None else stall_s
         self.max_sessions, self.log_level = max_sessions, log_level
         self.on_lost, self.on_ready = on_lost, on_ready
         self.spares = spares  # keep one loaded standby process per spawned stage (memory x2, restarts ~instant)
@@ -256,7 +258,7 @@ class Supervisor:
                     self._ready.set()
                     self._spawn_spares()
             elif isinstance(msg, wire.Pong):
-                sp.last_pong = time.monotonic()
+                sp.last_pong, sp.stats = time.monotonic(), msg.stats
 
     def _reject(self, sp: StageProc | None, name: str, why: str) -> None:
         log.error("stage %r rejected: %s", name, why)
@@ -356,6 +358,15 @@ class Supervisor:
                         f"(stalled; killed after {self.hang_timeout_s:g} s)"}
         return {"serving": True, "reason": None}
 
+    def admission(self, sessions: int, headroom: float = 0.9) -> str | None:
+        """The busiest stage decides (each measures its own loop, :class:`~omnistream.engine.load.LoadMeter`)."""
+        for name, sp in self.stages.items():
+            cost = (sp.stats.get("load") or {}).get("cost_per_replying_session")
+            if cost and (sessions + 1) * cost > headroom:
+                return (f"at capacity: stage {name} spends {100 * cost:.0f}% of its loop per replying session, "
+                        f"so at most {int(headroom / cost)} sessions keep real time; try again later")
+        return None
+
     def status(self) -> list[dict]:
         now = time.monotonic()
         return [{"name": n, "pid": sp.pid, "remote": sp.spec.remote,
@@ -363,7 +374,7 @@ class Supervisor:
                  "alive": sp.state == "ready" if sp.spec.remote else bool(sp.proc is not None and sp.proc.is_alive()),
                  "state": sp.state, "workers": list(sp.spec.workers), "device": sp.spec.device,
                  "address": sp.spec.address, "restarts": sp.restarts,
-                 "last_heartbeat_s": round(now - sp.last_pong, 3) if sp.last_pong else None}
+                 "last_heartbeat_s": round(now - sp.last_pong, 3) if sp.last_pong else None, **sp.stats}
                 for n, sp in self.stages.items()]
 
 

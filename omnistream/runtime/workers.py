@@ -244,9 +244,10 @@ class Worker:
 
 # ====================================================================== encoders
 class _Turn:
-    """The open user turn's streaming encoders (the in-process client's turn bookkeeping)."""
+    """The open user turn's streaming encoders and what it received."""
 
     def __init__(self):
+        self.n_frames = 0  # camera frames taken into the turn
         self.open = False
         self.video = False
         self.t0: float | None = None
@@ -282,6 +283,7 @@ class EncodersWorker(Worker):
             self._open_turn(s)
             if t.t0 is None:
                 t.t0 = msg.t_s
+            t.n_frames += 1
             self._patches(s, t.frames.push_frame(tensors[0], msg.t_s - t.t0))
         elif isinstance(msg, wire.Commit):
             self._flush(s)
@@ -311,6 +313,7 @@ class EncodersWorker(Worker):
                 self._patches(s, t.frames.finish())
             self._blocks(s, t.audio.finish())
         s.state = _Turn()
+        s.last_turn_frames = t.n_frames  # (tests and /status read it)
 
     def _blocks(self, s: Slot, blocks) -> None:
         for b in blocks:  # b.embeds: (n, D)
@@ -342,7 +345,7 @@ class _WireFeed:
 def decode_rows(rows: list[tuple]) -> list[None]:
     """The Thinker's batched decode step: ``rows`` are ``(StreamingThinker, token)``; each thinker
     gets its token appended (one forward for all of them)."""
-    from omnistream.talker.thinker import step_tokens
+    from omnistream.model.thinker import step_tokens
 
     step_tokens([th for th, _ in rows], [tok for _, tok in rows])  # grouped by model and cache kind inside
     return [None] * len(rows)
@@ -438,7 +441,7 @@ class ThinkerWorker(Worker):
 # ====================================================================== talker
 def talker_steps(talkers: list) -> list:
     """The Talker's batched decode step: every given ``StreamingTalker`` emits its next code (None at eos)."""
-    from omnistream.talker.talker import step_talkers
+    from omnistream.model.talker import step_talkers
 
     return step_talkers(talkers)
 
@@ -450,7 +453,7 @@ class TalkerWorker(Worker):
     batchers = {"talker.step": talker_steps}
 
     def build(self, options, sid):
-        from omnistream.talker.talker import StreamingTalker, TalkerConfig
+        from omnistream.model.talker import StreamingTalker, TalkerConfig
 
         if options.voice is None:
             return None
@@ -488,7 +491,7 @@ class TalkerWorker(Worker):
         elif isinstance(msg, wire.Respond):
             s.task_epoch, s.t_first_code = msg.epoch, None
         elif isinstance(msg, wire.Step):
-            from omnistream.talker.thinker import ThinkerStep
+            from omnistream.model.thinker import ThinkerStep
 
             self._send_codes(s, msg.epoch, talker.feed(ThinkerStep(msg.token, tensors[0], tensors[1])))
             if talker.ready():
@@ -526,7 +529,7 @@ class TalkerWorker(Worker):
 # ====================================================================== token2wav
 def run_t2w_jobs(jobs: list) -> list:
     """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked."""
-    from omnistream.talker.token2wav import run_jobs
+    from omnistream.model.token2wav import run_jobs
 
     return run_jobs(jobs)
 
@@ -569,7 +572,7 @@ class Token2WavWorker(Worker):
     def handle(self, s, msg, tensors):
         v: _Voice = s.state
         if isinstance(msg, wire.Respond):
-            from omnistream.talker.token2wav import StreamingToken2Wav
+            from omnistream.model.token2wav import StreamingToken2Wav
 
             spk = self.ck.voices[s.options.voice]
             v.t2w = StreamingToken2Wav.from_config(self.ck.token2wav, spk["cond"], spk["ref_mel"], seed=s.options.seed)

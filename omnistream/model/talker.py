@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnistream.talker.thinker import StreamingThinker, ThinkerStep
+from omnistream.model.thinker import StreamingThinker, ThinkerStep
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Sink + sliding-window decode attention: Triton kernel vs torch baselines, as one JSON object.
 
-    python benchmarks/kernels.py --json                       # CUDA if present, else CPU reference
-    python benchmarks/kernels.py --json --peak-bw 3.35e12     # e.g. H100 SXM peak bandwidth
-    python benchmarks/kernels.py --json --contexts 2048,8192  # subset
-    python benchmarks/kernels.py --json --dtypes bf16,fp16 --time-budget-s 90   # the GPU check
+    python benchmarks/kernel_bench.py --json                       # CUDA if present, else CPU reference
+    python benchmarks/kernel_bench.py --json --peak-bw 3.35e12     # e.g. H100 SXM peak bandwidth
+    python benchmarks/kernel_bench.py --json --contexts 2048,8192  # subset
+    python benchmarks/kernel_bench.py --json --dtypes bf16,fp16 --time-budget-s 90   # the GPU check
 
 On CUDA, per context length N (cache slots = S sinks + W window), one decode step of one layer
 (default Qwen2.5-Omni-7B Thinker: 28 q heads, 4 kv heads, D = 128, bf16) is timed for
