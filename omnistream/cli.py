@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=_window, default="auto",
                    help="bound each session's KV cache: auto (sinks + a window sized from the model's context, "
                    "the default), tokens (8192), seconds of media (600s), or none (grows with the session)")
+    s.add_argument("--headroom", type=float, default=0.9,
+                   help="admission control: refuse a session when the sessions, all replying, would use more than "
+                   "this fraction of the busiest stage (default 0.9; 0: off, only --max-sessions)")
     s.add_argument("--hang-s", type=_positive, default=30.0,
                    help="with --layout: a stage that answers no ping for this long is restarted (default 30)")
     s.add_argument("--max-turn-s", type=_positive, default=120.0,

@@ -11,12 +11,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -493,8 +496,9 @@ class Launch:
     its run directory is a temporary one, which must be gone after every way out."""
 
     def __init__(self, tmp_path: Path, *args: str, module: str = "omnistream.apps.robot"):
-        self.tmp = tmp_path / "tmpdir"
-        self.tmp.mkdir()
+        # short: the app's ipc:// sockets live under it and a socket path has at most 107 bytes
+        self.tmp = Path(tempfile.mkdtemp(prefix="ort-", dir="/tmp"))
+        weakref.finalize(self, shutil.rmtree, self.tmp, True)
         self.err_path, self.out_path = tmp_path / "stderr.log", tmp_path / "stdout.log"
         argv = [sys.executable, "-m", module] + (["robot"] if module == "omnistream.cli" else [])
         argv += ["--control", f"ipc://{tmp_path}/control.sock", *args]

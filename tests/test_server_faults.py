@@ -43,7 +43,7 @@ class Served:
         self.loop = asyncio.new_event_loop()
         # generous hang watchdog: a slow shared CPU must not turn a busy stage into a "hang"
         self.client = MultiProcClient(str(tiny_dir), "split", spares=True, max_sessions=4, hang_timeout_s=300,
-                                      ping_interval_s=0.2)
+                                      headroom=None, ping_interval_s=0.2)  # (admission: tested elsewhere)
         self.before = all_children(os.getpid())  # what other tests may have left (not ours)
         self.seen: set[int] = set()  # every stage and spare pid this client ran
         self.server, self.closed = None, False

@@ -325,7 +325,7 @@ class LiveServer:
         # short replies (8 text tokens, at most 2 s of speech by default) keep the tests quick on a CPU
         cfg = ServerConfig(port=0, defaults=SessionOptions(max_new_tokens=max_new_tokens, max_speech_s=max_speech_s),
                            **config)
-        self.client = InProcClient(ck)
+        self.client = InProcClient(ck, headroom=None)  # (module scope: load from earlier tests must not refuse)
 
         async def start():
             await self.client.start()

@@ -399,7 +399,7 @@ async def serving(client: Client, config: ServerConfig | None = None, **kw):
 # ---------------------------------------------------------------------------------- CLI
 def build_client(args):
     """``--layout`` unset: the in-process client; else the ZeroMQ stage runtime's client."""
-    opts = {"max_sessions": args.max_sessions}
+    opts = {"max_sessions": args.max_sessions, "headroom": getattr(args, "headroom", 0.9) or None}
     if args.layout:
         try:
             from omnistream.runtime.procclient import MultiProcClient

@@ -58,7 +58,7 @@ class LoadMeter:
     def admission(self, sessions: int) -> str | None:
         """None if one more session fits; else the reason (for HTTP 503 / ``server_busy``)."""
         cap = self.capacity()
-        if cap is None or sessions + 1 <= cap:
+        if cap is None or sessions == 0 or sessions + 1 <= cap:  # (an idle server always takes one)
             return None
         return (f"at capacity: {sessions} sessions; one replying session takes {100 * self.cost():.0f}% of the "
                 f"engine, so at most {cap} keep real time; try again later")

@@ -75,7 +75,8 @@ class ZmqRobot(Robot):
         finally:
             with self._lock:
                 self.cmd.close(200)
-                self.sub.close(0)
+                if self.sub is not None:  # (connect may have failed before the observation socket)
+                    self.sub.close(0)
                 self.cmd = self.sub = None
 
     def _send(self, msg: dict) -> None:

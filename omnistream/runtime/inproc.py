@@ -38,13 +38,14 @@ class InProcClient(WireClient):
     """Sessions over the pipeline's workers on an engine thread of this process (see the module doc)."""
 
     def __init__(self, ck, *, max_sessions: int = 8, max_batch: int = 64, op_timeout_s: float = 120.0,
-                 headroom: float = 0.9):
+                 headroom: float | None = 0.9):
         super().__init__(max_sessions=max_sessions, op_timeout_s=op_timeout_s)
         from omnistream.runtime.workers import WORKER_TYPES
 
         self.ck = ck
         self.workers = {name: WORKER_TYPES[name](ck, self._route, max_batch=max_batch) for name in PIPELINE}
-        self.load = LoadMeter(headroom=headroom)
+        self.headroom = headroom  # None: no admission control beyond max_sessions
+        self.load = LoadMeter(headroom=headroom or 0.9)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (msg, tensors) from the event loop
         self._local: deque = deque()  # (worker, msg, tensors) the workers sent each other
         self._thread: threading.Thread | None = None
@@ -120,7 +121,7 @@ class InProcClient(WireClient):
                 except Exception:  # a worker bug must not stop the engine
                     log.exception("%s: tick failed", w.name)
                 self._drain_local()
-            replying = sum(s.run is not None for s in self.workers["thinker"].slots.values())
+            replying = max(w.replying() for w in self.workers.values())
             self.load.record(time.perf_counter() - t0, replying, did_work=bool(n) or busy)
 
     def _deliver_external(self, msg, tensors) -> None:
@@ -146,7 +147,7 @@ class InProcClient(WireClient):
     def admission(self) -> str | None:
         if len(self._sessions) >= self.max_sessions:
             return f"too many sessions (max {self.max_sessions})"
-        return self.load.admission(len(self._sessions))
+        return None if self.headroom is None else self.load.admission(len(self._sessions))
 
     def status(self) -> dict:
         alive = self._thread is not None and self._thread.is_alive()

@@ -53,7 +53,7 @@ class MultiProcClient(WireClient):
     def __init__(self, model: str, layout: str | layouts.Layout = "all-in-one", *, max_sessions: int = 8,
                  device: str = "cpu", ping_interval_s: float = 0.5, hang_timeout_s: float = 30.0,
                  load_timeout_s: float = 180.0, ready_timeout_s: float = 120.0, op_timeout_s: float = 120.0,
-                 spares: bool = False, log_level: int = logging.WARNING):
+                 spares: bool = False, log_level: int = logging.WARNING, headroom: float | None = 0.9):
         self.model = str(model)
         self.layout = layouts.load(layout, device)
         if "encoders" not in self.layout.workers:
@@ -66,6 +66,7 @@ class MultiProcClient(WireClient):
                        "log_level": log_level}
         self._lost_workers: set[str] = set()
         self.supervisor: Supervisor | None = None
+        self.headroom = headroom  # None: no admission control beyond max_sessions
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -127,7 +128,9 @@ class MultiProcClient(WireClient):
     def admission(self) -> str | None:
         if len(self._sessions) >= self.max_sessions:
             return f"too many sessions (max {self.max_sessions})"
-        return self.supervisor.admission(len(self._sessions)) if self.supervisor is not None else None
+        if self.headroom is None or self.supervisor is None:
+            return None
+        return self.supervisor.admission(len(self._sessions), self.headroom)
 
     def status(self) -> dict:
         health = self.supervisor.health() if self.supervisor is not None else {"serving": False,

@@ -242,8 +242,7 @@ class Stage:
         return max((len(getattr(w, "slots", ())) for w in self.workers.values()), default=0)
 
     def _replying(self) -> int:
-        return max((sum(s.run is not None for s in getattr(w, "slots", {}).values()) for w in self.workers.values()),
-                   default=0)
+        return max((w.replying() for w in self.workers.values() if hasattr(w, "replying")), default=0)
 
     def drain(self) -> None:
         if self.draining_since is None:

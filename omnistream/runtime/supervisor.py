@@ -360,7 +360,7 @@ class Supervisor:
 
     def admission(self, sessions: int, headroom: float = 0.9) -> str | None:
         """The busiest stage decides (each measures its own loop, :class:`~omnistream.engine.load.LoadMeter`)."""
-        for name, sp in self.stages.items():
+        for name, sp in self.stages.items() if sessions else ():  # (an idle server always takes one)
             cost = (sp.stats.get("load") or {}).get("cost_per_replying_session")
             if cost and (sessions + 1) * cost > headroom:
                 return (f"at capacity: stage {name} spends {100 * cost:.0f}% of its loop per replying session, "

@@ -198,6 +198,10 @@ class Worker:
             else:
                 self.send("client", wire.Error(session=s.sid, code=error_code(e), message=str(e)))
 
+    def replying(self) -> int:
+        """Sessions with a reply in progress here (what the load meter divides busy time by)."""
+        return sum(s.run is not None for s in self.slots.values())
+
     def status(self) -> dict:
         """Batch sizes and call times of this worker's scheduler (``/status``)."""
         return {"sessions": len(self.slots), "running": sum(s.run is not None for s in self.slots.values()),
@@ -472,6 +476,9 @@ class TalkerWorker(Worker):
         if s.state is not None and s.state.started and s.stale(s.task_epoch):  # task_epoch: the reply's epoch
             s.state.cancel()
 
+    def replying(self):
+        return sum(s.state is not None and s.state.started for s in self.slots.values())
+
     def priority(self, s):
         """Seconds of speech coded ahead of real time since the reply's first code (lower: more urgent)."""
         t0 = getattr(s, "t_first_code", None)
@@ -565,6 +572,9 @@ class Token2WavWorker(Worker):
         v: _Voice = s.state
         if v.t2w is not None and s.stale(v.epoch):
             v.t2w.cancel()
+
+    def replying(self):
+        return sum(s.state.t2w is not None for s in self.slots.values())
 
     def priority(self, s):
         return s.state.lead_s()  # the session closest to running dry goes first
