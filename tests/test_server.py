@@ -183,7 +183,8 @@ def test_cancel_clear_and_client_truncate(tiny, hello24k):
     context to the given audio_end_ms; input_audio_buffer.clear drops the open turn."""
     async def body():
         client = InProcClient(tiny)
-        cfg = config(defaults=SessionOptions(max_new_tokens=40, max_speech_s=2.0, seed=5)  # seeded: an unseeded random Talker may end before the cancel, server_vad=False)
+        # seeded: an unseeded random Talker may end its speech before the cancel arrives
+        cfg = config(defaults=SessionOptions(max_new_tokens=40, max_speech_s=2.0, seed=5), server_vad=False)
         async with serving(client, cfg) as server, connect(url(server)) as ws:
             s = Session(ws)
             created = await s.until("session.created")
@@ -218,7 +219,8 @@ def test_barge_in_cancels_and_truncates(tiny, hello24k):
     pipeline's conversation keeps only the reply tokens the user heard."""
     async def body():
         client = InProcClient(tiny)
-        cfg = config(defaults=SessionOptions(max_new_tokens=40, max_speech_s=2.0, seed=0))  # seeded: the reply must still play when the user talks
+        # seeded: the reply must still be playing when the user talks over it
+        cfg = config(defaults=SessionOptions(max_new_tokens=40, max_speech_s=2.0, seed=0))
         async with serving(client, cfg) as server, connect(url(server)) as ws:
             s = Session(ws)
             await s.until("session.created")
