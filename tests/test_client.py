@@ -70,6 +70,8 @@ def cl(request, tiny_dir):
     r.kind = request.param
     yield r
     r.close()
+    if request.param != "inproc":  # its private ipc:// directory goes with it
+        assert not os.path.exists(client.run_dir)
 
 
 async def reply(c, sid):

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 
 import zmq
 import zmq.asyncio
@@ -70,7 +72,8 @@ class MultiProcClient(WireClient):
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self.layout = self.layout.resolved()
+        self.run_dir = tempfile.mkdtemp(prefix="omnistream-")  # ipc:// sockets; removed by close()
+        self.layout = self.layout.resolved(self.run_dir)
         self.ctx = zmq.asyncio.Context()
         hwm = link_hwm(self.max_sessions)
         self.events = self.ctx.socket(zmq.PULL)
@@ -105,6 +108,8 @@ class MultiProcClient(WireClient):
                 s.close(0)
         if getattr(self, "ctx", None) is not None:
             self.ctx.term()
+        if getattr(self, "run_dir", None) is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def _ready(self) -> None:
         if self._closed:
