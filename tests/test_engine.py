@@ -178,3 +178,23 @@ def test_a_served_hour_of_audio_and_video_stays_bounded(tiny):
     original = int(conv.thinker.rope.positions.max())
     assert original > 50_000 and rot[60] < original / 20  # positions ran on; the rotated ones did not
     assert rot[60] <= rot[20] + 64, rot  # bounded: no growth from minute 20 to minute 60
+
+
+def test_long_text_is_prefilled_in_chunks_with_the_same_result(tiny, monkeypatch):
+    """A long typed turn goes through the Thinker in TEXT_CHUNK-token forwards; the logits equal a
+    one-pass prefill of the same tokens (the oracle: a fresh StreamingThinker given all ids at once)."""
+    import torch
+
+    from omnistream.model.thinker import StreamingThinker
+
+    monkeypatch.setattr(Conversation, "TEXT_CHUNK", 64)
+    a = Conversation(tiny)
+    sizes, ids, orig = [], [], a.thinker.append_text
+    a.thinker.append_text = lambda x: (sizes.append(len(x)), ids.extend(x), orig(x))[-1]
+    a.thinker.reset()
+    a.text("<|im_start|>system\nhi<|im_end|>\n")
+    a.end_turn(" ".join(f"word{i}" for i in range(400)))
+    b = StreamingThinker(tiny.thinker, tokenizer=tiny.tokenizer)
+    b.append_text(ids)
+    assert max(sizes) == 64 and len(sizes) > 5 and a.thinker.n_tokens == b.n_tokens == len(ids)
+    assert torch.allclose(a.thinker.next_token_logits(), b.next_token_logits(), atol=1e-4)
