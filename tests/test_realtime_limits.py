@@ -101,9 +101,11 @@ def test_a_huge_append_does_not_stall_other_sessions(tiny):
     stall, rtt, n, busy_s = run(body())
     print(f"VAD alone {vad_s:.2f} s; append processed in {busy_s:.2f} s; max loop stall {stall * 1000:.0f} ms; "
           f"other session: {n} round trips, max {rtt * 1000:.0f} ms")
-    assert busy_s >= 0.5 * vad_s  # the VAD did run on the 60 s
+    # loose ratios, both sides measured on the same (possibly busy) machine: a loop that ran the VAD
+    # itself stalled for about vad_s (1.5 s measured before the fix; 12-74 ms after)
+    assert busy_s >= 0.25 * vad_s  # the VAD did run on the 60 s
     assert n >= 5  # the other session kept going while the append was processed
-    assert stall < vad_s / 4 and rtt < vad_s / 4
+    assert stall < vad_s / 3 and rtt < vad_s / 3
 
 
 def test_limits_give_errors_and_the_session_goes_on(tiny):
