@@ -52,7 +52,7 @@ def _item(*parts) -> dict:
 # ---------------------------------------------------------------------------------- the loop only moves bytes
 def test_a_huge_append_does_not_stall_other_sessions(tiny):
     """One session appends 60 s of audio at once (server VAD on); meanwhile another session's
-    round trips and the event loop itself stay responsive. Bound: a quarter of what the VAD on
+    round trips and the event loop itself stay responsive. Bound: a third of what the VAD on
     that audio costs when measured alone -- the stall the server had when it ran it on the loop."""
     from omnistream.apps.vad import ServerVad
 
