@@ -24,14 +24,21 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------- argument types: checked before any work
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{s!r} must be >= 1")
-    return v
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low``, else a one-line error naming the value."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{s!r} must be >= {low}")
+        return v
+    return parse
+
+
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
 
 
 def _float_at_least(low: float, strict: bool):
@@ -54,16 +61,6 @@ def _port(s: str) -> int:
     v = _non_negative_int(s)
     if v > 65535:
         raise argparse.ArgumentTypeError(f"{s!r} is not a port (0-65535)")
-    return v
-
-
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must be >= 0")
     return v
 
 

@@ -154,9 +154,11 @@ def make_tiny_janus(
 
 def add_arguments(p) -> None:
     """The options of ``omnistream nav make-tiny`` and ``python -m omnistream.navigation.tiny`` (one list)."""
+    from omnistream.cli import int_at_least  # the CLI's argument types (one copy)
+
     p.add_argument("dir", help="output directory (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    p.add_argument("--layers", type=_positive_int, default=2, help="layers of the LLM and vision tower (default 2)")
+    p.add_argument("--layers", type=int_at_least(1), default=2, help="layers of the LLM and vision tower (default 2)")
     p.add_argument("--lam", type=float, default=0.2, help="weight of the spatial features (config lam, default 0.2)")
 
 
@@ -165,17 +167,6 @@ def run_cli(args) -> int:
     print(f"wrote a tiny JanusVLN checkpoint to {out} (run it with: omnistream nav --agent janus --model {out} ...)")
     return 0
 
-
-def _positive_int(s: str) -> int:
-    import argparse
-
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{s!r} must be >= 1")
-    return v
 
 
 def main(argv: list[str] | None = None) -> int:
