@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a session lent a GPU (one H200: step limits sum to 475 s), resumable.
+# The one prepared script for a session lent a GPU (one H200: step limits sum to 535 s), resumable.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh --smoke    # every step on CPU, tiny shapes (< 10 min)
@@ -24,6 +24,9 @@
 #                       exists yet: nav_step_ms_7b is null with that reason)          -> nav_step.json
 #   long_session  60 s  benchmarks/long_session.py --device cuda (window cache, kernel mode)
 #                                                                                     -> long_session.json
+#   decode_steps  60 s  benchmarks/decode_steps.py on the 7B shape: batched Thinker / Talker step wall time vs
+#                       kernel time by batch size (launch-bound or not; sessions the Talker holds at 50 codes/s)
+#                                                                                     -> decode_steps.json
 # Then a summary table (summary.txt, summary.json) with the keys kernel_fraction_of_peak,
 # first_audio_s_7b_bf16, max_realtime_sessions_7b, nav_step_ms_7b (null where a step could not measure
 # it, with the reason). Exit status: the number of failed steps.
@@ -152,6 +155,15 @@ else
     --contexts 512,1024 --window 256 --steps 4 --session-minutes 1 --segment-s 20
 fi
 
+# 7. per-token step costs by batch size (wall vs kernel time)
+if [[ $SMOKE == 0 ]]; then
+  step decode_steps decode_steps.json 60 "$PY" benchmarks/decode_steps.py --json --model "$MODEL" --device $DEV \
+    --dtype $DT --batches 1,4,8,16,32 --steps 10
+else
+  step decode_steps decode_steps.json 120 "$PY" benchmarks/decode_steps.py --json --model "$MODEL" --device $DEV \
+    --dtype $DT --batches 1,4 --steps 3 --prompt-tokens 32
+fi
+
 # summary: the four headline keys (null with a reason where not measured), then what each step said
 "$PY" - "$OUTDIR" "$SMOKE" > "$OUTDIR/summary.txt" 2>&1 <<'EOF'
 import json, pathlib, sys
@@ -206,6 +218,11 @@ if cap and smoke:
 ls, err = load("long_session.json")
 if ls:
     extra["long_session_decode_flatness"] = ls.get("decode_flatness")
+ds, err = load("decode_steps.json")
+if ds:
+    extra["max_sessions_talker_realtime_" + ("tiny" if smoke else "7b")] = ds.get("max_sessions_talker_realtime")
+    for r in ds["results"]:
+        extra[f"talker_step_ms_b{r['batch']}"] = f"{r['talker_step_ms']} (kernels {r['talker_gpu_ms']} ms)"
 pt, err = load("pytest.json")
 if pt:
     extra["pytest"] = (pt["tail"] or ["?"])[-1]

@@ -257,6 +257,19 @@ def check_device(device) -> str:
     return str(d)
 
 
+def prefer_decode_attention(device) -> None:
+    """Keep PyTorch's SDPA off its cuDNN backend on CUDA (process-wide, as vLLM does).
+
+    torch 2.11 on an H200 picks cuDNN attention for bf16, and cuDNN builds an execution graph per
+    key length: with a KV cache that grows by one token per step, every decode step rebuilds it.
+    Measured on the 7B shape (benchmarks/decode_steps.py, torch.profiler): ~1.8 ms of host time per
+    attention call, 60-67% of a Thinker or Talker step. Flash / memory-efficient SDPA have no
+    per-shape setup.
+    """
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def resolve_dtype(dtype, device="cpu") -> torch.dtype:
     """``auto`` (or None): bf16 on CUDA, fp32 elsewhere; else fp32 | bf16 | fp16 (or a torch dtype)."""
     if isinstance(dtype, torch.dtype):
@@ -310,6 +323,7 @@ def load_omni(
     device = check_device(device)
     dtype = resolve_dtype(dtype, device)
     check_attn(attn_implementation, device, dtype)
+    prefer_decode_attention(device)
     p = Path(path)
     is_local = p.exists() or str(path).startswith((".", "/", "~"))
     random_init = None

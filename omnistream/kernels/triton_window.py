@@ -46,12 +46,6 @@ def _cos_sin(ang):
 
 
 @triton.jit
-def _cat_halves(a, b, R: tl.constexpr, HALF: tl.constexpr):
-    """(R, HALF), (R, HALF) -> (R, 2*HALF) = [a | b]."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (R, 2 * HALF))
-
-
-@triton.jit
 def _window_decode_kernel(
     Q, QPOS, K, V, SPOS, VALID, INVF, COMP,
     OUT, WS_M, WS_L, WS_ACC,
@@ -97,8 +91,6 @@ def _window_decode_kernel(
     q2 = tl.load(q_ptr + HALF * s_qd, mask=qm, other=0.0).to(tl.float32)
     q1r = ((q1 * cq[None, :] - q2 * sq[None, :]) * qk_scale).to(K.dtype.element_ty).to(DOT_DT)
     q2r = ((q2 * cq[None, :] + q1 * sq[None, :]) * qk_scale).to(K.dtype.element_ty).to(DOT_DT)
-    if HALF_PAD < 16:
-        qr = _cat_halves(q1r, q2r, G_PAD, HALF_PAD)
 
     start = pid_s * SLOTS_PER_SPLIT
     end = tl.minimum(start + SLOTS_PER_SPLIT, N)
@@ -129,19 +121,12 @@ def _window_decode_kernel(
         k2 = tl.load(k_ptr + HALF * s_kd, mask=km, other=0.0).to(tl.float32)
         k1r = (k1 * ck - k2 * sk).to(K.dtype.element_ty).to(DOT_DT)
         k2r = (k2 * ck + k1 * sk).to(K.dtype.element_ty).to(DOT_DT)
-        if HALF_PAD < 16:  # tl.dot needs K >= 16: concatenate the halves (D = 16 etc.)
-            kr = _cat_halves(k1r, k2r, BLOCK_N, HALF_PAD)
-            if IEEE:
-                s = tl.dot(qr, tl.trans(kr), input_precision="ieee")
-            else:
-                s = tl.dot(qr, tl.trans(kr))
+        if IEEE:
+            s = tl.dot(q1r, tl.trans(k1r), input_precision="ieee")
+            s = tl.dot(q2r, tl.trans(k2r), acc=s, input_precision="ieee")
         else:
-            if IEEE:
-                s = tl.dot(q1r, tl.trans(k1r), input_precision="ieee")
-                s = tl.dot(q2r, tl.trans(k2r), acc=s, input_precision="ieee")
-            else:
-                s = tl.dot(q1r, tl.trans(k1r))
-                s = tl.dot(q2r, tl.trans(k2r), acc=s)
+            s = tl.dot(q1r, tl.trans(k1r))
+            s = tl.dot(q2r, tl.trans(k2r), acc=s)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -299,7 +284,10 @@ def window_decode_attention_triton(
     s_mb, s_mn = (vmask.stride(0), vmask.stride(1)) if has_valid else (0, 0)
 
     g_pad = max(16, triton.next_power_of_2(G))
-    half_pad = triton.next_power_of_2(half)
+    # tl.dot needs K >= 16: small heads (D = 16 in the tiny models) pad each half with masked zero
+    # columns. (Concatenating the two halves with join/permute/reshape instead gave wrong bf16/fp16
+    # results on an H200 with Triton 3.6, though the interpreter agreed: benchmarks/gpu_check.sh.)
+    half_pad = max(16, triton.next_power_of_2(half))
     d_pad = triton.next_power_of_2(D)
     if block_n is None:
         block_n = 64 if d_pad >= 128 or g_pad > 16 else 128

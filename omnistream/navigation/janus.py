@@ -282,7 +282,7 @@ class JanusAgent(Agent):
         ``vggt_path``: a ``facebook/VGGT-1B`` directory or file when the checkpoint has no VGGT weights."""
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        from omnistream.checkpoints import CheckpointError, resolve_dtype
+        from omnistream.checkpoints import CheckpointError, prefer_decode_attention, resolve_dtype
         from omnistream.navigation.vggt import read_state_dict
 
         p = Path(path).expanduser()
@@ -291,6 +291,7 @@ class JanusAgent(Agent):
             dtype = resolve_dtype(dtype, device)  # "auto": bf16 on CUDA, fp32 elsewhere
         except CheckpointError as e:
             raise JanusError(str(e)) from e
+        prefer_decode_attention(device)
         from transformers.utils import logging as hf_logging
 
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
