@@ -12,6 +12,9 @@ Keys per B: ``thinker_step_ms`` / ``talker_step_ms`` (wall time of one call, med
 ticks, synchronised), and on CUDA ``thinker_gpu_ms`` / ``talker_gpu_ms`` (the kernels' device time
 per call, from torch.profiler; ``*_kernels``: kernels launched per call): a wall time far above the
 device time means the step is bound by kernel launches and Python, which CUDA graphs remove.
+``--talker both`` (default) measures the Talker step twice in one run: ``eager`` (transformers'
+forward over BatchCache) and ``static`` (omnistream.model.graphs: static rows, replayed as CUDA
+graphs on CUDA); ``talker_static_speedup`` is the ratio per batch size.
 ``talker_budget_ms`` is one codec token of speech (20 ms: 50 codes per second);
 ``max_sessions_talker_realtime`` is the largest B whose Talker step fits that budget (the Thinker,
 Token2Wav and the encoders share the same GPU on top of it).
@@ -39,6 +42,7 @@ from first_packet import force_length  # noqa: E402
 
 from omnistream.checkpoints import check_device, load_omni, make_tiny  # noqa: E402
 from omnistream.engine.conversation import SpeechRates  # noqa: E402
+from omnistream.model.graphs import disable_talker_graphs, enable_talker_graphs  # noqa: E402
 from omnistream.model.talker import StreamingTalker, TalkerConfig, step_talkers  # noqa: E402
 from omnistream.model.thinker import StreamingThinker, step_tokens  # noqa: E402
 
@@ -125,6 +129,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12, help="timed ticks per batch size (default 12)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length per session (default 128)")
     p.add_argument("--no-profile", action="store_true", help="skip the CUDA kernel-time profile")
+    p.add_argument("--talker", default="both", choices=["both", "eager", "static"],
+                   help="Talker step: eager (BatchCache), static (static rows; CUDA graphs on CUDA), both side by side")
     p.add_argument("--table", metavar="FILE", help="write the profiler's op tables (Thinker, Talker) at the first batch size")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     args = p.parse_args()
@@ -143,18 +149,27 @@ def main() -> int:
     prompt = torch.randint(100, min(ck.tokenizer.vocab_size, 30_000), (args.prompt_tokens,), generator=g).tolist()
     budget = 1e3 / SpeechRates.from_checkpoint(ck).codes_per_second
     results = []
-    for i, b in enumerate(batches):
+    modes = ["eager", "static"] if args.talker == "both" else [args.talker]
+    for i, (mode, b) in enumerate((m, b) for m in modes for b in batches):
+        disable_talker_graphs(ck.talker)
+        if mode == "static":
+            enable_talker_graphs(ck.talker, rows=max(batches))
         tables = [] if args.table and i == 0 else None
-        results.append(measure(ck, b, prompt, args.steps, not args.no_profile, tables))
+        results.append({"talker": mode, **measure(ck, b, prompt, args.steps, not args.no_profile, tables)})
         if tables:
             named = zip(("Thinker", "Talker"), tables)
             Path(args.table).write_text("\n\n".join(f"{name} step, batch {b}\n{t}" for name, t in named))
         if not args.json:
             print(json.dumps(results[-1]), file=sys.stderr)
-    fits = [r["batch"] for r in results if r["talker_step_ms"] <= budget]
+    fits = {m: max([r["batch"] for r in results if r["talker"] == m and r["talker_step_ms"] <= budget], default=0)
+            for m in modes}
+    ratio = {r["batch"]: r["talker_step_ms"] for r in results if r["talker"] == "eager"}
     out = {"benchmark": "decode_steps", "model": args.model, "device": str(ck.thinker.device),
            "dtype": str(ck.thinker.dtype), "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
-           "talker_budget_ms": budget, "max_sessions_talker_realtime": max(fits) if fits else 0,
+           "talker_budget_ms": budget, "max_sessions_talker_realtime": max(fits.values()),
+           "max_sessions_talker_realtime_by_mode": fits,
+           "talker_static_speedup": {r["batch"]: round(ratio[r["batch"]] / r["talker_step_ms"], 2) for r in results
+                                     if r["talker"] == "static" and r["batch"] in ratio},
            "loadavg": os.getloadavg()[0], "results": results}
     print(json.dumps(out, indent=None if args.json else 1))
     return 0

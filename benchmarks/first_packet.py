@@ -59,17 +59,17 @@ def force_length(ck) -> list:
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     stop = sorted({t for t in eos + [ck.tokenizer.eos_token_id, ck.tokenizer.pad_token_id] if t is not None})
 
-    def mask(ids):
-        def hook(module, inputs, out):  # out (..., V)
-            out[..., ids] = float("-inf")
-            return out
-        return hook
+    def mask(head, ids):
+        idx = torch.tensor(ids, device=head.weight.device)  # made once: a hook inside a CUDA graph copies nothing
 
-    handles = [ck.thinker.lm_head.register_forward_hook(mask(stop))]
+        def hook(module, inputs, out):  # out (..., V)
+            return out.index_fill_(-1, idx, float("-inf"))
+        return head.register_forward_hook(hook)
+
+    handles = [mask(ck.thinker.lm_head, stop)]
     if getattr(ck.model, "has_talker", False):
         num_codes = ck.config.token2wav_config.dit_config.num_embeds - 1  # 8192 speech codes
-        specials = list(range(num_codes, ck.config.talker_config.vocab_size))
-        handles.append(ck.talker.codec_head.register_forward_hook(mask(specials)))
+        handles.append(mask(ck.talker.codec_head, list(range(num_codes, ck.config.talker_config.vocab_size))))
     return handles
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a session lent a GPU (one H200: step limits sum to 535 s), resumable.
+# The one prepared script for a session lent a GPU (one H200: step limits sum to 580 s), resumable.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh --smoke    # every step on CPU, tiny shapes (< 10 min)
@@ -12,8 +12,9 @@
 # (delete a file to redo its step). Checkpoints are config-only (`make-tiny --shape 7b`: no download;
 # random weights created on the GPU in bf16) and written to $WORK (default /tmp/omnistream-gpu-check),
 # outside $OUT. Steps (time limits on the GPU; a failing step does not stop the others):
-#   pytest        75 s  tests/test_kernels.py + the kernel-path tests of tests/test_window_cache.py (Triton
-#                       compiled for the GPU)                                          -> pytest.json
+#   pytest       120 s  tests/test_talker_graphs.py (CUDA graph replay == eager static step), tests/test_kernels.py
+#                       + the kernel-path tests of tests/test_window_cache.py (Triton compiled for the GPU)
+#                                                                                     -> pytest.json
 #   kernels       80 s  benchmarks/kernel_bench.py: Triton decode attention vs SDPA / FlexAttention, bf16+fp16,
 #                       2k..128k contexts, fraction of the H200's 4.8 TB/s            -> kernels.json
 #   first_packet 100 s  benchmarks/first_packet.py on the published 7B shape in bf16, replies forced to
@@ -25,7 +26,8 @@
 #   long_session  60 s  benchmarks/long_session.py --device cuda (window cache, kernel mode)
 #                                                                                     -> long_session.json
 #   decode_steps  60 s  benchmarks/decode_steps.py on the 7B shape: batched Thinker / Talker step wall time vs
-#                       kernel time by batch size (launch-bound or not; sessions the Talker holds at 50 codes/s)
+#                       kernel time by batch size, the Talker eager and on static rows + CUDA graphs side by side
+#                       (launch-bound or not; sessions the Talker holds at 50 codes/s)
 #                                                                                     -> decode_steps.json
 # Then a summary table (summary.txt, summary.json) with the keys kernel_fraction_of_peak,
 # first_audio_s_7b_bf16, max_realtime_sessions_7b, nav_step_ms_7b (null where a step could not measure
@@ -107,12 +109,13 @@ fi
 
 # 1. tests (CUDA: compiled Triton; smoke: the interpreter, as in CI; the kernel-path window tests only).
 # pytest runs in this one process (a timeout leaves no orphan); the JSON holds its exit status and tail.
-step pytest pytest.json $([[ $SMOKE == 1 ]] && echo 300 || echo 75) "$PY" -c '
+step pytest pytest.json $([[ $SMOKE == 1 ]] && echo 300 || echo 120) "$PY" -c '
 import contextlib, io, json, sys
 import pytest
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
-    rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_window_cache.py",
+    rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_talker_graphs.py", "tests/test_kernels.py",
+                          "tests/test_window_cache.py",
                           "-k", "not test_window_cache or kernel", "-rs"]))
 print(json.dumps({"rc": rc, "tail": buf.getvalue().splitlines()[-15:]}))
 sys.exit(rc)'
@@ -158,7 +161,7 @@ fi
 # 7. per-token step costs by batch size (wall vs kernel time)
 if [[ $SMOKE == 0 ]]; then
   step decode_steps decode_steps.json 60 "$PY" benchmarks/decode_steps.py --json --model "$MODEL" --device $DEV \
-    --dtype $DT --batches 1,4,8,16,32 --steps 10
+    --dtype $DT --batches 1,8,32 --steps 10
 else
   step decode_steps decode_steps.json 120 "$PY" benchmarks/decode_steps.py --json --model "$MODEL" --device $DEV \
     --dtype $DT --batches 1,4 --steps 3 --prompt-tokens 32
@@ -222,7 +225,7 @@ ds, err = load("decode_steps.json")
 if ds:
     extra["max_sessions_talker_realtime_" + ("tiny" if smoke else "7b")] = ds.get("max_sessions_talker_realtime")
     for r in ds["results"]:
-        extra[f"talker_step_ms_b{r['batch']}"] = f"{r['talker_step_ms']} (kernels {r['talker_gpu_ms']} ms)"
+        extra[f"talker_step_ms_{r['talker']}_b{r['batch']}"] = f"{r['talker_step_ms']} (kernels {r['talker_gpu_ms']} ms)"
 pt, err = load("pytest.json")
 if pt:
     extra["pytest"] = (pt["tail"] or ["?"])[-1]

@@ -367,10 +367,15 @@ def load_omni(
     except Exception as e:  # safetensors, tokenizers and hub errors have no common base
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
     model.to(device).eval()
+    graphs = False
     if talker:
         model.token2wav.float()  # the DiT ODE and the vocoder run in fp32, as upstream does
-    log.info("loaded %s on %s in %s (attention %s%s)", path, device, dtype, attn_implementation,
-             ", random weights" if random_init is not None else "")
+        from omnistream.model.graphs import enable_talker_graphs, graphs_wanted
+
+        if graphs := graphs_wanted(device):  # Talker decode steps replayed as CUDA graphs
+            enable_talker_graphs(model.talker)
+    log.info("loaded %s on %s in %s (attention %s%s%s)", path, device, dtype, attn_implementation,
+             ", Talker CUDA graphs" if graphs else "", ", random weights" if random_init is not None else "")
     return OmniCheckpoint(
         path=str(path),
         model=model,

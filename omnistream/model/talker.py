@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from omnistream.model.graphs import ATTR as GRAPHS_ATTR
 from omnistream.model.thinker import StreamingThinker, ThinkerStep
 
 
@@ -112,6 +113,7 @@ class StreamingTalker:
         self._new_turn()
 
     def _new_turn(self) -> None:
+        self._release_row()
         self.started = False  # reply prefill done
         self.finished = False  # text ended (finish() called)
         self.done = False  # codec eos, length limit or cancel reached
@@ -145,6 +147,17 @@ class StreamingTalker:
             self.done, self.stop_reason = True, "cancelled"
         self._queue.clear()
         self._held = None
+        self._release_row()
+
+    def _graphs(self):
+        """The Talker model's static decode rows (omnistream.model.graphs), when enabled and usable."""
+        g = getattr(self.talker, GRAPHS_ATTR, None)
+        return None if self.config.hf_dropped_mask else g
+
+    def _release_row(self) -> None:
+        g = getattr(self.talker, GRAPHS_ATTR, None)
+        if g is not None:
+            g.release(self)
 
     def truncate_prompt(self, n_tokens: int) -> None:
         """Follow a :meth:`StreamingThinker.truncate` to ``n_tokens`` (between turns)."""
@@ -261,6 +274,8 @@ class StreamingTalker:
 
     @torch.inference_mode()
     def _decode_step(self, row: torch.Tensor) -> int | None:
+        if (g := self._graphs()) is not None:
+            return g.step([self], [row])[0]
         x = self._codec_embed(torch.tensor([self._last], device=self.device))[0] + row.to(self.device, self.dtype)
         tok = self._emit(self._run(x[None], torch.full((3, 1), self._pos, dtype=torch.long)))
         self._pos += 1
@@ -347,7 +362,11 @@ def step_talkers(talkers: Sequence[StreamingTalker]) -> list[int | None]:
     for i, t in enumerate(talkers):
         groups.setdefault(id(t.talker), []).append(i)
     for idx in groups.values():
-        if len(idx) == 1:
+        g = talkers[idx[0]]._graphs()
+        if g is not None and all(talkers[i]._graphs() is g for i in idx):
+            for i, tok in zip(idx, g.step([talkers[i] for i in idx])):
+                out[i] = tok
+        elif len(idx) == 1:
             t = talkers[idx[0]]
             out[idx[0]] = t._decode_step(t._take_row())
         else:
