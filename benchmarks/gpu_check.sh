@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a session lent a GPU (one H200: step limits sum to 580 s), resumable.
+# The one prepared script for a session lent a GPU (one H200: step limits sum to 630 s), resumable.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh --smoke    # every step on CPU, tiny shapes (< 10 min)
@@ -21,8 +21,8 @@
 #                       their configured length (random weights must not end them early) -> first_packet.json
 #   capacity     120 s  benchmarks/capacity.py (the lead's): concurrent real-time sessions on the 7B shape,
 #                       in-process layout (null with the reason when the script is not there) -> capacity.json
-#   nav_step      40 s  benchmarks/nav_step.py on the tiny JanusVLN in bf16 (no 7B-shape JanusVLN writer
-#                       exists yet: nav_step_ms_7b is null with that reason)          -> nav_step.json
+#   nav_step      90 s  benchmarks/nav_step.py on the JanusVLN-7B shape in bf16 (`nav make-tiny --shape 7b`:
+#                       config only, random weights made on the GPU)                  -> nav_step.json
 #   long_session  60 s  benchmarks/long_session.py --device cuda (window cache, kernel mode)
 #                                                                                     -> long_session.json
 #   decode_steps  60 s  benchmarks/decode_steps.py on the 7B shape: batched Thinker / Talker step wall time vs
@@ -145,10 +145,16 @@ else  # no JSON written: a rerun once the script exists measures it
   echo "step capacity: benchmarks/capacity.py does not exist yet, skipped" | tee -a "$OUTDIR/steps.txt" >&2
 fi
 
-# 5. navigation step latency (tiny JanusVLN; a 7B-shape JanusVLN writer does not exist yet)
-step nav_step nav_step.json $([[ $SMOKE == 1 ]] && echo 180 || echo 40) "$PY" benchmarks/nav_step.py --json \
-  --device $DEV --dtype $([[ $SMOKE == 1 ]] && echo fp32 || echo $DT) --steps $([[ $SMOKE == 1 ]] && echo 100 || echo 120) \
-  --reencode-steps 2
+# 5. navigation step latency (GPU: the JanusVLN-7B shape, config only; smoke: the tiny JanusVLN)
+if [[ $SMOKE == 0 ]]; then
+  JANUS=$WORK/janus-7b
+  [[ -f $JANUS/config.json ]] || "$PY" -m omnistream nav make-tiny --shape 7b "$JANUS" > /dev/null
+  step nav_step nav_step.json 90 "$PY" benchmarks/nav_step.py --json --model "$JANUS" --device $DEV --dtype $DT \
+    --steps 95 --reencode-steps 2
+else
+  step nav_step nav_step.json 180 "$PY" benchmarks/nav_step.py --json --device $DEV --dtype fp32 --steps 100 \
+    --reencode-steps 2
+fi
 
 # 6. long session on the window cache (GPU: kernel mode)
 if [[ $SMOKE == 0 ]]; then
@@ -202,9 +208,9 @@ keys["max_realtime_sessions_7b"] = None if smoke else n
 why["max_realtime_sessions_7b"] = (cap.get("reason") if cap and n is None else
                                    "smoke: tiny shape, below" if smoke and cap else err or "7B shape")
 nav, err = load("nav_step.json")
-keys["nav_step_ms_7b"] = None
-why["nav_step_ms_7b"] = "no 7B-shape JanusVLN checkpoint writer yet (navigation/tiny.py); tiny measured below" \
-    if nav else err
+keys["nav_step_ms_7b"] = None if smoke or not nav else (nav.get("dual") or {}).get("step_ms_at_60")
+why["nav_step_ms_7b"] = err if not nav else "smoke: tiny JanusVLN, below" if smoke else \
+    f"JanusVLN-7B shape ({nav.get('dtype')}, {nav.get('device')}), dual memory, step 56-75"
 
 print(f"{'key':28} {'value':>10}  note")
 for key, v in keys.items():
@@ -214,7 +220,7 @@ if fp:
     extra["first_audio_s_" + ("tiny" if smoke else "7b")] = fp.get("first_audio_s")
     extra["load_s"] = fp.get("load_s")
     extra["max_memory_allocated_gb"] = fp.get("max_memory_allocated_gb")
-if nav:
+if nav and smoke:
     extra["nav_step_ms_tiny_at_60"] = (nav.get("dual") or {}).get("step_ms_at_60")
 if cap and smoke:
     extra["max_realtime_sessions_tiny"] = n

@@ -386,6 +386,19 @@ def load_omni(
     )
 
 
+def random_model(cls, config, device, dtype: torch.dtype, attn: str, seed: int):
+    """``cls`` (a transformers model class) from ``config`` with seeded random weights created on
+    ``device`` in ``dtype`` by transformers' own ``_init_weights`` (no host copy, no file)."""
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls._from_config(config, dtype=dtype, attn_implementation=attn)
+    finally:
+        torch.set_default_dtype(old)
+
+
 def _materialize(config, path: Path, device: str, dtype: torch.dtype, attn: str, seed: int):
     """Random weights for a config-only checkpoint, created on ``device`` in ``dtype`` directly.
 
@@ -395,14 +408,7 @@ def _materialize(config, path: Path, device: str, dtype: torch.dtype, attn: str,
     """
     from transformers import GenerationConfig, Qwen2_5OmniForConditionalGeneration
 
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
-    finally:
-        torch.set_default_dtype(old)
+    model = random_model(Qwen2_5OmniForConditionalGeneration, config, device, dtype, attn, seed)
     if getattr(model, "has_talker", False):
         _only_valid_codes(model)
     model.load_speakers(str(path / "spk_dict.pt"))

@@ -271,3 +271,38 @@ def test_bf16_on_cpu_matches_fp32_within_tolerance(janus_dir):
             assert int(low.argmax()) == int(ref.argmax())
         assert act["bf16"] in ACTIONS and act["fp32"] in ACTIONS
     assert decided >= 1  # the comparison was not vacuous
+
+
+def test_janus_7b_shape_is_published_and_config_only(tmp_path):
+    """`nav make-tiny --shape 7b`: Qwen2.5-VL-7B's published size (meta device, nothing allocated),
+    VGGT-1B's aggregator, JanusVLN's merger; accepted by the loader's checks without weight files."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from omnistream.checkpoints import RANDOM_INIT_FILE
+    from omnistream.navigation.janus import check_checkpoint
+    from omnistream.navigation.tiny import QWEN25VL_7B_PARAMS, make_tiny_janus
+    from omnistream.navigation.vggt import VGGTConfig
+
+    d = make_tiny_janus(tmp_path / "janus-7b", shape="7b")
+    assert not list(d.glob("*.safetensors")) and (d / RANDOM_INIT_FILE).exists()
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(d))
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total / QWEN25VL_7B_PARAMS - 1) < 0.005, f"{total / 1e9:.3f}B parameters"
+    raw = check_checkpoint(d)
+    assert VGGTConfig.from_dict(raw["vggt_config"]) == VGGTConfig() and raw["vggt_merger_hidden_dim"] == 4096
+
+
+def test_config_only_checkpoint_gets_random_weights_at_load(tmp_path):
+    """The materialise-at-load path end to end on the tiny shape: seeded (same seed, same weights),
+    every tensor on the device in the dtype, and the agent navigates."""
+    from omnistream.navigation.tiny import make_tiny_janus
+
+    d = make_tiny_janus(tmp_path / "co", config_only=True, seed=3)
+    a = JanusAgent.from_pretrained(d, dtype=torch.bfloat16, max_new_tokens=2)
+    b = JanusAgent.from_pretrained(d, dtype=torch.bfloat16, max_new_tokens=2)
+    for m_a, m_b in ((a.model, b.model), (a.vggt, b.vggt), (a.merger, b.merger)):
+        pa, pb = list(m_a.parameters()), list(m_b.parameters())
+        assert pa and all(x.dtype == torch.bfloat16 and torch.equal(x, y) for x, y in zip(pa, pb))
+    a.reset(_Episode())
+    assert a.act(Observation(rgb=_frames(1)[0], step=0, position=np.zeros(3), heading=0.0)) in ACTIONS

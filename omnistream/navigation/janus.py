@@ -51,11 +51,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from omnistream.checkpoints import VisionPreprocessing
+from omnistream.checkpoints import RANDOM_INIT_FILE, VisionPreprocessing
 from omnistream.encoders.vision import _resize_like_pil, check_frame, flatten_patches
 from omnistream.memory.dual import DualMemory, MemoryConfig
 from omnistream.navigation.agents import Agent, Observation, parse_action
-from omnistream.navigation.vggt import VGGTAggregator, VGGTConfig, aggregator_state_dict, load_aggregator
+from omnistream.navigation.vggt import (
+    VGGTAggregator,
+    VGGTConfig,
+    aggregator_state_dict,
+    load_aggregator,
+    read_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +199,78 @@ def check_checkpoint(path: Path, vggt_path=None) -> dict:
         names = weight_names(path)
     except (OSError, RuntimeError, ValueError) as e:  # a truncated or foreign file
         raise JanusError(f"{path}: cannot read the safetensors headers: {e}") from e
-    if not names:
-        raise JanusError(f"{path}: no *.safetensors weights (expected model.safetensors or its shards)")
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise JanusError(f"{path}: no tokenizer files (tokenizer.json / vocab.json)")
+    if not names and (path / RANDOM_INIT_FILE).is_file():  # config only (nav make-tiny --shape 7b)
+        if not isinstance(raw.get("vggt_merger_hidden_dim"), int):
+            raise JanusError(f"{path}: a config-only checkpoint needs vggt_merger_hidden_dim in config.json")
+        return raw
+    if not names:
+        raise JanusError(f"{path}: no *.safetensors weights (expected model.safetensors or its shards)")
     if vggt_path is None and not any(n.startswith("vggt.aggregator.") for n in names):
         raise JanusError(f"{path}: no vggt.aggregator.* weights; pass vggt_path= (facebook/VGGT-1B)")
     if not any(n.startswith("merger.") for n in names):
         raise JanusError(f"{path}: no merger.* weights (the VGGT feature MLP)")
     return raw
+
+
+def _random_init(path: Path) -> dict | None:
+    """The seed of a config-only checkpoint (``nav make-tiny --shape 7b``), or None for real weights."""
+    f = path / RANDOM_INIT_FILE
+    if not f.is_file() or weight_names(path):
+        return None
+    try:
+        spec = json.loads(f.read_text())
+        return {"seed": int(spec.get("seed", 0))}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise JanusError(f"{f} is unreadable: {e}") from e
+
+
+def _load_spatial(p: Path, model, vcfg, vggt_path, device, dtype):
+    """The VGGT aggregator and the merger from the checkpoint's ``vggt.aggregator.*`` / ``merger.*``."""
+    try:
+        extra = read_prefixed(p, ("vggt.aggregator.", "merger."))
+        agg_sd = aggregator_state_dict(read_state_dict(vggt_path)) if vggt_path is not None else {}
+    except (OSError, KeyError, RuntimeError, ValueError) as e:  # missing/corrupt files, no aggregator keys
+        raise JanusError(f"cannot read the VGGT / merger weights ({vggt_path or p}): {e}") from e
+    if vggt_path is None:
+        agg_sd = {k[len("vggt.aggregator.") :]: v for k, v in extra.items() if k.startswith("vggt.aggregator.")}
+    try:
+        vggt = load_aggregator(agg_sd, vcfg).to(device, dtype)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise JanusError(f"{p}: the VGGT aggregator weights do not load: {e}") from e
+    msd = {k[len("merger.") :]: v for k, v in extra.items() if k.startswith("merger.")}
+    if "mlp.0.weight" not in msd:
+        raise JanusError(f"{p}: merger.mlp.0.weight is missing")
+    merger = _merger(model, vggt.config, msd["mlp.0.weight"].shape[0])
+    try:
+        merger.load_state_dict(msd, strict=True)
+    except RuntimeError as e:
+        raise JanusError(f"{p}: merger weights do not match: {e}") from e
+    return vggt, merger.to(device, dtype).eval()
+
+
+def _random_spatial(model, vcfg: VGGTConfig, merger_hidden: int, device, dtype, seed: int):
+    """A seeded random VGGT aggregator and merger, created on ``device`` in ``dtype``."""
+    torch.manual_seed(seed + 1)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            vggt = VGGTAggregator(vcfg).eval()
+            merger = _merger(model, vcfg, merger_hidden).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return vggt, merger
+
+
+def _merger(model, vcfg: VGGTConfig, hidden_dim: int) -> VGGTMerger:
+    return VGGTMerger(
+        output_dim=model.config.get_text_config().hidden_size,
+        hidden_dim=hidden_dim,
+        context_dim=2 * vcfg.embed_dim,
+        spatial_merge_size=model.config.vision_config.spatial_merge_size,
+    )
 
 
 def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict:
@@ -280,10 +349,9 @@ class JanusAgent(Agent):
         in its safetensors, ``lam`` / ``vggt_merger_hidden_dim`` in ``config.json`` (the layout of
         JanusVLN's released checkpoints and of :func:`omnistream.navigation.tiny.make_tiny_janus`).
         ``vggt_path``: a ``facebook/VGGT-1B`` directory or file when the checkpoint has no VGGT weights."""
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from omnistream.checkpoints import CheckpointError, prefer_decode_attention, resolve_dtype
-        from omnistream.navigation.vggt import read_state_dict
+        from omnistream.checkpoints import CheckpointError, prefer_decode_attention, random_model, resolve_dtype
 
         p = Path(path).expanduser()
         raw = check_checkpoint(p, vggt_path)  # before anything is allocated
@@ -297,10 +365,15 @@ class JanusAgent(Agent):
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # vggt.* / merger.* are "unexpected" to Qwen2.5-VL: loaded below
         hf_logging.disable_progress_bar()
+        random_init = _random_init(p)
         try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                str(p), dtype=dtype, attn_implementation=attn_implementation
-            )
+            if random_init is None:
+                model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                    str(p), dtype=dtype, attn_implementation=attn_implementation
+                )
+            else:  # seeded random weights made on the device in the dtype: no host copy
+                model = random_model(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig.from_pretrained(str(p)),
+                                     device, dtype, attn_implementation, random_init["seed"])
             tokenizer = AutoTokenizer.from_pretrained(str(p))
         except Exception as e:  # safetensors / tokenizers errors have no common base
             raise JanusError(f"cannot load the Qwen2.5-VL part of {p}: {type(e).__name__}: {e}") from e
@@ -313,33 +386,12 @@ class JanusAgent(Agent):
         prep = VisionPreprocessing.from_json(json.loads(prep_file.read_text())) if prep_file.exists() else None
         prep = prep or VisionPreprocessing()
 
-        try:
-            extra = read_prefixed(p, ("vggt.aggregator.", "merger."))
-            agg_sd = aggregator_state_dict(read_state_dict(vggt_path)) if vggt_path is not None else {}
-        except (OSError, KeyError, RuntimeError, ValueError) as e:  # missing/corrupt files, no aggregator keys
-            raise JanusError(f"cannot read the VGGT / merger weights ({vggt_path or p}): {e}") from e
-        if vggt_path is None:
-            agg_sd = {k[len("vggt.aggregator.") :]: v for k, v in extra.items() if k.startswith("vggt.aggregator.")}
-        vcfg = raw.get("vggt_config")
-        try:
-            vggt = load_aggregator(agg_sd, VGGTConfig.from_dict(vcfg) if vcfg else None).to(device, dtype)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise JanusError(f"{p}: the VGGT aggregator weights do not load: {e}") from e
-        msd = {k[len("merger.") :]: v for k, v in extra.items() if k.startswith("merger.")}
-        if "mlp.0.weight" not in msd:
-            raise JanusError(f"{p}: merger.mlp.0.weight is missing")
-        hidden_dim = msd["mlp.0.weight"].shape[0]
-        merger = VGGTMerger(
-            output_dim=model.config.get_text_config().hidden_size,
-            hidden_dim=hidden_dim,
-            context_dim=2 * vggt.config.embed_dim,
-            spatial_merge_size=model.config.vision_config.spatial_merge_size,
-        )
-        try:
-            merger.load_state_dict(msd, strict=True)
-        except RuntimeError as e:
-            raise JanusError(f"{p}: merger weights do not match: {e}") from e
-        merger.to(device, dtype).eval()
+        vcfg = VGGTConfig.from_dict(raw["vggt_config"]) if raw.get("vggt_config") else None
+        if random_init is not None:
+            vggt, merger = _random_spatial(model, vcfg or VGGTConfig(), raw["vggt_merger_hidden_dim"], device, dtype,
+                                           random_init["seed"])
+        else:
+            vggt, merger = _load_spatial(p, model, vcfg, vggt_path, device, dtype)
         lam = raw.get("lam", 0.2) if lam is None else lam
         agent = cls(model, tokenizer, vggt, merger, prep, lam=lam, **kw)
         agent.source = str(p.resolve())
