@@ -57,6 +57,17 @@ _non_negative = _float_at_least(0.0, strict=False)
 _positive = _float_at_least(0.0, strict=True)
 
 
+def _ip_network(s: str) -> str:
+    """An argparse type: an IP address or CIDR network (``10.0.0.0/8``)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(s, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an IP address or CIDR network") from None
+    return s
+
+
 def _port(s: str) -> int:
     v = _non_negative_int(s)
     if v > 65535:
@@ -347,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="OpenAI-Realtime-compatible voice/video chat server (WebSocket /v1/realtime + browser page at /)",
         description="Serve the Realtime protocol (session.update, input_audio_buffer.*, conversation.item.*, "
         "response.*; pcm16 24 kHz audio both ways) with server VAD (silero-vad) and barge-in; GET /health, "
-        "GET /status, and the browser client at /.",
+        "GET /livez, GET /status, GET /metrics (Prometheus), POST /admin/drain, WebRTC calls (POST "
+        "/v1/realtime/calls, SDP offer -> answer), ephemeral keys (POST /v1/realtime/client_secrets), and the "
+        "browser client at /.",
     )
     s.add_argument("--model", default=str(DEFAULT_TINY), help=f"checkpoint directory (default {DEFAULT_TINY})")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -381,6 +394,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=_positive_int, default=256, help="reply text limit (default 256)")
     s.add_argument("--max-speech-s", type=_positive, default=30.0, help="reply speech limit in seconds (default 30)")
     s.add_argument("--no-vad", action="store_true", help="sessions start with turn_detection null (manual commit)")
+    s.add_argument("--seed", type=int, default=None, help="seed every session's sampling and speech noise "
+                   "(reproducible replies for tests and benchmarks; default: unseeded)")
+    s.add_argument("--max-sessions-per-ip", type=_non_negative_int, default=4,
+                   help="sessions one client address may hold; more get HTTP 429 (default 4; 0: no cap)")
+    s.add_argument("--trusted-proxy", action="append", type=_ip_network, metavar="ADDR",
+                   help="a load balancer (address or CIDR, repeatable) whose X-Forwarded-For names the client for "
+                   "--max-sessions-per-ip (default: 127.0.0.1 and ::1)")
+    s.add_argument("--drain-grace-s", type=_positive, default=30.0,
+                   help="on SIGTERM or POST /admin/drain: no new sessions, running replies get this long to finish "
+                   "(then cut), idle sessions are closed with 1012, the process exits 0 (default 30; match "
+                   "Kubernetes terminationGracePeriodSeconds)")
+    s.add_argument("--log-json", action="store_true", help="one JSON object per log line (session open/close and "
+                   "per-turn latency lines carry their figures as keys)")
+    s.add_argument("--client-secret-ttl", type=_float_at_least(1.0, strict=False), default=600.0, metavar="SECONDS",
+                   help="lifetime of the ephemeral keys POST /v1/realtime/client_secrets mints (default 600, max 7200)")
+    s.add_argument("--ice-server", action="append", metavar="URL",
+                   help="STUN/TURN server for WebRTC calls, e.g. stun:stun.example.com:3478 (repeatable; default: "
+                   "host candidates only, enough on one network)")
     _add_model_args(s)
     s.set_defaults(func=_cmd_serve)
     _add_nav_parser(sub)

@@ -20,14 +20,13 @@ from omnistream.apps.realtime import (
     ProtocolError,
     ResponseCancel,
     ResponseCreate,
-    ServerEvents,
     SessionConfig,
     SessionUpdate,
     decode_image,
     decode_pcm16,
-    encode_pcm16,
     parse_client_event,
 )
+from omnistream.apps.realtime_events import ServerEvents, encode_pcm16
 
 
 def parse(ev) -> object:
@@ -90,7 +89,7 @@ def test_session_update_beta_shape():
     ({"max_output_tokens": True}, "invalid_value"),
     ({"temperature": 9}, "invalid_value"),
     ({"instructions": 5}, "invalid_type"),
-    ({"tools": [{"type": "function", "name": "f"}]}, "unsupported_feature"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]}, "invalid_value"),
     ([], "invalid_type"),
 ])
 def test_session_update_errors(session, code):

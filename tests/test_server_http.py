@@ -225,8 +225,11 @@ def test_status_is_full_without_a_configured_key(server):
 
 def test_config_json_tells_the_page_whether_to_ask_for_a_key(server):
     assert json.loads(request(server(api_key="k").port, "/config.json")[2])["api_key_required"] is True
-    assert json.loads(request(server().port, "/config.json")[2]) == {"api_key_required": False,
-                                                                      "realtime_path": "/v1/realtime"}
+    import importlib.util
+
+    assert json.loads(request(server().port, "/config.json")[2]) == {
+        "api_key_required": False, "realtime_path": "/v1/realtime", "calls_path": "/v1/realtime/calls",
+        "client_secrets_path": "/v1/realtime/client_secrets", "webrtc": importlib.util.find_spec("aiortc") is not None}
 
 
 # ---------------------------------------------------------------------------------- admission
@@ -250,7 +253,9 @@ def test_admission_reason_refuses_a_new_session_with_503(server, tiny):
     code, h, body = request(p, "/v1/realtime", headers=ws_upgrade())
     assert code == 503 and h["retry-after"] == "5"
     assert body == b"server busy: the GPU is at 97% of real time with 3 sessions\n", body
-    assert request(p, "/health")[0] == 200  # plain HTTP is not subject to admission
+    code, _, body = request(p, "/health")  # /health says what admission says (a balancer routes elsewhere)
+    assert code == 503 and json.loads(body) == {"status": "full", "sessions": 0,
+                                                "reason": "the GPU is at 97% of real time with 3 sessions"}
     client.reason, client.fail = None, True
     code, _, body = request(p, "/v1/realtime", headers=ws_upgrade())
     assert code == 503 and b"admission check failed" in body  # fail closed, not a 500

@@ -24,8 +24,12 @@ pixels and bytes, images and text characters per item, and instruction character
 Where the pipeline differs from OpenAI's conversation model, the server maps as follows (and says
 so here rather than pretending): a user item's images and audio join the open user turn and its
 text closes it; ``response.create`` replies to the conversation including an open (uncommitted)
-turn; its per-response overrides are validated, but the session's settings are used; only user
-``message`` items can be created (no function calls, no assistant/system items).
+turn, with its own ``instructions``, ``tools``, ``tool_choice``, ``output_modalities`` and
+``max_output_tokens`` for that reply only (``voice`` and ``conversation: "none"`` are not taken); user
+``message`` items and ``function_call_output`` items can be created (no assistant/system items).
+Function calling follows the protocol (``function_call`` output items, their arguments events); the
+model sees the tools in Qwen's chat-template format (:mod:`omnistream.engine.tools`), and
+``tool_choice`` ``required`` or a named function forces a valid call by grammar-constrained decoding.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import itertools
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -45,17 +48,6 @@ from omnistream.apps.limits import SessionLimits
 SAMPLE_RATE = 24000  # pcm16 in and out, as the OpenAI Realtime API
 _DEFAULT_LIMITS = SessionLimits()
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
-
-# GA event name -> beta event name (events not listed have one name in both)
-_BETA_NAMES = {
-    "response.output_text.delta": "response.text.delta",
-    "response.output_text.done": "response.text.done",
-    "response.output_audio.delta": "response.audio.delta",
-    "response.output_audio.done": "response.audio.done",
-    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
-    "response.output_audio_transcript.done": "response.audio_transcript.done",
-}
-
 
 class ProtocolError(Exception):
     """A client event the server cannot take; becomes an ``error`` server event."""
@@ -89,6 +81,8 @@ class SessionConfig:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     max_output_tokens: int | None = None  # None: the server's default ("inf" is capped by it)
     temperature: float | None = None  # None: the server's default (beta field)
+    tools: list = field(default_factory=list)  # function tools (omnistream.engine.tools.check_tools)
+    tool_choice: str = "auto"  # auto | none | required | function:NAME
 
 
 _UNSET = object()
@@ -105,9 +99,9 @@ class SessionPatch:
         return replace(cfg, **self.fields)
 
 
-_GA_IGNORED = {"type", "include", "tracing", "truncation", "prompt", "tool_choice", "tools", "parallel_tool_calls",
+_GA_IGNORED = {"type", "include", "tracing", "truncation", "prompt", "parallel_tool_calls",
                "reasoning", "object", "id", "expires_at"}
-_BETA_IGNORED = {"input_audio_transcription", "input_audio_noise_reduction", "speed", "tools", "tool_choice",
+_BETA_IGNORED = {"input_audio_transcription", "input_audio_noise_reduction", "speed",
                  "tracing", "object", "id", "expires_at", "client_secret", "include", "input_audio_format",
                  "output_audio_format"}
 _BETA_ONLY = {"modalities", "voice", "input_audio_format", "output_audio_format", "turn_detection", "temperature",
@@ -123,7 +117,8 @@ def parse_session(s, event_id: str | None = None, limits: SessionLimits = _DEFAU
     out: dict = {}
     keys = set(s)
     dialect = "ga" if keys & _GA_ONLY else ("beta" if keys & _BETA_ONLY else None)
-    for k in keys - (_GA_ONLY | _BETA_ONLY | _GA_IGNORED | _BETA_IGNORED | {"model", "instructions"}):
+    for k in keys - (_GA_ONLY | _BETA_ONLY | _GA_IGNORED | _BETA_IGNORED | {"model", "instructions", "tools",
+                                                                             "tool_choice"}):
         raise err("unknown_parameter", f"Unknown parameter: 'session.{k}'", f"session.{k}")
     if "type" in s and s["type"] != "realtime":
         raise err("invalid_value", f"session.type {s['type']!r} is not supported (only 'realtime')", "session.type")
@@ -136,10 +131,10 @@ def parse_session(s, event_id: str | None = None, limits: SessionLimits = _DEFAU
                       f"{limits.max_instructions_chars} are taken", "session.instructions")
         out["instructions"] = None if ins is None else _str(ins, "session.instructions", event_id,
                                                             max_len=limits.max_instructions_chars) or None
-    for key in ("tools",):
-        if s.get(key):
-            raise err("unsupported_feature", "tools (function calling) are not supported by this server",
-                      "session.tools")
+    if "tools" in s:
+        out["tools"] = _tools(s["tools"], "session.tools", event_id)
+    if "tool_choice" in s:  # a named function is checked against the tools once the update is applied
+        out["tool_choice"] = _tool_choice(s["tool_choice"], None, "session.tool_choice", event_id)
     # output modalities: GA ["audio"] | ["text"]; beta ["text", "audio"] | ["text"]
     for key in ("output_modalities", "modalities"):
         if key in s:
@@ -194,6 +189,30 @@ def parse_session(s, event_id: str | None = None, limits: SessionLimits = _DEFAU
                     v = v.get("id")
                 out["voice"] = _voice(v, "session.audio.output.voice", event_id)
     return SessionPatch(out, dialect)
+
+
+def _tools(v, param, event_id) -> list[dict]:
+    from omnistream.engine.tools import check_tools
+
+    if v is None:
+        return []
+    try:
+        return check_tools(v)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ProtocolError("invalid_value", f"{param}: {e}", param, event_id) from None
+
+
+def _tool_choice(v, tools: list[dict] | None, param, event_id) -> str:
+    """-> ``auto`` | ``none`` | ``required`` | ``function:NAME``; ``tools`` None: the name is not checked."""
+    from omnistream.engine.tools import check_tool_choice
+
+    try:
+        if tools is None and isinstance(v, dict) and v.get("type") == "function":
+            name = v.get("name")
+            return check_tool_choice(v, [{"name": name}] if isinstance(name, str) else [])
+        return check_tool_choice(v, tools or [])
+    except ValueError as e:
+        raise ProtocolError("invalid_value", f"{param}: {e}", param, event_id) from None
 
 
 def _str(v, param, event_id, max_len: int) -> str:
@@ -305,6 +324,17 @@ class ItemCreate:
 
 
 @dataclass
+class FunctionOutput:
+    """A ``function_call_output`` item: what the client's function returned for ``call_id``."""
+
+    event_id: str | None
+    item_id: str | None
+    previous_item_id: str | None
+    call_id: str
+    output: str
+
+
+@dataclass
 class ItemTruncate:
     event_id: str | None
     item_id: str
@@ -314,8 +344,14 @@ class ItemTruncate:
 
 @dataclass
 class ResponseCreate:
+    """``response.create``; every override is for this response only (None: the session's)."""
+
     event_id: str | None
     max_output_tokens: int | None  # per-response override; None: the session's
+    instructions: str | None = None
+    audio_out: bool | None = None  # output_modalities: ["audio"] True, ["text"] False
+    tools: list | None = None
+    tool_choice: str | None = None
 
 
 @dataclass
@@ -324,8 +360,8 @@ class ResponseCancel:
     response_id: str | None
 
 
-ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | ItemTruncate | ResponseCreate
-               | ResponseCancel)
+ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | FunctionOutput | ItemTruncate
+               | ResponseCreate | ResponseCancel)
 _UNSUPPORTED = {"conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear",
                 "transcription_session.update"}
 
@@ -376,9 +412,10 @@ def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientE
         if r.get("conversation", "auto") not in ("auto", None):
             raise err("unsupported_feature", "out-of-band responses (response.conversation != 'auto') are not "
                       "supported", "response.conversation")
+        audio = None
         for key in ("output_modalities", "modalities"):
             if key in r:
-                _modalities(r[key], f"response.{key}", event_id)
+                audio = _modalities(r[key], f"response.{key}", event_id)
         if r.get("input"):
             raise err("unsupported_feature", "response.input is not supported: the reply uses the conversation",
                       "response.input")
@@ -386,7 +423,17 @@ def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientE
         for key in ("max_output_tokens", "max_response_output_tokens"):
             if key in r:
                 mot = _max_tokens(r[key], f"response.{key}", event_id)
-        return ResponseCreate(event_id, mot)
+        ins = r.get("instructions")
+        if ins is not None:
+            if isinstance(ins, str) and len(ins) > limits.max_instructions_chars:
+                raise err("input_too_large", f"response.instructions holds {len(ins)} characters: at most "
+                          f"{limits.max_instructions_chars} are taken", "response.instructions")
+            ins = _str(ins, "response.instructions", event_id, max_len=limits.max_instructions_chars) or None
+        tools = _tools(r["tools"], "response.tools", event_id) if "tools" in r else None
+        choice = None
+        if r.get("tool_choice") is not None:
+            choice = _tool_choice(r["tool_choice"], tools, "response.tool_choice", event_id)
+        return ResponseCreate(event_id, mot, ins, audio, tools, choice)
     if t == "response.cancel":
         rid = ev.get("response_id")
         if rid is not None and not isinstance(rid, str):
@@ -461,7 +508,7 @@ def decode_image(url, param: str = "image_url", event_id: str | None = None,
     return np.ascontiguousarray(img)
 
 
-def _item_create(ev: dict, event_id, limits: SessionLimits = _DEFAULT_LIMITS) -> ItemCreate:
+def _item_create(ev: dict, event_id, limits: SessionLimits = _DEFAULT_LIMITS) -> ItemCreate | FunctionOutput:
     err = lambda code, msg, param=None: ProtocolError(code, msg, param, event_id)
     item = ev.get("item")
     if not isinstance(item, dict):
@@ -472,9 +519,15 @@ def _item_create(ev: dict, event_id, limits: SessionLimits = _DEFAULT_LIMITS) ->
     item_id = item.get("id")
     if item_id is not None and (not isinstance(item_id, str) or not 0 < len(item_id) <= 64):
         raise err("invalid_value", "item.id must be a string of 1-64 characters", "item.id")
+    if item.get("type") == "function_call_output":
+        call_id, output = item.get("call_id"), item.get("output")
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= 64:
+            raise err("missing_required_parameter", "item.call_id must be the call's id (a string)", "item.call_id")
+        output = _str(output, "item.output", event_id, max_len=limits.max_text_chars)
+        return FunctionOutput(event_id, item_id, prev, call_id, output)
     if item.get("type", "message") != "message":
-        raise err("unsupported_item", f"item.type {item.get('type')!r} is not supported (only 'message')",
-                  "item.type")
+        raise err("unsupported_item", f"item.type {item.get('type')!r} is not supported ('message' or "
+                  "'function_call_output')", "item.type")
     if item.get("role") != "user":
         raise err("unsupported_item", f"item.role {item.get('role')!r} is not supported: only user messages can be "
                   "created (use session.instructions for a system prompt)", "item.role")
@@ -508,78 +561,3 @@ def _item_create(ev: dict, event_id, limits: SessionLimits = _DEFAULT_LIMITS) ->
                       f"{p}.type")
     return ItemCreate(event_id, item_id, prev, "\n".join(texts) if texts else None, images,
                       np.concatenate(audio) if audio else None)
-
-
-# ---------------------------------------------------------------------------------- server events
-class ServerEvents:
-    """Builds server events (dicts) in the session's dialect, with fresh ``event_id`` s."""
-
-    def __init__(self, dialect: str = "ga"):
-        self.dialect = dialect
-        self._ids = itertools.count(1)
-
-    def event(self, type: str, **fields) -> dict:
-        if self.dialect == "beta":
-            type = _BETA_NAMES.get(type, type)
-        return {"type": type, "event_id": f"event_{next(self._ids)}", **fields}
-
-    def error(self, e: ProtocolError) -> dict:
-        return self.event("error", error={"type": e.type, "code": e.code, "message": e.message, "param": e.param,
-                                          "event_id": e.event_id})
-
-    # -- objects
-    def session(self, sid: str, cfg: SessionConfig, voice: str | None, max_output_tokens) -> dict:
-        td = None if cfg.turn_detection is None else {"type": "server_vad", **cfg.turn_detection.__dict__}
-        mot = "inf" if max_output_tokens is None else max_output_tokens
-        if self.dialect == "beta":
-            return {"id": sid, "object": "realtime.session", "model": cfg.model,
-                    "modalities": ["text", "audio"] if cfg.audio_out else ["text"], "instructions": cfg.instructions,
-                    "voice": voice, "input_audio_format": "pcm16", "output_audio_format": "pcm16",
-                    "turn_detection": td, "temperature": cfg.temperature, "max_response_output_tokens": mot,
-                    "tools": [], "tool_choice": "auto"}
-        fmt = {"type": "audio/pcm", "rate": SAMPLE_RATE}
-        return {"type": "realtime", "object": "realtime.session", "id": sid, "model": cfg.model,
-                "output_modalities": ["audio"] if cfg.audio_out else ["text"], "instructions": cfg.instructions,
-                "audio": {"input": {"format": fmt, "turn_detection": td},
-                          "output": {"format": fmt, "voice": voice}},
-                "max_output_tokens": mot, "tools": [], "tool_choice": "auto"}
-
-    @staticmethod
-    def part(audio: bool, transcript: str = "") -> dict:
-        """A ``response.content_part.*`` part: "audio"/"text" in both dialects (as the GA SDK types it)."""
-        return {"type": "audio", "transcript": transcript} if audio else {"type": "text", "text": transcript}
-
-    def assistant_item(self, item_id: str, status: str, audio: bool, transcript: str | None = None) -> dict:
-        """An assistant message; its content types are "output_audio"/"output_text" in GA."""
-        content = []
-        if transcript is not None:
-            content = [self.part(audio, transcript)]
-            if self.dialect != "beta":
-                content[0]["type"] = "output_" + content[0]["type"]
-        return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
-                "status": status, "content": content}
-
-    @staticmethod
-    def user_item(item_id: str, content: list[dict]) -> dict:
-        return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-                "content": content}
-
-    def response(self, rid: str, status: str, audio: bool, voice: str | None, output: list | None = None,
-                 status_details: dict | None = None, usage: dict | None = None, max_output_tokens=None) -> dict:
-        r = {"id": rid, "object": "realtime.response", "status": status, "status_details": status_details,
-             "output": output or [], "conversation_id": "conv_default", "usage": usage,
-             "max_output_tokens": "inf" if max_output_tokens is None else max_output_tokens}
-        if self.dialect == "beta":
-            r["modalities"] = ["text", "audio"] if audio else ["text"]
-            r["voice"] = voice
-        else:
-            r["output_modalities"] = ["audio"] if audio else ["text"]
-            r["audio"] = {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": voice}}
-        return r
-
-
-def encode_pcm16(pcm: np.ndarray) -> str:
-    """float32 [-1, 1] or int16 (n,) -> base64 pcm16 little-endian."""
-    if pcm.dtype != np.int16:
-        pcm = np.round(np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-    return base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")

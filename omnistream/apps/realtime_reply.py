@@ -11,6 +11,13 @@ then ``failed``), raises, or says nothing at all -- a pipeline silent for
 cancelled reply whose end is not confirmed within ``cancel_grace_s`` ends as ``cancelled``; in
 both cases the session's epoch is bumped so the lost reply's late events are dropped, and the
 session is free for the next one.
+
+A reply's own settings (``response.create``: instructions, tools, tool_choice, output modalities,
+max_output_tokens) travel to the pipeline as :class:`~omnistream.runtime.client.ResponseOptions`. Its
+output items: an assistant ``message`` (unless ``tool_choice`` forces a call), then one
+``function_call`` item per call the model made (with its ``call_id``, ``name`` and ``arguments``
+events); a text-only reply sends no audio event at all. ``usage`` counts the tokens prefilled for
+the reply and the tokens generated, as the pipeline reports them.
 """
 
 from __future__ import annotations
@@ -24,8 +31,17 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from omnistream.apps.pacer import AudioPacer
-from omnistream.apps.realtime import SAMPLE_RATE, ProtocolError, encode_pcm16
-from omnistream.runtime.client import AudioDelta, ClientError, ResponseDone, SessionError, TextDelta
+from omnistream.apps.realtime import SAMPLE_RATE, ProtocolError, ResponseCreate
+from omnistream.apps.realtime_events import encode_pcm16
+from omnistream.runtime.client import (
+    ArgumentsDelta,
+    AudioDelta,
+    ClientError,
+    ResponseDone,
+    ResponseOptions,
+    SessionError,
+    TextDelta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +53,34 @@ def new_id(prefix: str) -> str:
 class Reply:
     """One reply of a :class:`~omnistream.apps.realtime_session.RealtimeSession`."""
 
-    def __init__(self, conn, prev: Reply | None):
+    def __init__(self, conn, prev: Reply | None, req: ResponseCreate | None = None):
         self.conn, self.prev = conn, prev
         self.id, self.item_id = new_id("resp"), new_id("item")
-        self.audio = conn.options.voice is not None
+        cfg = conn.cfg
         self.voice = conn.options.voice
-        self.max_tokens = conn.options.max_new_tokens
+        modal = None if req is None else req.audio_out  # this response's output_modalities, else the session's
+        self.audio = self.voice is not None and (cfg.audio_out if modal is None else modal)
+        self.max_tokens = (req.max_output_tokens if req is not None and req.max_output_tokens else None) or \
+            conn.options.max_new_tokens
+        tools = cfg.tools if req is None or req.tools is None else req.tools
+        choice = (req.tool_choice if req is not None and req.tool_choice else None) or cfg.tool_choice
+        if choice.startswith("function:") and choice[9:] not in {t["name"] for t in tools}:
+            raise ProtocolError("invalid_value", f"tool_choice names {choice[9:]!r}, which is not among the tools",
+                                "response.tool_choice", req.event_id if req is not None else None)
+        if choice == "required" and not tools:
+            raise ProtocolError("invalid_value", "tool_choice 'required' needs tools", "response.tool_choice",
+                                req.event_id if req is not None else None)
+        self.forced = bool(tools) and choice not in ("auto", "none")  # the output is a function call only
+        if self.forced:
+            self.audio = False  # a function call is never spoken
+        plain = not tools and (req is None or (req.instructions is None and req.max_output_tokens is None
+                                                and req.audio_out is None))
+        self.options = None if plain else ResponseOptions(
+            max_new_tokens=self.max_tokens, instructions=req.instructions if req is not None else None,
+            tools=tools, tool_choice=choice, audio=self.audio)
+        self.outputs: list[dict] = []  # the response's output items, in order
+        self.streamed: dict | None = None  # the function call whose arguments are streaming (ids, name, text)
+        self.n_items = 0 if self.forced else 1  # output items opened (the message first, unless forced)
         self.task: asyncio.Task | None = None
         self.stopped: str | None = None  # cancel reason: "turn_detected" | "client_cancelled"
         self.stopped_at = 0.0
@@ -54,6 +92,7 @@ class Reply:
         self.last_event_t = time.monotonic()
         self.done: ResponseDone | None = None  # the pipeline's end of the reply
         self.failure: SessionError | None = None  # ... or the loss it reported
+        conn.server.metrics.reply_started(self)  # metrics
 
     @property
     def sent(self) -> int:
@@ -96,12 +135,13 @@ class Reply:
         await c.send(ev.event("response.created", response=ev.response(
             self.id, "in_progress", self.audio, self.voice, max_output_tokens=self.max_tokens)))
         self.started = True
-        item = ev.assistant_item(self.item_id, "in_progress", self.audio)
-        await c.send(ev.event("response.output_item.added", response_id=self.id, output_index=0, item=item))
-        await c.send(ev.event("conversation.item.created", previous_item_id=prev_item, item=item))
-        c.last_item_id = self.item_id
         self.ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
-        await c.send(ev.event("response.content_part.added", **self.ids, part=ev.part(self.audio)))
+        if not self.forced:  # a forced function call has no message item
+            item = ev.assistant_item(self.item_id, "in_progress", self.audio)
+            await c.send(ev.event("response.output_item.added", response_id=self.id, output_index=0, item=item))
+            await c.send(ev.event("conversation.item.created", previous_item_id=prev_item, item=item))
+            c.last_item_id = self.item_id
+            await c.send(ev.event("response.content_part.added", **self.ids, part=ev.part(self.audio)))
         pacer = asyncio.create_task(self.pacer.run(self._send_audio))
         failure: ProtocolError | None = None
         try:
@@ -115,17 +155,23 @@ class Reply:
     async def _send_audio(self, pcm: np.ndarray) -> None:
         c = self.conn
         await c.send(c.ev.event("response.output_audio.delta", **self.ids, delta=encode_pcm16(pcm)))
+        c.server.metrics.audio_out(self, len(pcm))  # metrics
 
     async def _consume(self) -> None:
         """The pipeline's events for this reply, until its end (or a reported failure)."""
         c, ev = self.conn, self.conn.ev
-        async for e in c.client.respond(c.sid):
+        replies = c.client.respond(c.sid) if self.options is None else c.client.respond(c.sid, self.options)
+        async for e in replies:
             self.last_event_t = time.monotonic()
             if isinstance(e, TextDelta):
                 self.text.append(e.text)
                 if self.stopped is None:
                     kind = "response.output_audio_transcript.delta" if self.audio else "response.output_text.delta"
                     await c.send(ev.event(kind, **self.ids, delta=e.text))
+                    c.server.metrics.text_out(self)  # metrics
+            elif isinstance(e, ArgumentsDelta):
+                if self.stopped is None:
+                    await self._arguments(e)
             elif isinstance(e, AudioDelta):
                 if self.stopped is None and self.audio:
                     self.pacer.put(np.round(np.clip(e.pcm, -1.0, 1.0) * 32767.0).astype(np.int16))
@@ -174,6 +220,8 @@ class Reply:
             await c.send_error(failure)
             status, details = "failed", {"type": "failed", "error": {"type": "server_error", "code": failure.code,
                                                                      "message": failure.message}}
+        elif self.stopped == "server_shutdown":  # metrics: cut by the drain (omnistream.apps.drain)
+            status, details = "incomplete", {"type": "incomplete", "reason": "server_shutdown"}
         elif self.stopped is not None:
             status, details = "cancelled", {"type": "cancelled", "reason": self.stopped}
         elif done is not None and done.reply_tokens >= self.max_tokens:
@@ -182,7 +230,7 @@ class Reply:
             status, details = "completed", None
         item = ev.assistant_item(self.item_id, "completed" if status == "completed" else "incomplete", self.audio,
                                  text)
-        if self.started:
+        if self.started and not self.forced:
             ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
             if self.audio:
                 await c.send(ev.event("response.output_audio.done", **ids))
@@ -191,11 +239,72 @@ class Reply:
                 await c.send(ev.event("response.output_text.done", **ids, text=text))
             await c.send(ev.event("response.content_part.done", **ids, part=ev.part(self.audio, text)))
             await c.send(ev.event("response.output_item.done", response_id=self.id, output_index=0, item=item))
-        n = done.reply_tokens if done is not None else 0
-        usage = {"total_tokens": n, "input_tokens": 0, "output_tokens": n}
+            self.outputs.append(item)
+        calls = done.tool_calls if self.started and done is not None and failure is None and self.stopped is None \
+            else []
+        for i, call in enumerate(calls):
+            await self._send_call(call, self.streamed if i == 0 else None)
+        if self.streamed is not None and not calls:  # the call being written was cut short (limit, cancel)
+            await self._send_call(None, self.streamed)
+        usage = _usage(done.usage if done is not None else {})
         stats = {"audio_samples": self.sent, **(done.stats if done is not None else {})}
-        r = ev.response(self.id, status, self.audio, self.voice, [item] if self.started else [], details, usage,
-                        self.max_tokens)
+        r = ev.response(self.id, status, self.audio, self.voice, self.outputs, details, usage, self.max_tokens)
         r["metadata"] = {k: str(v) for k, v in stats.items()}  # server timings, for clients that care
+        c.server.metrics.reply_done(self, status, done)  # metrics
         c.response_finished(self)  # before response.done leaves: the client may send response.create at once
         await c.send(ev.event("response.done", response=r))
+
+    async def _open_call(self, name: str) -> dict:
+        """A ``function_call`` output item begins (``response.output_item.added``)."""
+        c, ev = self.conn, self.conn.ev
+        item_id, call_id = new_id("item"), new_id("call")
+        index, self.n_items = self.n_items, self.n_items + 1
+        item = ev.call_item(item_id, "in_progress", call_id, name, "")
+        await c.send(ev.event("response.output_item.added", response_id=self.id, output_index=index, item=item))
+        await c.send(ev.event("conversation.item.created", previous_item_id=c.last_item_id, item=item))
+        c.last_item_id = item_id
+        return {"ids": {"response_id": self.id, "item_id": item_id, "output_index": index}, "call_id": call_id,
+                "name": name, "text": ""}
+
+    async def _arguments(self, e: ArgumentsDelta) -> None:
+        """The arguments of the call being written, as they decode (``function_call_arguments.delta``)."""
+        if self.streamed is None:
+            self.streamed = await self._open_call(e.name)
+        st = self.streamed
+        st["text"] += e.text
+        await self.conn.send(self.conn.ev.event("response.function_call_arguments.delta", **st["ids"],
+                                                call_id=st["call_id"], delta=e.text))
+
+    async def _send_call(self, call, st: dict | None) -> None:
+        """Close a ``function_call`` item (``st``: the one that streamed; else it is opened here and its
+        arguments sent as one delta). ``call`` None: the call was cut short, the item is incomplete.
+        The ``call_id`` is what the client's ``function_call_output`` answers."""
+        c, ev = self.conn, self.conn.ev
+        if st is not None and call is not None and (call.name, call.arguments) != (st["name"], st["text"]):
+            await self._send_call(None, st)  # (not what was parsed in the end: closed as incomplete)
+            st = None
+        if st is None:
+            st = await self._open_call(call.name)
+            st["text"] = call.arguments
+            await c.send(ev.event("response.function_call_arguments.delta", **st["ids"], call_id=st["call_id"],
+                                  delta=call.arguments))
+        status = "completed" if call is not None else "incomplete"
+        if call is not None:
+            await c.send(ev.event("response.function_call_arguments.done", **st["ids"], call_id=st["call_id"],
+                                  name=call.name, arguments=call.arguments))
+            c.calls[st["call_id"]] = st["ids"]["item_id"]
+        item = ev.call_item(st["ids"]["item_id"], status, st["call_id"], st["name"], st["text"])
+        await c.send(ev.event("response.output_item.done", response_id=self.id, output_index=st["ids"]["output_index"],
+                              item=item))
+        self.outputs.append(item)
+
+
+def _usage(u: dict) -> dict:
+    """The pipeline's token counts as the protocol's ``usage`` (speech is not counted in tokens: the
+    Talker's codes are not the model's output tokens)."""
+    n_in, n_out = int(u.get("input_tokens", 0)), int(u.get("output_tokens", 0))
+    audio, image = int(u.get("audio_tokens", 0)), int(u.get("image_tokens", 0))
+    return {"total_tokens": n_in + n_out, "input_tokens": n_in, "output_tokens": n_out,
+            "input_token_details": {"text_tokens": n_in - audio - image, "audio_tokens": audio, "image_tokens": image,
+                                    "cached_tokens": 0},
+            "output_token_details": {"text_tokens": n_out, "audio_tokens": 0}}

@@ -49,16 +49,17 @@ from omnistream.apps.realtime import (
     AudioAppend,
     AudioClear,
     AudioCommit,
+    FunctionOutput,
     ItemCreate,
     ItemTruncate,
     ProtocolError,
     ResponseCancel,
     ResponseCreate,
-    ServerEvents,
     SessionConfig,
     SessionUpdate,
     parse_client_event,
 )
+from omnistream.apps.realtime_events import ServerEvents
 from omnistream.apps.realtime_reply import Reply, new_id
 from omnistream.runtime.client import ClientError, SessionOptions
 
@@ -107,6 +108,7 @@ class RealtimeSession:
         self.last_item_id: str | None = None
         self.response: Reply | None = None
         self.last_reply: Reply | None = None
+        self.calls: dict[str, str] = {}  # call_id -> item id of the function calls the model made
 
     # -- plumbing
     async def send(self, event: dict) -> None:
@@ -173,6 +175,7 @@ class RealtimeSession:
                                                 type="server_error"))
             await self.ws.close(1011, "cannot open a session")
             return
+        self.server.metrics.session_opened(self)  # metrics
         vad_error = None
         if self.cfg.turn_detection is not None:
             try:
@@ -282,6 +285,8 @@ class RealtimeSession:
             await self._clear()
         elif isinstance(ev, ItemCreate):
             await self._item_create(ev)
+        elif isinstance(ev, FunctionOutput):
+            await self._function_output(ev)
         elif isinstance(ev, ItemTruncate):
             await self._truncate(ev)
         elif isinstance(ev, ResponseCreate):
@@ -294,6 +299,9 @@ class RealtimeSession:
     # -- session.update
     async def _session_update(self, ev: SessionUpdate) -> None:
         new = ev.patch.apply(self.cfg)
+        if new.tool_choice.startswith("function:") and new.tool_choice[9:] not in {t["name"] for t in new.tools}:
+            raise ProtocolError("invalid_value", f"session.tool_choice names {new.tool_choice[9:]!r}, which is not "
+                                "among the session's tools", "session.tool_choice", ev.event_id)
         try:
             voice = self._voice(new)
         except ProtocolError as e:
@@ -492,6 +500,26 @@ class RealtimeSession:
                                       self.last_item_id, item=self.ev.user_item(item_id, content)))
         self.last_item_id = item_id
 
+    async def _function_output(self, ev: FunctionOutput) -> None:
+        """A function's output joins the conversation as Qwen's ``<tool_response>`` user turn; the
+        client's ``response.create`` then continues."""
+        from omnistream.engine.tools import tool_response
+
+        if ev.call_id not in self.calls:
+            raise ProtocolError("invalid_value", f"no function call {ev.call_id!r} was made in this conversation",
+                                "item.call_id", ev.event_id)
+        if self._turn_open():
+            raise ProtocolError("invalid_request", "a user turn is open: commit or clear it before adding a "
+                                "function_call_output", "item", ev.event_id)
+        await self._apply_pending(opening=True)
+        await self.client.commit(self.sid, tool_response(ev.output))
+        if await self._take_errors():
+            return
+        item_id = ev.item_id or new_id("item")
+        await self.send(self.ev.event("conversation.item.created", previous_item_id=ev.previous_item_id or
+                                      self.last_item_id, item=self.ev.output_item(item_id, ev.call_id, ev.output)))
+        self.last_item_id = item_id
+
     async def _truncate(self, ev: ItemTruncate) -> None:
         r = self.last_reply
         if r is None or ev.item_id != r.item_id:
@@ -523,9 +551,10 @@ class RealtimeSession:
         await self._flush_idle_frame()
         if self._turn_open() and await self._lost_turn():
             return
+        reply = Reply(self, self.response, ev)  # checks the response's own settings first
         await self._seal_frames_only_turn()
         self._turn_closed()  # the pipeline commits an open turn before replying
-        await self._start_response()
+        await self._start_response(reply)
 
     async def _response_cancel(self, ev: ResponseCancel) -> None:
         r = self.response
@@ -535,9 +564,8 @@ class RealtimeSession:
         r.stop("client_cancelled")
         await self.client.cancel(self.sid)
 
-    async def _start_response(self) -> None:
-        prev = self.response
-        r = Reply(self, prev)
+    async def _start_response(self, r: Reply | None = None) -> None:
+        r = r or Reply(self, self.response)
         self.response = self.last_reply = r
         r.task = asyncio.create_task(r.run())
 

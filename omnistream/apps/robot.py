@@ -36,6 +36,7 @@ from typing import NoReturn
 
 import zmq
 
+from omnistream import logs
 from omnistream.apps.robot_control import ControlServer, HttpServer, StartupError
 from omnistream.apps.robot_nav import Navigator, Task
 from omnistream.robot.agent_stage import AgentStage, StageDown
@@ -50,24 +51,9 @@ CONFIRM_S = 1.0  # how long e-stop / resume wait for the robot to report the new
 
 
 # ---------------------------------------------------------------------------------------------- logs
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: t, level, logger, msg (+ exc) -- for journald / log shippers."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        d = {"t": round(record.created, 3), "level": record.levelname, "logger": record.name,
-             "msg": record.getMessage(), "pid": record.process}
-        if record.exc_info:
-            d["exc"] = self.formatException(record.exc_info)
-        return json.dumps(d)
-
-
 def setup_logging(cfg: RobotConfig) -> None:
-    h = logging.StreamHandler()
-    h.setFormatter(JsonFormatter() if cfg.log_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
-                                                                          "%(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [h]
-    root.setLevel(cfg.log_level.upper())
+    """The server's log formats (omnistream.logs): ISO UTC timestamps, ``--log-json`` one object per line."""
+    logs.setup_logging(json_lines=cfg.log_json, level=cfg.log_level)
 
 
 # ---------------------------------------------------------------------------------------------- the app

@@ -7,8 +7,13 @@ ZeroMQ stage processes), so the event loop only moves events and never waits on 
 Endpoints (one port; plain HTTP is answered from ``process_request`` before any handshake):
 
 - ``GET /v1/realtime`` (WebSocket): the Realtime protocol (:mod:`omnistream.apps.realtime`).
-- ``GET /health``: 200 ``{"status": "ok"}`` while the pipeline serves; 503 with the reason when a stage is
-  down or stalled.
+- ``GET /health`` (readiness, what a load balancer reads): 200 ``{"status": "ok"}`` while the replica
+  takes sessions; 503 with ``status`` ``full`` (``--max-sessions`` or admission control),
+  ``draining`` or ``unavailable`` (a stage down or stalled) and the reason.
+- ``GET /livez`` (liveness): 200 while this process answers, whatever the pipeline does.
+- ``GET /metrics``: Prometheus text format (:mod:`omnistream.apps.metrics`); needs the API key if set.
+- ``POST /admin/drain``: start the drain (:mod:`omnistream.apps.drain`), as SIGTERM does; with an
+  API key set it needs the key, without one only a loopback peer that no proxy forwarded may.
 - ``GET /status``: the pipeline's stages (name, pid, alive, last heartbeat), sessions and queue
   depths, from ``Client.status()``; with an API key set, a request without it gets counts only
   (connections, stages alive): pids, ipc paths and session ids are operator data.
@@ -28,15 +33,16 @@ Host/Origin/Authorization header) get 400, other methods than GET/HEAD 405; opti
 subprotocol); an Origin allow-list (browser pages from other origins are refused unless listed;
 same-origin pages and clients that send no Origin pass); 15 MiB per message (a larger one gets
 an ``error`` event, one over 16 MiB closes the connection with 1009, as the frame is never read);
-a session cap and the client's admission check (HTTP 503 at the handshake, with the reason); a
-per-session token-bucket rate limit on client events.
+a session cap, a per-client-IP cap (429; behind a ``--trusted-proxy`` the client is the last
+``X-Forwarded-For`` address) and the client's admission check (HTTP 503 at the handshake, with the
+reason); a per-session token-bucket rate limit on client events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import http
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -58,8 +64,13 @@ from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING
 from websockets.server import ServerProtocol
 
+from omnistream.apps.client_secrets import ClientSecrets, auth_refusal
+from omnistream.apps.drain import Drainer
+from omnistream.apps.http_post import CALLS_PATHS, POST_PATHS, SECRETS_PATH, PostEndpoints, install_body_parser
 from omnistream.apps.limits import SessionLimits
-from omnistream.apps.realtime_session import RealtimeSession, subprotocols
+from omnistream.apps.metrics import CONTENT_TYPE as METRICS_TYPE
+from omnistream.apps.metrics import ServerMetrics
+from omnistream.apps.realtime_session import RealtimeSession
 from omnistream.runtime.client import Client, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -70,6 +81,9 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # headers a request may carry once: a second copy is ambiguous (which one did the proxy check?)
 _SINGLE_HEADERS = ("Host", "Origin", "Authorization", "OpenAI-Beta", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
 _METHODS = ("GET", "HEAD")
+DRAIN_PATH = "/admin/drain"  # POST; the deploy/ configs and the HAProxy test use this name
+LOOPBACK = ("127.0.0.1", "::1")
+_LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1"))
 _LOCAL_NAMES = ("localhost", "localhost.localdomain")
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # a DNS name or an IPv4 address, lowercased
 
@@ -83,6 +97,9 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides IP literals, localhost and `host`;
     # ".example.com" also matches its subdomains; "*": any (turns the DNS-rebinding check off)
     max_sessions: int = 8
+    max_sessions_per_ip: int = 4  # sessions one client address may hold (0: no cap)
+    trusted_proxies: tuple[str, ...] = LOOPBACK  # peers whose X-Forwarded-For names the client (addresses/CIDRs)
+    drain_grace_s: float = 30.0  # SIGTERM / POST /admin/drain: running replies get this long, then are cut
     rate_limit: float = 100.0  # client events per second per session (token bucket); 0: off
     rate_burst: float | None = None  # bucket size; None: 2 s worth of events (at least 50)
     max_message: int = 15 * MiB  # larger messages get an error event
@@ -94,6 +111,8 @@ class ServerConfig:
     chunk_samples: int = 960  # 40 ms at 24 kHz per output audio delta
     limits: SessionLimits = field(default_factory=SessionLimits)  # input sizes, audio rate, turn cap, slow readers
     web_dir: Path = WEB_DIR
+    client_secret_ttl_s: float = 600.0  # default lifetime of an ephemeral key (POST /v1/realtime/client_secrets)
+    ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs for WebRTC calls; none: host candidates only (LAN)
 
 
 def checkpoint_voices(model_dir) -> list[str] | None:
@@ -136,6 +155,16 @@ class RealtimeServer:
         self.sessions: set[RealtimeSession] = set()
         self._server = None
         self.started_at = time.monotonic()
+        self._per_ip: dict[str, int] = {}  # client address -> sessions it holds
+        self._proxies = [ipaddress.ip_network(a, strict=False) for a in self.config.trusted_proxies]
+        self.drainer = Drainer(self)
+        self.metrics = ServerMetrics(self)
+        self.secrets = ClientSecrets(self.config.client_secret_ttl_s)  # ephemeral keys
+        self.post = PostEndpoints(self)  # POST /v1/realtime/calls (WebRTC), /v1/realtime/client_secrets
+
+    @property
+    def draining(self) -> bool:
+        return self.drainer.draining
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on ``sock`` when given (``serve`` binds it before loading the model), else bind
@@ -154,6 +183,8 @@ class RealtimeServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        await self.post.close()  # the WebRTC calls
+        await self.drainer.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -170,9 +201,15 @@ class RealtimeServer:
         if not self._host_ok(host):
             log.warning("refused a request for Host %r (see --allowed-hosts)", host)
             return _http(403, f"host {host} is not allowed (see --allowed-hosts)\n".encode())
+        path = urlsplit(req.path).path
+        if req.method == "POST" and path in POST_PATHS:
+            return self.post.handle(conn, req)  # a coroutine: websockets awaits it
+        if path == DRAIN_PATH:
+            if req.method == "POST":
+                return self._admin_drain(conn, req.headers)
+            return _http(405, f"method {req.method} not allowed\n".encode(), extra=[("Allow", "POST")])
         if req.method not in _METHODS:
             return _http(405, f"method {req.method} not allowed\n".encode(), extra=[("Allow", ", ".join(_METHODS))])
-        path = urlsplit(req.path).path
         if path not in REALTIME_PATHS:
             resp = self._route(path, req.headers)
             if req.method == "HEAD":  # the same headers, Content-Length included, without the body
@@ -182,22 +219,67 @@ class RealtimeServer:
         if origin is not None and not self._origin_ok(origin, req.headers.get("Host", "")):
             log.warning("refused a WebSocket from origin %r (not in --allow-origin)", origin)
             return _http(403, f"origin {origin} is not allowed (see --allow-origin)\n".encode())
-        if not self._authorized(req.headers):
-            return _http(401, b"unauthorized: give Authorization: Bearer KEY or the subprotocol "
-                         b"openai-insecure-api-key.KEY\n")
-        if len(self.sessions) >= self.config.max_sessions:
-            return _http(503, f"too many sessions (max {self.config.max_sessions}); try again later\n".encode(),
-                         extra=[("Retry-After", "5")])
+        refusal = auth_refusal(self.config.api_key, self.secrets, req.headers)  # the key or an ephemeral key
+        if refusal is not None:
+            return _http(401, f"unauthorized: {refusal}\n".encode())
+        peer = self._client_ip(conn, req.headers)
+        refused = self._refusal(peer)
+        if refused is not None:
+            status, reason, why = refused
+            self.metrics.session_refused(reason, peer, why)
+            return _http(status, f"{why}\n".encode(), extra=[("Retry-After", "5")])
+        return None
+
+    def _refusal(self, peer: str) -> tuple[int, str, str] | None:
+        """Why one more session from ``peer`` is refused: (HTTP status, metrics reason, message), or None."""
+        c = self.config
+        if self.draining:
+            return 503, "draining", "this server is draining (restarting): connect again to reach another replica"
+        if c.max_sessions_per_ip and self._per_ip.get(peer, 0) >= c.max_sessions_per_ip:
+            return 429, "per_ip", f"too many sessions from {peer} (max {c.max_sessions_per_ip} per client address)"
+        if len(self.sessions) >= c.max_sessions:
+            return 503, "full", f"too many sessions (max {c.max_sessions}); try again later"
         reason = self._admission()
         if reason is not None:
-            return _http(503, f"server busy: {reason}\n".encode(), extra=[("Retry-After", "5")])
+            return 503, "busy", f"server busy: {reason}"
         return None
+
+    def _client_ip(self, conn: ServerConnection, headers: Headers) -> str:
+        """The client's address: the peer's, or -- when the peer is a trusted proxy -- the last
+        ``X-Forwarded-For`` entry (the address that proxy saw; earlier entries are the client's word)."""
+        peer = _peer(conn)
+        xff = headers.get_all("X-Forwarded-For")
+        if xff and self._proxies and _in(peer, self._proxies):
+            fwd = _norm_ip(xff[-1].split(",")[-1].strip())
+            if fwd is not None:
+                return fwd
+        return peer
+
+    def _admin_drain(self, conn: ServerConnection, headers: Headers) -> Response:
+        """``POST /admin/drain``: with an API key, only with it; without one, only from a loopback
+        peer that no proxy forwarded (a balancer on this machine must not pass anyone's drain on)."""
+        if self.config.api_key:
+            if not self._authorized(headers):
+                return _http(401, b"unauthorized: POST /admin/drain needs Authorization: Bearer KEY\n")
+        elif not (_in(_peer(conn), _LOOPBACK_NETS) and not any(
+                headers.get_all(h) for h in ("X-Forwarded-For", "Forwarded", "X-Real-IP"))):
+            return _http(403, b"forbidden: without --api-key, POST /admin/drain is taken only from this machine\n")
+        started = self.drainer.start("POST /admin/drain")
+        return _http(202, _json({"status": "draining", "sessions": len(self.sessions), "grace_s": self.drainer.grace_s,
+                                 "already_draining": not started}), "application/json")
 
     def _route(self, path: str, headers: Headers) -> Response:
         """The plain HTTP endpoints (GET or HEAD)."""
         if path == "/health":
             health = self.health()
             return _http(200 if health["status"] == "ok" else 503, _json(health), "application/json")
+        if path == "/livez":
+            return _http(200, _json({"status": "alive", "uptime_s": round(time.monotonic() - self.started_at, 1),
+                                     "draining": self.draining}), "application/json")
+        if path == "/metrics":
+            if not self._authorized(headers):
+                return _http(401, b"unauthorized: /metrics needs Authorization: Bearer KEY\n")
+            return _http(200, self.metrics.exposition(), METRICS_TYPE)
         if path == "/status":
             return _http(200, _json(self.status(full=self._authorized(headers))), "application/json")
         if path == "/config.json":
@@ -207,16 +289,24 @@ class RealtimeServer:
         return _http(404, b"not found\n")
 
     def health(self) -> dict:
-        """``ok`` while the pipeline serves and takes sessions; else 503 with why (a stage down or
-        stalled, at capacity) -- what a load balancer reads."""
+        """``ok`` while the replica takes one more session; else why not -- ``draining``,
+        ``unavailable`` (a stage down or stalled) or ``full`` (the session cap or admission
+        control) -- which ``/health`` answers with 503: what a load balancer reads."""
+        n = len(self.sessions)
+        if self.draining:
+            return {"status": "draining", "reason": "the replica is draining (restart or scale-down)", "sessions": n}
         try:
             st = self.client.status()
         except Exception as e:  # noqa: BLE001
-            return {"status": "unavailable", "reason": f"status failed: {e}", "sessions": len(self.sessions)}
+            return {"status": "unavailable", "reason": f"status failed: {e}", "sessions": n}
         if st.get("serving") is False:
-            return {"status": "unavailable", "reason": st.get("reason") or "the pipeline is not serving",
-                    "sessions": len(self.sessions)}
-        return {"status": "ok", "sessions": len(self.sessions)}
+            return {"status": "unavailable", "reason": st.get("reason") or "the pipeline is not serving", "sessions": n}
+        if n >= self.config.max_sessions:
+            return {"status": "full", "reason": f"too many sessions (max {self.config.max_sessions})", "sessions": n}
+        reason = self._admission()
+        if reason is not None:
+            return {"status": "full", "reason": reason, "sessions": n}
+        return {"status": "ok", "sessions": n}
 
     def _admission(self) -> str | None:
         """``Client.admission()``'s reason to refuse one more session, or None. A check that fails
@@ -281,17 +371,8 @@ class RealtimeServer:
         return o.scheme in ("http", "https") and o.netloc == host  # the page this server served
 
     def _authorized(self, headers: Headers) -> bool:
-        key = self.config.api_key
-        if not key:
-            return True
-        auth = headers.get("Authorization", "")
-        if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(), key.encode()):
-            return True
-        for proto in subprotocols(headers):
-            if proto.startswith("openai-insecure-api-key.") and hmac.compare_digest(
-                    proto[len("openai-insecure-api-key."):].encode(), key.encode()):
-                return True
-        return False
+        """The server key (not an ephemeral key): /status, /metrics, /admin/drain."""
+        return auth_refusal(self.config.api_key, None, headers, ephemeral=False) is None
 
     def _static(self, name: str) -> Response:
         root = self.config.web_dir.resolve()
@@ -322,20 +403,33 @@ class RealtimeServer:
 
     def page_config(self) -> dict:
         """What the browser page reads before it connects: whether to ask for an API key."""
-        return {"api_key_required": bool(self.config.api_key), "realtime_path": REALTIME_PATHS[0]}
+        return {"api_key_required": bool(self.config.api_key), "realtime_path": REALTIME_PATHS[0],
+                "webrtc": importlib.util.find_spec("aiortc") is not None, "calls_path": CALLS_PATHS[0],
+                "client_secrets_path": SECRETS_PATH}
 
     # ------------------------------------------------------------------ sessions
     async def _handle(self, ws: ServerConnection) -> None:
-        if len(self.sessions) >= self.config.max_sessions:  # a race past the handshake check
-            await ws.close(1013, "too many sessions")
+        peer = self._client_ip(ws, ws.request.headers)
+        refused = self._refusal(peer)  # a race past the handshake check (busy is the session's to say)
+        if refused is not None and refused[1] != "busy":
+            self.metrics.session_refused(refused[1], peer, refused[2])
+            await ws.close(1012 if refused[1] == "draining" else 1013, refused[2][:120])
             return
         conn = RealtimeSession(self, ws)
+        conn.peer = peer
         self.sessions.add(conn)
+        self._per_ip[peer] = self._per_ip.get(peer, 0) + 1
         try:
             await conn.run()
         finally:
             self.sessions.discard(conn)
-            await conn.cleanup()
+            self._per_ip[peer] -= 1
+            if not self._per_ip[peer]:
+                del self._per_ip[peer]
+            try:
+                await conn.cleanup()
+            finally:
+                self.metrics.session_closed(conn)
 
 
 
@@ -357,6 +451,7 @@ class _Connection(ServerConnection):
 
     def __init__(self, protocol: ServerProtocol, *args, **kwargs):
         protocol.__class__ = _Protocol  # only send_eof differs; the running parser is unaffected
+        install_body_parser(protocol)  # POST bodies (omnistream.apps.http_post)
         super().__init__(protocol, *args, **kwargs)
 
 
@@ -369,6 +464,25 @@ def _select_subprotocol(conn: ServerConnection, offered) -> str | None:
         if not p.startswith("openai-insecure-api-key."):
             return p
     return None
+
+
+def _norm_ip(s: str) -> str | None:
+    """An address as text (an IPv4-mapped IPv6 address as IPv4), or None if ``s`` is not one."""
+    try:
+        ip = ipaddress.ip_address(s)
+    except ValueError:
+        return None
+    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
+
+def _peer(conn: ServerConnection) -> str:
+    addr = conn.remote_address  # (none for a Unix socket)
+    return (_norm_ip(str(addr[0])) or str(addr[0])) if isinstance(addr, tuple) and addr else "unknown"
+
+
+def _in(addr: str, networks) -> bool:
+    ip = _norm_ip(addr)
+    return ip is not None and any(ipaddress.ip_address(ip) in n for n in networks)
 
 
 def _json(obj) -> bytes:
@@ -437,22 +551,28 @@ def bind_socket(host: str, port) -> socket.socket:
 
 
 def run_server(args) -> int:
-    """``omnistream serve``: bind, load the model, serve until SIGINT/SIGTERM, then close
-    sessions and the pipeline."""
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    """``omnistream serve``: bind, load the model, serve until SIGTERM/SIGINT or ``POST
+    /admin/drain``, drain (:mod:`omnistream.apps.drain`; a second signal cuts the running replies
+    at once), close the pipeline and return 0."""
+    from omnistream.logs import setup_logging
+
     config = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key, allow_origins=tuple(args.allow_origin or ()),
         allowed_hosts=tuple(getattr(args, "allowed_hosts", None) or ()),
         max_sessions=args.max_sessions, rate_limit=args.rate_limit, voice=args.voice,
-        defaults=SessionOptions(window=args.window, max_new_tokens=args.max_new_tokens,
-                                max_speech_s=args.max_speech_s),
+        max_sessions_per_ip=args.max_sessions_per_ip, trusted_proxies=tuple(args.trusted_proxy or LOOPBACK),
+        drain_grace_s=args.drain_grace_s, client_secret_ttl_s=min(args.client_secret_ttl, 7200.0),
+        ice_servers=tuple(args.ice_server or ()), defaults=SessionOptions(window=args.window, max_new_tokens=args.max_new_tokens,
+                                                                  max_speech_s=args.max_speech_s, seed=args.seed),
         limits=SessionLimits(max_turn_s=getattr(args, "max_turn_s", 120.0)),
         server_vad=not args.no_vad,
     )
+    sock = bind_socket(args.host, args.port)  # before the model: a bad port fails at once
+    setup_logging(args.log_json, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     if not getattr(args, "verbose", False):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per HTTP request
-    sock = bind_socket(args.host, args.port)  # before the model: a bad port fails at once
     try:
         client = build_client(args)
     except BaseException:
@@ -465,15 +585,17 @@ def run_server(args) -> int:
         await server.start(sock)
         print(f"omnistream: serving ws://{args.host}:{server.port}/v1/realtime (browser page: "
               f"http://{args.host}:{server.port}/)", flush=True)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
+            loop.add_signal_handler(sig, server.drainer.start, sig.name, None, True)
+        await server.drainer.wait()
         await server.close()
-        drain = getattr(client, "drain", None)  # stage runtime: running replies finish first (bounded)
-        await (drain() if drain is not None else client.close())
+        try:  # the replies have ended: closing the pipeline is quick, but bounded all the same
+            await asyncio.wait_for(client.close(), max(2.0, server.drainer.started + config.drain_grace_s
+                                                       - time.monotonic()))
+        except TimeoutError:
+            log.warning("the pipeline did not close within the drain grace period")
+        log.info("stopped")
 
     try:
         asyncio.run(main())

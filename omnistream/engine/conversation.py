@@ -15,13 +15,19 @@ thinker stage worker (:mod:`omnistream.runtime.workers`, which also serves the i
   from the Thinker's logits; the caller runs the forward that appends the token (alone, or batched
   with other sessions' tokens by the stage scheduler) and hands the step back to ``accept``, which
   returns the text delta; ``Conversation.end_reply`` closes the assistant turn;
-* truncation to what the user heard (one codec token per reply text token).
+* truncation to what the user heard (one codec token per reply text token);
+* per-reply settings: instructions and tools for one reply go into a system turn just before it
+  (Qwen's tool format, :mod:`omnistream.engine.tools`) and are taken out of the context again when
+  it ends (the reply's tokens are re-prefilled after the cut), so later replies never see them;
+  ``tool_choice`` ``required`` / a named function decodes under a grammar that forces a valid call;
+* usage: the tokens prefilled for a reply (everything since the previous reply ended) and generated.
 
 Nothing here knows about sockets, threads or batches: that is what lets one copy serve all paths.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -30,8 +36,18 @@ from typing import Protocol
 
 import torch
 
+from omnistream.engine.tools import (
+    ArgumentStream,
+    CallConstraint,
+    CallSplitter,
+    ToolCall,
+    parse_tool_calls,
+    tools_block,
+)
 from omnistream.memory.window_config import AUDIO_TOKENS_PER_SECOND
 from omnistream.model.thinker import StreamingThinker, ThinkerStep, sample
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -204,14 +220,25 @@ class Reply:
     """One assistant reply being decoded. ``next_token`` -> (the caller appends the token to the
     Thinker, alone or in a batch) -> ``accept(step)`` -> text delta; until ``done``."""
 
-    def __init__(self, conv: Conversation, max_new_tokens: int, temperature: float, seed: int | None):
+    def __init__(self, conv: Conversation, max_new_tokens: int, temperature: float, seed: int | None,
+                 tools: list[dict] | None = None, tool_choice: str = "auto", input_tokens: int = 0,
+                 constraint: CallConstraint | None = None, media_tokens: dict | None = None):
         self.conv = conv
         self.start = conv.thinker.n_tokens
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.deltas = TextDeltas(conv.tok)
         self.ended = False  # a stop token was decoded
         self.n_decoded = 0
-        self.texts: list[str] = []
+        self.tokens: list[int] = []  # every token appended, the stop token included
+        self.texts: list[str] = []  # the reply's text as decoded (tool-call blocks included)
+        self.input_tokens = input_tokens  # tokens prefilled since the previous reply ended
+        self.media_tokens = dict(media_tokens or {})  # of which audio / image (video patch) tokens
+        self.tools = list(tools or []) if tool_choice != "none" else []
+        self.tool_choice = tool_choice
+        self.constraint = constraint  # forced call: the grammar's mask on the logits
+        self.splitter = CallSplitter() if self.tools else None  # tool-call text is held back from the client
+        self.arguments = ArgumentStream() if self.tools else None  # ... and streamed as the call's arguments
+        self._arg_delta = ""
         self.gen, self.top_k, self.top_p = None, None, None
         if temperature > 0:  # the checkpoint's top-k / top-p, as the Thinker's generate uses them
             gc = conv.thinker.thinker.generation_config
@@ -227,32 +254,80 @@ class Reply:
     def done(self) -> bool:
         return self.ended or self.n_decoded >= self.max_new_tokens
 
+    @property
+    def forced(self) -> bool:
+        """The reply must be a function call (``tool_choice`` required or a named function)."""
+        return self.constraint is not None
+
+    @property
+    def calling(self) -> bool:
+        """A tool call began: the rest of the reply is not text for the user (nor speech)."""
+        return self.forced or (self.splitter is not None and self.splitter.calling)
+
     def next_token(self) -> int:
-        """Sample the next token from the Thinker's logits (greedy at temperature 0)."""
-        return sample(self.conv.thinker.next_token_logits(), self.temperature, self.top_k, self.top_p, self.gen)
+        """Sample the next token from this session's Thinker logits (greedy at temperature 0); under a
+        forced call only tokens the call grammar allows can be drawn (the mask is this row's alone)."""
+        logits = self.conv.thinker.next_token_logits()  # (V,)
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        return sample(logits, self.temperature, self.top_k, self.top_p, self.gen)
 
     def accept(self, token: int) -> tuple[ThinkerStep, str]:
-        """The token was appended to the Thinker: its step (for the Talker) and the new text."""
+        """The token was appended to the Thinker: its step (for the Talker) and the new text for the
+        user (a tool call's text is held back: see :attr:`calls`)."""
         th = self.conv.thinker
         self.n_decoded += 1
+        self.tokens.append(int(token))
+        if self.constraint is not None:
+            self.constraint.accept(token)
         step = ThinkerStep(token, th.last_embed, th.last_hidden)
         if token in self.conv.stop_ids:
             self.ended = True
             return step, ""
-        text = self.deltas.push(token)
-        if text:
-            self.texts.append(text)
-        return step, text
+        return step, self._shown(self.deltas.push(token))
 
     def flush(self) -> str:
-        text = self.deltas.flush()
-        if text:
-            self.texts.append(text)
-        return text
+        text = self._shown(self.deltas.flush())
+        return text + (self.splitter.flush() if self.splitter is not None else "")
+
+    def _shown(self, text: str) -> str:
+        if not text:
+            return text
+        self.texts.append(text)
+        if self.splitter is None:
+            return text
+        shown = self.splitter.push(text)
+        if self.splitter.calling:
+            self._arg_delta += self.arguments.push("".join(self.texts))
+        return shown
+
+    def take_arguments(self) -> tuple[str, str] | None:
+        """(function name, new arguments text) of the call being written since the last call, if any."""
+        if not self._arg_delta:
+            return None
+        delta, self._arg_delta = self._arg_delta, ""
+        return self.arguments.name, delta
 
     @property
     def text(self) -> str:
-        return "".join(self.texts)
+        """The reply's text for the user (tool-call blocks taken out)."""
+        return self.result()[0]
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The function calls the reply made (complete, well-formed ones only)."""
+        return self.result()[1]
+
+    def usage(self) -> dict[str, int]:
+        """Token counts: ``input_tokens`` prefilled for this reply (since the previous one ended; the
+        system prompt for the first), ``output_tokens`` generated (a stop token included)."""
+        return {"input_tokens": self.input_tokens, "output_tokens": self.n_decoded,
+                "total_tokens": self.input_tokens + self.n_decoded, "audio_tokens": self.media_tokens.get("audio", 0),
+                "image_tokens": self.media_tokens.get("video", 0)}
+
+    def result(self) -> tuple[str, list[ToolCall]]:
+        raw = "".join(self.texts)
+        return parse_tool_calls(raw, self.tools) if self.tools else (raw, [])
 
 
 class Conversation:
@@ -286,6 +361,11 @@ class Conversation:
         self.segments_cut = 0  # media segments closed early by segment_s (this conversation)
         self.last_reply: tuple[int, int] | None = None  # (reply start, reply text tokens)
         self._reply_end = 0  # Thinker length when the last reply (or its truncation) closed
+        self._prefix_at: int | None = None  # where the unanswered "<|im_start|>assistant\n" begins
+        self._prefix_end = 0  # ... and the Thinker length right after it
+        self._context_at: int | None = None  # where the open reply's own system turn begins
+        self._media_tokens = {"audio": 0, "video": 0}  # media tokens prefilled since the last reply
+        self._turn_media = dict(self._media_tokens)  # ... when the open turn began (abort_turn restores it)
         self.stats = TurnStats()
         self.turn_end_t = time.perf_counter()
         if system_prompt:
@@ -336,7 +416,9 @@ class Conversation:
         if self.turn_open:
             raise RuntimeError("a user turn is already open")
         self.stats = TurnStats()
+        self._drop_prefix()  # two user turns in a row (e.g. tool outputs): one assistant turn after both
         self.turn_start = self.thinker.n_tokens
+        self._turn_media = dict(self._media_tokens)
         self.text("<|im_start|>user\n")
         self.media = tuple(k for k, on in (("audio", audio), ("video", video)) if on)
         self._cutter = SegmentCutter(self.segment_s, self.media, self._feed, self._cut) if self.media else None
@@ -358,6 +440,7 @@ class Conversation:
 
     def _feed(self, kind: str, item) -> None:
         embeds, grid = item
+        self._media_tokens[kind] += int(embeds.shape[0])
         if kind == "audio":
             self.thinker.append_audio_block(embeds)
         else:
@@ -397,10 +480,26 @@ class Conversation:
             except Exception:
                 self.abort_turn()
                 raise
-        self.text(f"{text or ''}<|im_end|>\n<|im_start|>assistant\n")
+        self.text(f"{text or ''}<|im_end|>\n")
+        self._prefix_at = self.thinker.n_tokens
+        self.text("<|im_start|>assistant\n")
+        self._prefix_end = self.thinker.n_tokens
         self.stats.end_of_input_s = time.perf_counter() - t0
         self.turn_end_t = t0
         self.turn_start, self._cutter, self.media = None, None, ()
+
+    def _can_cut(self, n: int) -> bool:
+        """Can the Thinker be cut back to ``n`` tokens? (A window cache cannot bring back evicted tokens.)"""
+        cache = self.thinker.cache
+        return not getattr(cache, "evicted", False) or self.thinker.n_tokens - n <= getattr(cache, "count", 0)
+
+    def _drop_prefix(self) -> None:
+        """Take back the unanswered assistant prefix, if it is still the last thing in the context."""
+        if self._prefix_at is not None and self.reply is None and self.thinker.n_tokens == self._prefix_end \
+                and self._can_cut(self._prefix_at):
+            self.thinker.truncate(self._prefix_at)
+            self._truncate_feed(self._prefix_at)
+        self._prefix_at = None
 
     def abort_turn(self) -> None:
         """Forget the open user turn (``input_audio_buffer.clear``): the caches go back to where it began."""
@@ -408,26 +507,65 @@ class Conversation:
             return
         self.thinker.truncate(self.turn_start)
         self._truncate_feed(self.turn_start)
+        self._media_tokens = self._turn_media
         self.turn_start, self._cutter, self.media = None, None, ()
 
     # ------------------------------------------------------------------ the reply
-    def begin_reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None) -> Reply:
+    def begin_reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None, *,
+                    instructions: str | None = None, tools: list[dict] | None = None,
+                    tool_choice: str = "auto") -> Reply:
+        """Open the assistant turn. ``instructions`` and ``tools`` (checked by
+        :func:`omnistream.engine.tools.check_tools`) apply to this reply only: they are prefilled as
+        a system turn right before it and cut out again by :meth:`end_reply`."""
         if self.turn_open:
             self.end_turn()
         if self.reply is not None:
             raise RuntimeError("a reply is already being decoded")
-        self.reply = Reply(self, max_new_tokens, temperature, seed)
-        return self.reply
+        offered = tools if tools and tool_choice != "none" else []
+        constraint = None
+        if offered and tool_choice != "auto":  # built first: a bad choice changes nothing
+            allowed = [t for t in offered if tool_choice in ("required", f"function:{t['name']}")]
+            if not allowed:
+                raise ValueError(f"tool_choice {tool_choice!r} names no offered tool")
+            vocab = int(self.thinker.thinker.lm_head.weight.shape[0])  # logits width (padded vocabulary)
+            constraint = CallConstraint(self.tok, vocab, self.stop_ids, allowed)
+        elif tool_choice not in ("auto", "none") and not offered:
+            raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+        context = "\n\n".join(p for p in (instructions, tools_block(offered) if offered else None) if p)
+        self._context_at = None
+        if context:
+            self._drop_prefix()  # the system turn goes between the user turn and the assistant prefix
+            self._context_at = self.thinker.n_tokens
+            self.text(f"<|im_start|>system\n{context}<|im_end|>\n<|im_start|>assistant\n")
+        self._prefix_at = None
+        reply = Reply(self, max_new_tokens, temperature, seed, offered, tool_choice,
+                      input_tokens=self.thinker.n_tokens - self._reply_end, constraint=constraint,
+                      media_tokens=self._media_tokens)
+        self._media_tokens = {"audio": 0, "video": 0}
+        self.reply = reply
+        return reply
 
     def end_reply(self, cancelled: bool = False) -> Reply:
         """Close the assistant turn (the stop token, or ``<|im_end|>`` after a limit or a cancel)."""
         r, self.reply = self.reply, None
         if r is None:
             raise RuntimeError("no reply to end")
+        start = r.start
+        if self._context_at is not None and not self._can_cut(self._context_at):
+            self._context_at = None  # a window already evicted past it: the system turn stays (logged)
+            log.warning("the reply's own instructions/tools stay in the context: the window evicted past them")
+        if self._context_at is not None:  # this reply's own system turn leaves the context; the reply stays
+            self.thinker.truncate(self._context_at)
+            self._truncate_feed(self._context_at)
+            self.text("<|im_start|>assistant\n")
+            start = self.thinker.n_tokens
+            for i in range(0, len(r.tokens), self.TEXT_CHUNK):
+                self.thinker.append_text(r.tokens[i:i + self.TEXT_CHUNK])
+            self._context_at = None
         if not r.ended:
             self.text("<|im_end|>")
         self.text("\n")
-        self.last_reply = (r.start, len(r.ids))
+        self.last_reply = (start, len(r.ids))
         self._reply_end = self.thinker.n_tokens
         self.stats.reply_tokens = len(r.ids)
         self.stats.cancelled = cancelled

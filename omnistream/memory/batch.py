@@ -50,6 +50,19 @@ def cache_kind(cache) -> str:
     return "kernel" if isinstance(cache, WindowCache) and cache.kernel else "rotated"
 
 
+def cache_bytes(cache) -> int:
+    """Bytes a session's KV cache holds: a window cache's ``memory_bytes()``, else the sum of a
+    transformers cache's per-layer key and value tensors (``/status`` and ``/metrics``)."""
+    if hasattr(cache, "memory_bytes"):
+        return int(cache.memory_bytes())
+    n = 0
+    for layer in list(getattr(cache, "layers", ()) or ()):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "nbytes"):
+                n += int(t.nbytes)
+    return n
+
+
 def check_model(model) -> None:
     """Refuse a model whose layers a padding mask cannot serve (sliding-window attention layers)."""
     if getattr(model, "has_sliding_layers", False):

@@ -41,12 +41,32 @@ class SessionOptions:
     seed: int | None = None  # seeds sampling (Thinker at temperature > 0, the Talker) and the speech noise
 
 
+@dataclass
+class ResponseOptions:
+    """One reply's own settings (``response.create``); the session's options fill what is unset."""
+
+    max_new_tokens: int | None = None  # None: the session's
+    instructions: str | None = None  # for this reply only (added to the session's system prompt)
+    tools: list = field(default_factory=list)  # function tools, as omnistream.engine.tools.check_tools returns
+    tool_choice: str = "auto"  # auto | none | required | function:NAME (omnistream.engine.tools.check_tool_choice)
+    audio: bool = True  # False: a text-only reply (no Talker / Token2Wav work)
+
+
 # ---------------------------------------------------------------------------------- events
 @dataclass
 class TextDelta:
     """A piece of the reply text (whole UTF-8 characters)."""
 
     epoch: int
+    text: str
+
+
+@dataclass
+class ArgumentsDelta:
+    """A piece of the arguments (JSON text) of the function call ``name`` the reply is writing."""
+
+    epoch: int
+    name: str
     text: str
 
 
@@ -68,6 +88,8 @@ class ResponseDone:
     audio_samples: int
     cancelled: bool
     stats: dict = field(default_factory=dict)  # TurnStats fields: ttft_s, first_audio_s, rtf, ...
+    usage: dict = field(default_factory=dict)  # input_tokens (prefilled for it), output_tokens (generated), ...
+    tool_calls: list = field(default_factory=list)  # omnistream.engine.tools.ToolCall per function call made
 
 
 @dataclass
@@ -79,7 +101,7 @@ class SessionError:
     message: str
 
 
-Event = TextDelta | AudioDelta | ResponseDone | SessionError
+Event = TextDelta | ArgumentsDelta | AudioDelta | ResponseDone | SessionError
 
 
 class ClientError(RuntimeError):
@@ -129,8 +151,9 @@ class Client(ABC):
         """Drop the open user turn (``input_audio_buffer.clear``)."""
 
     @abstractmethod
-    def respond(self, sid: str) -> AsyncIterator[Event]:
-        """Generate a reply to the committed turn; yields events of the new epoch."""
+    def respond(self, sid: str, options: ResponseOptions | None = None) -> AsyncIterator[Event]:
+        """Generate a reply to the committed turn (``options``: this reply's own settings); yields
+        events of the new epoch."""
 
     @abstractmethod
     async def cancel(self, sid: str) -> int:

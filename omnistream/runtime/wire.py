@@ -71,7 +71,7 @@ __all__ = [
 
 #: Bumped on any incompatible change to the structs below; checked in Hello/Ready so a stale
 #: worker fails loudly at handshake time instead of mis-parsing frames mid-session.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: per-reply settings in Respond, usage and tool calls in Done
 
 #: Upper bound on one multipart message (all frames). 15 MiB is ~4 min of 16 kHz float32 mono
 #: audio -- far above any sane chunk -- yet small enough that a corrupt length can't make a
@@ -162,11 +162,13 @@ class AudioChunk(_Msg):
 
 
 class TextDelta(_Msg):
-    """Incremental text (thinker output or transcript) for ``session`` at ``epoch``."""
+    """Incremental text (thinker output or transcript) for ``session`` at ``epoch``; with ``call``,
+    the text is the arguments of the function call ``call`` being written."""
     session: str
     epoch: NonNeg
     seq: NonNeg
     text: str
+    call: str | None = None
 
 
 class Error(_Msg):
@@ -236,9 +238,17 @@ class Clear(_Msg):
 
 
 class Respond(_Msg):
-    """Generate the reply of ``epoch`` to the committed turn."""
+    """Generate the reply of ``epoch`` to the committed turn, with this reply's own settings:
+    ``max_new_tokens`` (0: the session's), ``instructions`` and ``tools`` (for this reply only: see
+    :meth:`omnistream.engine.conversation.Conversation.begin_reply`), ``tool_choice`` (``auto``,
+    ``none``, ``required`` or ``function:NAME``) and ``audio`` (False: text only, no Talker work)."""
     session: str
     epoch: NonNeg
+    max_new_tokens: NonNeg = 0
+    instructions: str | None = None
+    tools: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=128)] = []
+    tool_choice: str = "auto"
+    audio: bool = True
 
 
 class Truncate(_Msg):
@@ -308,6 +318,8 @@ class Done(_Msg):
     reply_tokens: NonNeg = 0
     speech: bool = False
     stats: dict[str, float] = {}
+    usage: dict[str, int] = {}  # input_tokens (prefilled for the reply), output_tokens (generated), ...
+    tool_calls: list[dict[str, str]] = []  # {"name", "arguments" (JSON text)} per function call made
 
 
 class ReplyError(_Msg):

@@ -28,11 +28,13 @@ import numpy as np
 
 from omnistream.runtime import wire
 from omnistream.runtime.client import (
+    ArgumentsDelta,
     AudioDelta,
     Client,
     ClientError,
     Event,
     ResponseDone,
+    ResponseOptions,
     SessionError,
     SessionOptions,
     TextDelta,
@@ -217,7 +219,7 @@ class WireClient(Client):
         return errors
 
     # ------------------------------------------------------------------ output
-    async def respond(self, sid: str) -> AsyncIterator[Event]:
+    async def respond(self, sid: str, options: ResponseOptions | None = None) -> AsyncIterator[Event]:
         s = self._session(sid)
         await self._ready()
         if self._draining:
@@ -226,7 +228,10 @@ class WireClient(Client):
         r = _Reply(s.epoch)
         s.replies.append(r)
         s.media_open = False
-        await self._post(wire.Respond(session=sid, epoch=r.epoch))
+        o = options or ResponseOptions()
+        await self._post(wire.Respond(session=sid, epoch=r.epoch, max_new_tokens=o.max_new_tokens or 0,
+                                      instructions=o.instructions, tools=list(o.tools), tool_choice=o.tool_choice,
+                                      audio=o.audio))
         while True:
             ev = await r.queue.get()
             if ev.epoch != s.epoch and not isinstance(ev, (ResponseDone, SessionError)):
@@ -274,7 +279,8 @@ class WireClient(Client):
             r = self._reply_for(s, msg.epoch, "text")
             if r is not None:
                 r.ttft_s = r.ttft_s or time.perf_counter() - r.t0
-                r.queue.put_nowait(TextDelta(msg.epoch, msg.text))
+                r.queue.put_nowait(TextDelta(msg.epoch, msg.text) if msg.call is None else
+                                   ArgumentsDelta(msg.epoch, msg.call, msg.text))
         elif isinstance(msg, wire.AudioChunk):
             r = self._reply_for(s, msg.epoch, "audio")
             if r is not None:
@@ -303,7 +309,10 @@ class WireClient(Client):
         cancelled = t.cancelled or (r.audio_done is not None and r.audio_done.cancelled) or s.epoch != r.epoch
         stats = {"ttft_s": r.ttft_s, "first_audio_s": r.first_audio_s, "decode_s": time.perf_counter() - r.t0,
                  **t.stats}
-        self._end(s, r, ResponseDone(r.epoch, t.text, t.reply_tokens, r.samples, cancelled, stats))
+        from omnistream.engine.tools import ToolCall
+
+        calls = [ToolCall(c["name"], c["arguments"]) for c in t.tool_calls]
+        self._end(s, r, ResponseDone(r.epoch, t.text, t.reply_tokens, r.samples, cancelled, stats, dict(t.usage), calls))
 
     def _end(self, s: _Session, r: _Reply, ev) -> None:
         if r in s.replies:

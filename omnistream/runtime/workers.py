@@ -7,7 +7,8 @@ one (it travels over ZeroMQ). The rules of the conversation live in the engine c
 
 * ``encoders``: user PCM and camera frames -> audio blocks / video patches (``Embeds``), per turn
   (the rules of when a turn opens live here, once);
-* ``thinker``: the conversation; prefill, greedy/sampled decode -> ``TextDelta`` to the client,
+* ``thinker``: the conversation; prefill, greedy/sampled (or grammar-constrained: a forced function call)
+  decode -> ``TextDelta`` to the client (reply text, or a function call's arguments),
   ``Step`` (token, embedding, hidden state) and ``PromptRows`` (the Talker's prompt) to the talker;
 * ``talker``: ``feed_prompt`` / ``push`` / ``finish`` -> codec ``Codes``;
 * ``token2wav``: codes -> 24 kHz PCM ``AudioChunk`` to the client, then ``Done``.
@@ -35,6 +36,7 @@ import torch
 
 from omnistream.engine.conversation import SAMPLE_RATE, SYSTEM_PROMPT, Conversation, SpeechRates, parse_window
 from omnistream.engine.scheduler import Need, Scheduler
+from omnistream.memory.batch import cache_bytes
 from omnistream.runtime import wire
 from omnistream.runtime.layout import PIPELINE
 from omnistream.runtime.session import Slot, options_from_wire
@@ -371,6 +373,18 @@ class ThinkerWorker(Worker):
     def rebuilds(self, s, options):
         return any(getattr(s.options, k) != getattr(options, k) for k in self.REBUILD_KEYS)
 
+    def status(self) -> dict:
+        """Plus ``kv_bytes``: the Thinker caches the sessions hold (``/metrics``' omnistream_kv_bytes). In
+        process this is read from the event loop while the engine thread works: a cache being replaced
+        is counted as it was, or skipped."""
+        kv = 0
+        for slot in list(self.slots.values()):
+            try:
+                kv += cache_bytes(slot.state.thinker.cache)
+            except (AttributeError, RuntimeError):
+                continue
+        return {**super().status(), "kv_bytes": kv}
+
     def defer_rebuild(self, s):
         """A new voice / prompt / cache applies from the next user turn: never inside an open one."""
         return s.state.turn_open
@@ -401,14 +415,22 @@ class ThinkerWorker(Worker):
         elif isinstance(msg, wire.Truncate):
             self._ack(s, msg.req, c.truncate_to_played(msg.played_samples))
         elif isinstance(msg, wire.Respond):
-            if c.feed is not None:
+            o = s.options
+            try:
+                r = c.begin_reply(msg.max_new_tokens or o.max_new_tokens, o.temperature, o.seed,
+                                  instructions=msg.instructions, tools=msg.tools, tool_choice=msg.tool_choice)
+            except Exception as e:  # noqa: BLE001 -- e.g. a tool_choice naming no tool: this reply fails, not the session
+                self.send("client", wire.ReplyError(session=s.sid, epoch=msg.epoch, code=error_code(e),
+                                                    message=f"{self.name}: {e}"))
+                return
+            speak = c.feed is not None and msg.audio and not r.forced  # a forced call is never spoken
+            if speak:
                 self.send("talker", msg)
-            s.start(self._reply(s, c, msg.epoch), msg.epoch)
+            s.start(self._reply(s, c, r, msg.epoch, speak), msg.epoch)
 
-    def _reply(self, s: Slot, c: Conversation, epoch: int) -> Generator:
-        """The text side of a reply, one token per scheduler tick (batched with the other sessions)."""
-        o, speak = s.options, c.feed is not None
-        r = c.begin_reply(o.max_new_tokens, o.temperature, o.seed)
+    def _reply(self, s: Slot, c: Conversation, r, epoch: int, speak: bool) -> Generator:
+        """The text side of a reply, one token per scheduler tick (batched with the other sessions).
+        ``speak``: its steps go to the Talker (until a tool call begins: a call is not spoken)."""
         end_of_input_s, cancelled, seq = c.stats.end_of_input_s, False, 0
         try:
             while not r.done:
@@ -418,7 +440,10 @@ class ThinkerWorker(Worker):
                 if text:
                     seq += 1
                     self.send("client", wire.TextDelta(session=s.sid, epoch=epoch, seq=seq, text=text))
-                if speak:
+                if args := r.take_arguments():
+                    seq += 1
+                    self.send("client", wire.TextDelta(session=s.sid, epoch=epoch, seq=seq, text=args[1], call=args[0]))
+                if speak and not r.calling:
                     self.send("talker", wire.Step(session=s.sid, epoch=epoch, token=step.token,
                                                   embed=ref(step.embed, 1), hidden=ref(step.hidden, 2)),
                               step.embed, step.hidden)
@@ -429,13 +454,18 @@ class ThinkerWorker(Worker):
             if text := r.flush():
                 seq += 1
                 self.send("client", wire.TextDelta(session=s.sid, epoch=epoch, seq=seq, text=text))
+            if args := r.take_arguments():
+                seq += 1
+                self.send("client", wire.TextDelta(session=s.sid, epoch=epoch, seq=seq, text=args[1], call=args[0]))
         finally:
             if speak:
                 self.send("talker", wire.EndReply(session=s.sid, epoch=epoch, cancelled=cancelled))
             c.end_reply(cancelled)
-        self.send("client", wire.Done(session=s.sid, epoch=epoch, part="text", cancelled=cancelled, text=r.text,
-                                      reply_tokens=len(r.ids), speech=speak,
-                                      stats={"end_of_input_s": end_of_input_s}))
+        text, calls = r.result()
+        self.send("client", wire.Done(session=s.sid, epoch=epoch, part="text", cancelled=cancelled, text=text,
+                                      reply_tokens=len(r.ids), speech=speak, stats={"end_of_input_s": end_of_input_s},
+                                      usage=r.usage(), tool_calls=[{"name": k.name, "arguments": k.arguments}
+                                                                   for k in calls]))
 
     def _ack(self, s: Slot, req: int, value: int = 0) -> None:
         if req:
