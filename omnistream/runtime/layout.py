@@ -18,19 +18,29 @@ A layout is also read from YAML::
       - name: speech
         workers: [talker, token2wav]
         device: cuda:1
-        address: tcp://10.0.0.2:5601   # a stage on another host (bind address of its input)
+        address: tcp://10.0.0.2:5601     # where peers connect: the address of its host
+        bind: tcp://0.0.0.0:5601         # where it listens (default: address)
         remote: true                     # started there by hand: python -m omnistream.runtime.stage
     control: tcp://10.0.0.1:5600        # the supervisor's sockets (default ipc://; tcp:// with remote stages)
     events: tcp://10.0.0.1:5602
     epochs: tcp://10.0.0.1:5603
+    bind: {control: tcp://0.0.0.0:5600, events: tcp://0.0.0.0:5602, epochs: tcp://0.0.0.0:5603}
 
 or from a one-line CLI spec: ``"encoders+thinker@cuda:0:bf16,talker+token2wav@cuda:1"`` (each stage
 ``worker[+worker...][@device[:dtype]][=address]``). Addresses default to ``ipc://`` sockets in a private
 run directory; ``tcp://host:port`` puts a stage's input (or the supervisor's sockets) on a network
 interface. A ``remote`` stage is not spawned by the supervisor: it is started on its own host with
-``python -m omnistream.runtime.stage --layout FILE --stage NAME --model DIR`` and connects back
+``python -m omnistream.runtime.stage --layout FILE --stage NAME --model DIR [--respawn]`` and connects back
 (then every address must be tcp://). A fifth worker, ``echo``, answers audio with the same audio:
 it loads no model and serves the supervisor tests and the hop benchmark.
+
+Address and bind: every socket has one ``address`` that its peers *connect* to -- it is advertised
+to them by this file, which all hosts share -- and may have a ``bind``, the local endpoint it
+*listens* on, when the two differ: a wildcard (``tcp://0.0.0.0:5601``, ``tcp://*:5601``), an
+interface (``tcp://eth1:5601``), or another port behind a NAT or a container port mapping, while
+``address`` names the host as the others reach it (an IP or a DNS name, which ZeroMQ cannot bind).
+So ``address`` may not be a wildcard, and ``bind`` is tcp:// only (an ipc:// path is the same for
+both sides). A stage's host may also override its bind on the command line (``--bind``).
 
 Bad layouts raise :class:`LayoutError` naming the file and the offending entry; :func:`check_devices`
 also refuses a stage whose device this machine does not have (a CUDA device on a CPU-only build),
@@ -69,6 +79,12 @@ class StageSpec:
     threads: int | None = None  # torch CPU threads; None: the host's cores shared by the CPU stages
     remote: bool = False  # started on its own host (``python -m omnistream.runtime.stage``), not spawned
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU (checkpoints.resolve_dtype)
+    bind: str | None = None  # where the input listens when peers reach it elsewhere (None: address)
+
+    @property
+    def listen(self) -> str | None:
+        """The endpoint this stage binds its input on (``bind``, else the advertised ``address``)."""
+        return self.bind or self.address
 
     @property
     def needs_talker(self) -> bool:
@@ -90,6 +106,13 @@ class Layout:
     epochs: str | None = None
     source: str = "<layout>"
     run_dir: str | None = field(default=None, compare=False)
+    control_bind: str | None = None  # where the supervisor's sockets listen, when not at their address
+    events_bind: str | None = None
+    epochs_bind: str | None = None
+
+    def bind_of(self, key: str) -> str | None:
+        """The endpoint to bind the supervisor's ``control``, ``events`` or ``epochs`` socket on."""
+        return getattr(self, f"{key}_bind") or getattr(self, key)
 
     def stage_of(self, worker: str) -> StageSpec:
         for s in self.stages:
@@ -181,9 +204,9 @@ def from_yaml(path: str | os.PathLike) -> Layout:
 def from_dict(doc, source: str = "<layout>") -> Layout:
     if not isinstance(doc, dict):
         raise LayoutError(f"{source}: expected a mapping with a 'stages' list, got {type(doc).__name__}")
-    unknown = set(doc) - {"stages", "control", "events", "epochs"}
+    unknown = set(doc) - {"stages", "control", "events", "epochs", "bind"}
     if unknown:
-        raise LayoutError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: stages, control, events, epochs")
+        raise LayoutError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: stages, control, events, epochs, bind")
     raw = doc.get("stages")
     if not isinstance(raw, list) or not raw:
         raise LayoutError(f"{source}: 'stages' must be a non-empty list")
@@ -192,10 +215,10 @@ def from_dict(doc, source: str = "<layout>") -> Layout:
         where = f"{source}: stages[{i}]"
         if not isinstance(st, dict):
             raise LayoutError(f"{where}: expected a mapping, got {type(st).__name__}")
-        bad = set(st) - {"name", "workers", "device", "dtype", "address", "threads", "remote"}
+        bad = set(st) - {"name", "workers", "device", "dtype", "address", "bind", "threads", "remote"}
         if bad:
             raise LayoutError(f"{where}: unknown key(s) {sorted(bad)}; allowed: name, workers, device, dtype, "
-                              "address, threads, remote")
+                              "address, bind, threads, remote")
         if not isinstance(st.get("remote", False), bool):
             raise LayoutError(f"{where}: 'remote' must be true or false")
         workers = st.get("workers")
@@ -208,17 +231,21 @@ def from_dict(doc, source: str = "<layout>") -> Layout:
         for key, v in (("name", name), ("device", dev), ("dtype", dtype)):
             if not isinstance(v, str):
                 raise LayoutError(f"{where}: {key!r} must be a string, got {v!r}")
-        if addr is not None and not isinstance(addr, str):
-            raise LayoutError(f"{where}: 'address' must be a string like tcp://host:port, got {addr!r}")
+        for key in ("address", "bind"):
+            if st.get(key) is not None and not isinstance(st[key], str):
+                raise LayoutError(f"{where}: {key!r} must be a string like tcp://host:port, got {st[key]!r}")
         threads = st.get("threads")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise LayoutError(f"{where}: 'threads' must be an int >= 1, got {threads!r}")
-        stages.append(StageSpec(name, tuple(workers), dev, addr, threads, st.get("remote", False), dtype))
+        stages.append(StageSpec(name, tuple(workers), dev, addr, threads, st.get("remote", False), dtype, st.get("bind")))
     addrs = {k: doc.get(k) for k in ("control", "events", "epochs")}
-    for k, v in addrs.items():
+    binds = doc.get("bind") or {}
+    if not isinstance(binds, dict) or set(binds) - set(addrs):
+        raise LayoutError(f"{source}: 'bind' must map some of control, events, epochs to a tcp:// endpoint, got {binds!r}")
+    for k, v in (*addrs.items(), *((f"bind.{k}", v) for k, v in binds.items())):
         if v is not None and not isinstance(v, str):
             raise LayoutError(f"{source}: {k!r} must be an address string, got {v!r}")
-    return validate(Layout(tuple(stages), source=source, **addrs))
+    return validate(Layout(tuple(stages), source=source, **addrs, **{f"{k}_bind": v for k, v in binds.items()}))
 
 
 def validate(layout: Layout) -> Layout:
@@ -242,11 +269,9 @@ def validate(layout: Layout) -> Layout:
             raise LayoutError(f"{where}: bad device {s.device!r}; use cpu, cuda or cuda:N")
         if s.dtype not in DTYPES:
             raise LayoutError(f"{where}: bad dtype {s.dtype!r}; use {', '.join(DTYPES)}")
-        if s.address is not None:
-            _check_address(s.address, where)
+        check_endpoints(s.address, s.bind, where)
     for k in ("control", "events", "epochs"):
-        if getattr(layout, k) is not None:
-            _check_address(getattr(layout, k), f"{src}: {k}")
+        check_endpoints(getattr(layout, k), getattr(layout, f"{k}_bind"), f"{src}: {k}")
     if any(s.remote for s in layout.stages):  # another host can reach nothing over ipc://
         ipc = [s.name for s in layout.stages if not (s.address or "").startswith("tcp://")]
         ipc += [k for k in ("control", "events", "epochs") if not (getattr(layout, k) or "").startswith("tcp://")]
@@ -281,6 +306,24 @@ def check_devices(layout: Layout) -> Layout:
             except CheckpointError as e:
                 raise LayoutError(f"{layout.source}: stage {s.name!r}: {e}") from None
     return layout
+
+
+def check_endpoints(address: str | None, bind: str | None, where: str) -> None:
+    """An advertised ``address`` peers can connect to, and an optional tcp:// ``bind`` to listen on."""
+    if address is not None:
+        _check_address(address, where)
+        host = _TCP.match(address).group(1) if address.startswith("tcp://") else None
+        if host in ("*", "0.0.0.0", "[::]"):
+            raise LayoutError(f"{where}: address {address!r} is a wildcard its peers cannot connect to; put this "
+                              f"host's address there and {address!r} in 'bind'")
+    if bind is None:
+        return
+    if address is None:
+        raise LayoutError(f"{where}: 'bind' needs an 'address' (what the peers connect to)")
+    _check_address(bind, f"{where} bind")
+    if not (address.startswith("tcp://") and bind.startswith("tcp://")):
+        raise LayoutError(f"{where}: 'bind' is for tcp:// addresses (an ipc:// path is the same on both sides), "
+                          f"got address {address!r}, bind {bind!r}")
 
 
 def _check_address(a: str, where: str) -> None:

@@ -23,9 +23,11 @@ stages drop what they still hold for them. What was lost depends on what the sta
 * ``encoders``: only the open user turns (cleared in the thinker); the conversations stay;
 * ``token2wav``: only the replies being spoken; the conversations stay.
 
-Sessions with nothing in the lost stage are untouched. Calls made while a stage restarts wait for
-it (up to ``ready_timeout_s``). SIGTERM: :meth:`MultiProcClient.drain` takes no new replies, lets
-the running ones finish, then shuts every stage down.
+Sessions with nothing in the lost stage are untouched. A ``remote`` stage (another host) is
+restarted there, by its ``--respawn`` keeper, and re-attached by the supervisor, with the same
+effect. Calls made while a stage restarts wait for it (up to ``ready_timeout_s``). SIGTERM:
+:meth:`MultiProcClient.drain` takes no new replies, lets the running ones finish, then shuts
+every stage down.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class MultiProcClient(WireClient):
         self.events = self.ctx.socket(zmq.PULL)
         self.events.setsockopt(zmq.RCVHWM, hwm)
         self.events.setsockopt(zmq.LINGER, 0)
-        self.events.bind(self.layout.events)
+        self.events.bind(self.layout.bind_of("events"))
         self.head = self.ctx.socket(zmq.PUSH)
         self.head.setsockopt(zmq.SNDHWM, hwm)
         self.head.setsockopt(zmq.LINGER, 0)

@@ -23,6 +23,10 @@ frames. Barge-in epochs are applied to every local worker as soon as they arrive
 The process dies with its parent (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), and SIGTERM (or a
 ``Shutdown`` message) makes it drain: it keeps working until its tasks and input are done
 (bounded by ``drain_s``) and exits 0.
+
+A remote stage (another host; :func:`main`) has no supervisor process to die with: it exits after
+``--orphan-s`` without a ping, and with ``--respawn`` a small keeper process restarts it whenever it
+dies (:func:`respawn`) -- the supervisor re-attaches the new process at its Hello.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class Stage:
         self._accepts: list = []
         self.ck = None
         self.draining_since: float | None = None
+        self.orphaned = False  # run() ended because the supervisor went silent (not a Shutdown)
         self.meter = LoadMeter()
 
     def _sock(self, kind, identity: bytes | None = None) -> zmq.Socket:
@@ -152,7 +157,7 @@ class Stage:
 
     def activate(self) -> None:
         """Take the stage's input address and tell the supervisor this process serves."""
-        self.pull.bind(self.spec.address)
+        self.pull.bind(self.spec.listen)  # the advertised address, or the local endpoint the layout binds
         wire.send(self.ctrl, wire.Ready(stage=self.spec.name, pid=os.getpid()))
 
     def load(self) -> None:
@@ -279,6 +284,7 @@ class Stage:
             self.meter.record(time.perf_counter() - t_work, self._replying(), did_work=bool(n) or busy)
             if self.orphan_s is not None and time.monotonic() - self.last_ping > self.orphan_s:
                 log.error("%s: no ping from the supervisor for %.0fs: exiting", self.spec.name, self.orphan_s)
+                self.orphaned = True
                 return
             if self.draining_since is not None:
                 idle = not busy and not self.local and not n
@@ -325,25 +331,55 @@ def stage_main(spec: StageSpec, layout: Layout, model: str | None, incarnation: 
     stage.close()
 
 
-def main(argv=None) -> int:
-    """``python -m omnistream.runtime.stage``: run a layout's ``remote`` stage on this host."""
-    import argparse
+EXIT_HANDSHAKE = 3  # protocol mismatch or a refused handshake: restarting cannot help
+EXIT_NO_SUPERVISOR = 4  # no Ready, or no ping for --orphan-s: a respawned process waits for it again
+RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # between restarts of a stage that keeps dying young
+RESPAWN_STABLE_S = 60.0  # a process that lived this long resets the backoff
 
-    from omnistream.runtime.layout import load
+
+def main(argv=None) -> int:
+    """``python -m omnistream.runtime.stage``: run a layout's ``remote`` stage on this host.
+
+    Exit codes: 0 drained (SIGTERM, or the supervisor's Shutdown), 2 bad arguments or layout,
+    3 handshake refused, 4 no supervisor. With ``--respawn`` the command is a small keeper that
+    runs the stage as its child and starts a new one whenever it dies (kill -9, OOM, a crash, an
+    orphan exit) -- a remote stage is not spawned by the supervisor, so this is how it comes back;
+    the supervisor re-attaches the new process at its Hello (see :mod:`omnistream.runtime.supervisor`).
+    """
+    import argparse
+    from dataclasses import replace
+
+    from omnistream.runtime.layout import LayoutError, check_endpoints, load
 
     p = argparse.ArgumentParser(description="Run one stage of a layout on this host; it connects to the supervisor.")
     p.add_argument("--layout", required=True, help="the YAML layout the supervisor runs (tcp:// addresses)")
     p.add_argument("--stage", required=True, help="the stage's name in the layout")
     p.add_argument("--model", help="checkpoint directory (not needed for echo stages)")
+    p.add_argument("--bind", help="listen here instead of the layout's bind/address (e.g. tcp://0.0.0.0:5601); "
+                   "peers still connect to the layout's address")
     p.add_argument("--orphan-s", type=float, default=60.0, help="exit after this long without a ping")
+    p.add_argument("--respawn", action="store_true", help="restart the stage whenever its process dies")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by --respawn: die with the keeper
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
-    layout = load(args.layout)
-    spec = next((s for s in layout.stages if s.name == args.stage), None)
-    if spec is None:
-        p.error(f"no stage {args.stage!r} in {args.layout}; stages: {', '.join(s.name for s in layout.stages)}")
+    try:
+        layout = load(args.layout)
+        spec = next((s for s in layout.stages if s.name == args.stage), None)
+        if spec is None:
+            raise LayoutError(f"no stage {args.stage!r} in {args.layout}; stages: "
+                              f"{', '.join(s.name for s in layout.stages)}")
+        if args.bind:
+            spec = replace(spec, bind=args.bind)
+            check_endpoints(spec.address, spec.bind, f"--bind for stage {spec.name!r}")
+    except LayoutError as e:
+        p.error(str(e))
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s {spec.name}[%(process)d] %(levelname)s %(message)s")
+    if args.respawn:
+        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--respawn"]
+        return respawn([sys.executable, "-m", "omnistream.runtime.stage", *argv, "--parent-pid", str(os.getpid())])
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     stage = Stage(spec, layout, args.model, incarnation=os.getpid(), orphan_s=args.orphan_s)
     signal.signal(signal.SIGTERM, lambda *_: stage.drain())
     try:
@@ -351,12 +387,52 @@ def main(argv=None) -> int:
         stage.run()
     except Stopped:
         pass
-    except (wire.WireError, TimeoutError) as e:
+    except TimeoutError as e:
+        log.error("%s", e)
+        return EXIT_NO_SUPERVISOR
+    except wire.WireError as e:
         log.error("handshake failed: %s", e)
-        return 3
+        return EXIT_HANDSHAKE
     finally:
         stage.close()
-    return 0
+    return EXIT_NO_SUPERVISOR if stage.orphaned else 0
+
+
+def respawn(cmd: list[str]) -> int:
+    """Keep one stage process (``cmd``) running: start it again whenever it dies, with a backoff
+    while it keeps dying young. Ends with the child's code when it exits 0 (drained) or 3 (its
+    handshake was refused: a restart would be refused too), and on SIGTERM/SIGINT, which it passes
+    on to the child (a drain) and waits for. The child dies with this keeper (``--parent-pid``)."""
+    import subprocess
+
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    young = 0  # deaths in a row of processes that lived less than RESPAWN_STABLE_S
+    while True:
+        t0 = time.monotonic()
+        child = subprocess.Popen(cmd)
+        log.info("stage process %d started", child.pid)
+        rc = child.wait()
+        if stopping or rc in (0, EXIT_HANDSHAKE):
+            return rc
+        young = young + 1 if time.monotonic() - t0 < RESPAWN_STABLE_S else 0
+        delay = RESPAWN_BACKOFF_S[min(young, len(RESPAWN_BACKOFF_S)) - 1] if young else 0.0
+        log.error("stage process %d exited with %s; starting a new one in %.1fs", child.pid,
+                  f"signal {-rc}" if rc < 0 else f"code {rc}", delay)
+        end = time.monotonic() + delay
+        while not stopping and time.monotonic() < end:
+            time.sleep(0.05)
+        if stopping:
+            return rc
 
 
 if __name__ == "__main__":

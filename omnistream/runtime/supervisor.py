@@ -28,6 +28,16 @@ and ``on_lost(stage, reason)`` tells the owner, which errors the sessions whose 
 ``on_ready(stage, restarted)`` fires when a (re)started stage serves. A stage that fails its
 handshake (protocol mismatch) is not restarted in a loop: it is marked failed.
 
+Remote stages (``remote: true``, on other hosts) are not spawned, so not restarted, from here:
+whoever starts them restarts them (``python -m omnistream.runtime.stage --respawn`` keeps one
+process of the stage running). The supervisor attaches whichever process of the stage says Hello
+and reports a loss (``on_lost``) when the serving one is gone: its control connection closed (the
+host's kernel closes a killed process's socket; ZMTP heartbeats time a dead host or link out) and
+it answered no ping for ``stall_s``; or it was silent for ``hang_timeout_s``; or a new process of
+the stage said Hello first (a fast respawn). The new process's Ready then makes ``on_ready(stage,
+restarted=True)`` fire as for a local restart; a stage given up for lost that answers pings again
+(a link that came back) is re-attached the same way.
+
 Orphans: stages are daemonic multiprocessing children (terminated at interpreter exit) and
 ask the kernel to SIGKILL them when the supervisor dies (``PR_SET_PDEATHSIG``), so even a
 kill -9 of the server leaves no stage behind. :meth:`Supervisor.shutdown` asks every stage to
@@ -41,6 +51,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -54,6 +65,7 @@ from omnistream.runtime.layout import Layout, StageSpec
 from omnistream.runtime.stage import stage_main
 
 log = logging.getLogger("omnistream.supervisor")
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 5000  # ZMTP heartbeats on links to remote stages
 
 
 class SupervisorError(RuntimeError):
@@ -77,6 +89,7 @@ class StageProc:
     history: list = field(default_factory=list)  # (time, reason) of each loss
 
     remote_pid: int | None = None  # a remote stage's pid (from its Hello), on its own host
+    suspect_since: float | None = None  # a control connection closed at this time; this remote stage may be gone
     spare: mp.process.BaseProcess | None = None  # a warm standby process (spares=True)
     spare_inc: int = 0
     spare_ident: bytes | None = None  # set when the spare said Hello: loaded, waiting to be promoted
@@ -97,6 +110,7 @@ class Supervisor:
                  ping_interval_s: float = 0.5, hang_timeout_s: float = 30.0, load_timeout_s: float = 180.0,
                  max_sessions: int = 8, on_lost: Callable | None = None, on_ready: Callable | None = None,
                  spares: bool = False, log_level: int = logging.WARNING, stall_s: float | None = None):
+        self._own_run_dir = layout.run_dir is None  # a private temp directory for ipc:// paths: removed at shutdown
         if layout.run_dir is None:
             layout = layout.resolved()
         self.layout, self.model = layout, model
@@ -125,17 +139,21 @@ class Supervisor:
         """Bind the control and epochs sockets, spawn every stage, wait until all serve."""
         self.ctrl = self.ctx.socket(zmq.ROUTER)
         self.ctrl.setsockopt(zmq.LINGER, 0)
-        self.ctrl.bind(self.layout.control)
+        if any(sp.spec.remote for sp in self.stages.values()):  # ZMTP heartbeats: a dead host drops its link
+            self.ctrl.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            self.ctrl.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            self._tasks.append(asyncio.create_task(self._disconnects(self.ctrl.get_monitor_socket(zmq.EVENT_DISCONNECTED))))
+        self.ctrl.bind(self.layout.bind_of("control"))
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 10_000)  # epochs are tiny and rare; still bounded
-        self.pub.bind(self.layout.epochs)
+        self.pub.bind(self.layout.bind_of("epochs"))
         for sp in self.stages.values():
             if sp.spec.remote:  # started on its own host; it connects to us
                 sp.state, sp.started_at = "waiting", time.monotonic()
             else:
                 self._spawn(sp)
-        self._tasks = [asyncio.create_task(self._control_loop()), asyncio.create_task(self._watch_loop())]
+        self._tasks += [asyncio.create_task(self._control_loop()), asyncio.create_task(self._watch_loop())]
         await self.wait_ready(timeout_s or self.load_timeout_s)
 
     async def wait_ready(self, timeout_s: float) -> None:
@@ -193,6 +211,8 @@ class Supervisor:
         self._closing = True
         for t in self._tasks:
             t.cancel()
+        if self._tasks:  # their sockets (the disconnect monitor) close before the context ends
+            await asyncio.wait(self._tasks, timeout=5)
         if self.pub is not None:
             await self.pub.send_multipart(wire.encode(wire.Shutdown()))
             for sp in self.stages.values():
@@ -219,6 +239,8 @@ class Supervisor:
         for s in (self.ctrl, self.pub):
             if s is not None:
                 s.close(0)
+        if self._own_run_dir:
+            shutil.rmtree(self.layout.run_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ sockets
     async def publish(self, msg) -> None:
@@ -240,6 +262,8 @@ class Supervisor:
                     sp.spare_ident = ident  # loaded; it waits for a Ready until it is needed
                 continue
             if sp is not None and sp.spec.remote and isinstance(msg, wire.Hello):
+                if inc != str(sp.incarnation) and sp.state in ("ready", "handshake"):  # respawned before we noticed
+                    await self._remote_lost(sp, f"was replaced on its host by a new process (pid {msg.pid})")
                 sp.incarnation, sp.remote_pid = inc, msg.pid  # a remote stage names its own incarnation
             if sp is None or inc != str(sp.incarnation):
                 if isinstance(msg, wire.Hello):
@@ -249,16 +273,43 @@ class Supervisor:
                 sp.state = "handshake"
                 await self.ctrl.send_multipart([ident, *wire.encode(wire.Ready(stage="supervisor", pid=os.getpid()))])
             elif isinstance(msg, wire.Ready):
-                restarted = sp.restarts > 0
-                sp.state, sp.last_pong = "ready", time.monotonic()
                 log.info("stage %s ready (pid %d)", name, msg.pid)
-                if all(s.state == "ready" for s in self.stages.values()):
-                    if self.on_ready is not None:
-                        await _maybe_await(self.on_ready(name, restarted))
-                    self._ready.set()
-                    self._spawn_spares()
+                await self._serving(sp)
             elif isinstance(msg, wire.Pong):
                 sp.last_pong, sp.stats = time.monotonic(), msg.stats
+                if sp.spec.remote and sp.state == "waiting":  # given up for lost, yet alive: it serves again
+                    log.warning("remote stage %s answers again: re-attached", name)
+                    await self._serving(sp)
+
+    async def _serving(self, sp: StageProc) -> None:
+        """A (re)started stage serves: once every stage does, ``on_ready`` and wake the waiters."""
+        restarted = sp.restarts > 0
+        sp.state, sp.last_pong, sp.suspect_since = "ready", time.monotonic(), None
+        if all(s.state == "ready" for s in self.stages.values()):
+            if self.on_ready is not None:
+                await _maybe_await(self.on_ready(sp.spec.name, restarted))
+            self._ready.set()
+            self._spawn_spares()
+
+    async def _disconnects(self, monitor) -> None:
+        """A control connection closed (a remote stage's process died: its host's kernel closed the
+        socket; or ZMTP heartbeats timed out: the host or the link is gone). The monitor does not say
+        whose, so every serving remote stage becomes a suspect: one that answers no ping for
+        ``stall_s`` after it is lost (see :meth:`_watch_remote`); a live one answers and is cleared."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    now = time.monotonic()
+                    for sp in self.stages.values():
+                        if sp.spec.remote and sp.state == "ready" and sp.suspect_since is None:
+                            sp.suspect_since = now
+        finally:  # stop the events first: libzmq's I/O thread blocks sending one that nobody reads
+            if not self.ctrl.closed:
+                self.ctrl.disable_monitor()
+            monitor.close(0)
 
     def _reject(self, sp: StageProc | None, name: str, why: str) -> None:
         log.error("stage %r rejected: %s", name, why)
@@ -297,18 +348,29 @@ class Supervisor:
                     await self.ctrl.send_multipart([sp.identity, *wire.encode(ping)])
 
     async def _watch_remote(self, sp: StageProc, now: float) -> None:
-        """A remote stage cannot be restarted from here: a silent one is lost until it reconnects."""
+        """A remote stage cannot be restarted from here (whoever started it restarts it: ``--respawn``):
+        one that is silent for ``hang_timeout_s``, or for ``stall_s`` after its connection closed, is
+        lost until a process of it says Hello again -- or answers a ping again (a stopped process or a
+        broken link that came back), so the one given up for lost is still pinged."""
+        if sp.state == "waiting" and sp.remote_pid is not None:
+            await self.ctrl.send_multipart([sp.identity, *wire.encode(wire.Ping(seq=next(self._seq), t=now))])
         if sp.state != "ready":
             return
-        if now - sp.last_pong > self.hang_timeout_s:
-            log.error("remote stage %s (pid %s on its host) silent for %.1fs: waiting for it to reconnect",
-                      sp.spec.name, sp.pid, now - sp.last_pong)
-            sp.history.append((time.time(), "silent"))
-            sp.state, sp.restarts = "waiting", sp.restarts + 1
-            self._ready.clear()
-            await self._tell_lost(sp.spec.name, f"silent for {now - sp.last_pong:.1f}s (remote)")
+        if sp.suspect_since is not None and sp.last_pong > sp.suspect_since:
+            sp.suspect_since = None  # it answered after the disconnect: alive
+        if sp.suspect_since is not None and now - sp.suspect_since > self.stall_s:
+            await self._remote_lost(sp, f"disconnected and silent for {now - sp.last_pong:.1f}s (remote)")
+        elif now - sp.last_pong > self.hang_timeout_s:
+            await self._remote_lost(sp, f"silent for {now - sp.last_pong:.1f}s (remote)")
         else:
             await self.ctrl.send_multipart([sp.identity, *wire.encode(wire.Ping(seq=next(self._seq), t=now))])
+
+    async def _remote_lost(self, sp: StageProc, reason: str) -> None:
+        log.error("remote stage %s (pid %s on its host) %s: waiting for it to reconnect", sp.spec.name, sp.pid, reason)
+        sp.history.append((time.time(), reason))
+        sp.state, sp.restarts, sp.suspect_since = "waiting", sp.restarts + 1, None
+        self._ready.clear()
+        await self._tell_lost(sp.spec.name, reason)
 
     async def _tell_lost(self, stage: str, reason: str) -> None:
         """``on_lost``, which must not stop the watchdog: a failing owner callback is logged, and the
