@@ -216,6 +216,8 @@ def test_hung_stage_is_detected_killed_and_restarted(tmp_path):
             await e.sv.wait_ready(60)
             assert not alive(old) and e.pid != old
             assert await e.echo(3) == 3
+            st = e.sv.status()[0]
+            assert st["hangs"] == 1 and st["restarts"] == 1  # what /metrics exports (stage_hangs_total)
 
     asyncio.run(main())
 

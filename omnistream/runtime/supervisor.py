@@ -84,6 +84,7 @@ class StageProc:
     last_pong: float = 0.0
     stats: dict = field(default_factory=dict)  # the stage's load and batch figures, from its last pong
     restarts: int = 0
+    hangs: int = 0  # hung-stage detections (no pong within the hang timeout): /metrics
     error: str | None = None
     crash_loop: int = 0  # consecutive deaths before serving
     history: list = field(default_factory=list)  # (time, reason) of each loss
@@ -339,6 +340,7 @@ class Supervisor:
                     await self._lost(sp, f"died (exit code {sp.proc.exitcode})")
                 elif sp.state == "ready" and now - sp.last_pong > self.hang_timeout_s:
                     os.kill(sp.proc.pid, signal.SIGKILL)
+                    sp.hangs += 1
                     await self._lost(sp, f"hung (no pong for {now - sp.last_pong:.1f}s)")
                 elif sp.state != "ready" and now - sp.started_at > self.load_timeout_s:
                     os.kill(sp.proc.pid, signal.SIGKILL)
@@ -435,7 +437,7 @@ class Supervisor:
                  "spare_pid": sp.spare.pid if sp.spare is not None else None, "spare_ready": sp.spare_ident is not None,
                  "alive": sp.state == "ready" if sp.spec.remote else bool(sp.proc is not None and sp.proc.is_alive()),
                  "state": sp.state, "workers": list(sp.spec.workers), "device": sp.spec.device,
-                 "address": sp.spec.address, "restarts": sp.restarts,
+                 "address": sp.spec.address, "restarts": sp.restarts, "hangs": sp.hangs,
                  "last_heartbeat_s": round(now - sp.last_pong, 3) if sp.last_pong else None, **sp.stats}
                 for n, sp in self.stages.items()]
 
