@@ -29,13 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
-from omnistream.model.token2wav import (  # noqa: E402
-    DEFAULT,
-    DiTJob,
-    StreamingToken2Wav,
-    VocoderJob,
-    run_jobs,
-)
+from omnistream.model.token2wav import DEFAULT, StreamingToken2Wav  # noqa: E402
+from omnistream.model.token2wav_jobs import DiTJob, VocoderJob, run_jobs  # noqa: E402
 
 BATCHES = (1, 2, 4, 8)
 

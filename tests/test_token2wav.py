@@ -18,13 +18,13 @@ from omnistream.model.token2wav import (
     SeededNoise,
     StreamingConfig,
     StreamingToken2Wav,
-    batch_invariant_convs,
     decode_offline,
     decode_stream,
     mel_snr_db,
     snr_db,
     wave_snr_db,
 )
+from omnistream.model.token2wav_jobs import batch_invariant_convs
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.model.token2wav import (
-    DiTJob,
-    StreamingConfig,
-    StreamingToken2Wav,
-    VocoderJob,
-    run_jobs,
-    step_batch,
-)
+from omnistream.model.token2wav import StreamingConfig, StreamingToken2Wav
+from omnistream.model.token2wav_jobs import DiTJob, VocoderJob, run_jobs, step_batch
 
 # One DiT block (24 frames) = 12 codes: steady windows are 36 codes, first ones 12 and 24.
 CFG = StreamingConfig(chunk_codes=12, left_codes=12, right_codes=6, vocoder_context_frames=8, first_chunk_codes=6,
