@@ -31,6 +31,7 @@ from omnistream.engine.conversation import (
     TurnStats,
     parse_window,
 )
+from omnistream.engine.tools import ToolCall, check_tool_choice, check_tools, tool_response
 from omnistream.model.talker import StreamingTalker, TalkerConfig
 from omnistream.model.token2wav import DEFAULT as TOKEN2WAV_DEFAULT
 from omnistream.model.token2wav import StreamingConfig, StreamingToken2Wav
@@ -41,11 +42,12 @@ __all__ = ["SYSTEM_PROMPT", "OmniChat", "ReplyEvent", "TextDeltas", "TurnStats",
 
 @dataclass
 class ReplyEvent:
-    """One piece of a streamed reply: a text delta or a 24 kHz float32 PCM chunk."""
+    """One piece of a streamed reply: a text delta, a 24 kHz float32 PCM chunk or a function call."""
 
-    kind: str  # "text" | "audio"
+    kind: str  # "text" | "audio" | "call"
     text: str = ""
     pcm: np.ndarray | None = None
+    call: ToolCall | None = None  # kind "call": a function call the reply made (name, arguments JSON text)
 
 
 class _TalkerRows:
@@ -96,6 +98,7 @@ class OmniChat:
         self._t2w: StreamingToken2Wav | None = None
         self.reply_codes: list[int] = []  # codec tokens of the last reply
         self.reply_ids: list[int] = []  # text tokens of the last reply (stop token excluded)
+        self.reply_calls: list[ToolCall] = []  # function calls of the last reply
 
     @property
     def stats(self) -> TurnStats:
@@ -162,21 +165,36 @@ class OmniChat:
         self.begin_turn(audio=False, video=False)
         self.end_turn(text)
 
-    def reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
-              speak: bool | None = None) -> Iterator[ReplyEvent]:
-        """Stream the assistant's reply: text deltas (valid UTF-8) and, when speaking, PCM chunks.
+    def function_output(self, output: str) -> None:
+        """What a function the last reply called returned (its JSON text, say): it joins the
+        conversation as Qwen's ``<tool_response>`` user turn; the next :meth:`reply` answers after it."""
+        self.say(tool_response(output))
 
-        ``cancel()`` (from any thread) stops it within one Token2Wav chunk; afterwards
-        :meth:`truncate_to_played` keeps only what the user heard.
+    def reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+              speak: bool | None = None, *, instructions: str | None = None, tools: list[dict] | None = None,
+              tool_choice: str | dict = "auto") -> Iterator[ReplyEvent]:
+        """Stream the assistant's reply: text deltas (valid UTF-8), when speaking PCM chunks, and at
+        the end one ``call`` event per function call it made (also in :attr:`reply_calls`).
+
+        ``instructions`` and ``tools`` (Realtime-style definitions ``{type: "function", name,
+        description, parameters}``) apply to this reply only; ``tool_choice`` is ``auto``, ``none``,
+        ``required`` or ``{"type": "function", "name": N}`` -- the last two constrain decoding to a
+        valid call, which is never spoken. A bad definition or choice raises ValueError before
+        anything is decoded. ``cancel()`` (from any thread) stops the reply within one Token2Wav
+        chunk; afterwards :meth:`truncate_to_played` keeps only what the user heard.
         """
         speak = self.talker is not None if speak is None else speak
         if speak and self.talker is None:
             raise ValueError("this chat has no voice: construct OmniChat(..., voice='Chelsie') to speak")
+        tools = check_tools(tools) if tools else []
+        choice = check_tool_choice(tool_choice, tools)
         self._cancel.clear()
         t0 = time.perf_counter()
-        r = self.conv.begin_reply(max_new_tokens, temperature, seed)
+        r = self.conv.begin_reply(max_new_tokens, temperature, seed, instructions=instructions, tools=tools,
+                                  tool_choice=choice)
+        speak = speak and not r.forced  # a forced call is not spoken (nor is the rest of one begun freely)
         s = self.stats
-        self.reply_codes = []
+        self.reply_codes, self.reply_calls = [], []
         if speak:
             v = self.ck.voices[self.voice]
             self._t2w = StreamingToken2Wav.from_config(
@@ -188,7 +206,7 @@ class OmniChat:
                     s.ttft_s = time.perf_counter() - self.conv.turn_end_t
                 if text:
                     yield ReplyEvent("text", text=text)
-                if speak:
+                if speak and not r.calling:
                     yield from self._speak(self.talker.push(step))
                 if self._cancel.is_set():
                     break
@@ -207,6 +225,10 @@ class OmniChat:
                 self.talker.end_turn()
             self.conv.end_reply(cancelled=self._cancel.is_set())
         self.reply_ids = r.ids
+        if not self._cancel.is_set():  # a cut-off call is not a call
+            self.reply_calls = r.calls
+            for call in self.reply_calls:
+                yield ReplyEvent("call", call=call)
         s.codec_tokens = len(self.reply_codes)
         s.decode_s = time.perf_counter() - t0
 
@@ -298,7 +320,7 @@ def run_chat(args) -> int:
     for ev in chat.reply(args.max_new_tokens, args.temperature, seed=args.seed):
         if ev.kind == "text":
             print(ev.text, end="", flush=True)
-        else:
+        elif ev.kind == "audio":
             pcm.append(ev.pcm)
     print()
     s = chat.stats

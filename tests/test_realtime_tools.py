@@ -130,6 +130,25 @@ def test_forced_call_validates_against_the_schema(tiny, choice, allowed):
     assert r.calls == []
 
 
+def test_forced_call_with_length_bounded_strings_is_json(tiny):
+    """xgrammar's length-bounded strings let raw control characters through (a robot ``navigate`` call
+    once held ``\x1e``): the grammar gets them as a pattern of plain characters, and every sampled call
+    parses with a strict JSON parser and validates against the original schema."""
+    say = {"type": "object", "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 40}},
+           "required": ["text"], "additionalProperties": False}
+    tools = check_tools([{"type": "function", "name": "say", "description": "Say something.", "parameters": say}])
+    for seed in range(4):
+        c = Conversation(tiny)
+        c.end_turn("Tell the robot where to go.")
+        r = c.begin_reply(120, 1.5, seed, tools=tools, tool_choice="required")
+        list(c.decode(r))
+        c.end_reply()
+        calls = r.result()[1]
+        assert len(calls) == 1, r.result()
+        args = json.loads(calls[0].arguments)  # strict: no raw control characters
+        jsonschema.validate(args, say)
+
+
 def _hf_greedy(ck, ids: list[int], n: int, stop) -> list[int]:
     """transformers' own Thinker, no cache: greedy tokens after ``ids`` (the oracle)."""
     out, x = [], list(ids)

@@ -1,15 +1,17 @@
 """Talk + navigate on the simulated robot with the chat pipeline in stage processes (`MultiProcClient`).
 
 The real app (`python -m omnistream.apps.robot --sim --mode navigate,talk --talk-layout all-in-one`) with the
-tiny Thinker-Talker checkpoint in a supervised stage process: a `file:` microphone turn must come out of the
-`file:` speaker, and a kill -9 of the chat stage while the oracle agent drives the base must stop the base
-(the robot depends on every runtime stage: none may be down while it moves), and motion must resume once the
-supervisor has the stage serving again. The simulator's trajectory (every tick: wall time, pose, applied
-velocities) is the independent record of what the base did.
+tiny Thinker-Talker checkpoint in a supervised stage process: a `file:` microphone turn, answered with a forced
+`navigate` tool call (a valid one although the weights are random: the grammar runs in the stage) and then
+words after the tool's output, must come out of the `file:` speaker, and a kill -9 of the chat stage while
+the oracle agent drives the base must stop the base (the robot depends on every runtime stage: none may be
+down while it moves), and motion must resume once the supervisor has the stage serving again. The simulator's
+trajectory (every tick: wall time, pose, applied velocities) is the independent record of what the base did.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -27,7 +29,8 @@ def talk_app(tmp_path_factory, tiny_dir):
     mic = ROOT / "omnistream" / "assets" / "hello.flac"
     a = App(run, "--mode", "navigate,talk", "--talk-model", str(tiny_dir), "--talk-layout", "all-in-one",
             "--mic", f"file:{mic}", "--speaker", f"file:{run / 'reply.wav'}", "--voice", "Chelsie",
-            "--talk-max-new-tokens", "4", "--talk-max-speech-s", "0.5", "--no-voice-instructions",
+            "--talk-max-new-tokens", "4", "--talk-max-speech-s", "0.5", "--talk-tool-choice", "navigate",
+            "--talk-seed", "0",
             "--forward-step-m", "0.5")  # 1 s forward moves: a kill lands mid-move, which must not run to its end
     a.pids = []  # every process below the app, collected while it runs (checked for orphans at the end)
     yield a
@@ -51,6 +54,11 @@ def test_talk_multiproc_file_mic_to_file_speaker(talk_app):
     assert set(stage["workers"]) >= {"encoders", "thinker", "talker", "token2wav"}
     reply = st["talk"]["replies"][-1]
     assert reply["audio_samples"] > 0
+    (call,) = reply["calls"]  # the forced navigate call, carried out: a task from the voice
+    args = json.loads(call["arguments"])
+    assert call["name"] == "navigate" and isinstance(args["instruction"], str) and json.loads(call["output"])["ok"]
+    assert st["task"]["source"] == "voice" and st["task"]["instruction"] == args["instruction"]
+    assert st["task"]["state"] in ("running", "failed")  # the oracle refuses an instruction that names no room
     from omnistream.encoders.media import read_audio
 
     pcm, rate = read_audio(a.run_dir / "reply.wav")

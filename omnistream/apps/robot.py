@@ -272,10 +272,15 @@ class RobotApp:
         return None
 
     def cancel(self) -> None:
+        """End the running task and stop the base (always, task or not); returns once the robot reports
+        zero velocities (bounded), so the reply -- the control socket's, the `stop` tool's -- shows it still."""
         with self.lock:
             if self.task is not None and self.task.state == "running":
                 self.task.state = "cancelled"
+        sent = time.time()
         self.safe_stop()
+        if self.robot is not None and self.robot.is_connected:
+            self._confirm("stop", sent, lambda o: not o.get("x.vel") and not o.get("theta.vel"))
 
     # ------------------------------------------------------------------ status / health
     def status(self) -> dict:

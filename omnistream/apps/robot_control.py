@@ -117,30 +117,38 @@ class ControlServer:
 
     def handle(self, raw: bytes | None, nparts: int = 1) -> dict:
         """One control message -> reply; bad ones are rejected with a logged reason, nothing else happens."""
-        app = self.app
         if raw is None:
             return self.reject(f"expected one message frame, got {nparts}")
         try:
             cmd = CONTROL_DECODER.decode(raw)
         except msgspec.DecodeError as e:  # ValidationError is a DecodeError
             return self.reject(str(e))
+        reply = self.execute(cmd, "control")
+        if not reply["ok"]:
+            return self.reject(reply["error"])
+        self.counts["control_ok"] += 1
+        return reply
+
+    def execute(self, cmd: _Cmd, source: str) -> dict:
+        """One validated command -> ``{"ok": True, ...}`` or ``{"ok": False, "error"}``. The one path for
+        every command source -- this socket and the conversation's tools (omnistream/robot/tools.py) -- so
+        that the safety rules cannot differ between them. ``source`` is recorded on a new task."""
+        app = self.app
         if isinstance(cmd, InstructionCmd):
             if "navigate" not in app.cfg.modes:
-                return self.reject("navigate mode is off")
-            self.counts["control_ok"] += 1
-            t = app.submit(cmd.text, cmd.max_steps, "control")
+                return {"ok": False, "error": "navigate mode is off"}
+            t = app.submit(cmd.text, cmd.max_steps, source)
             return {"ok": True, "task": t.id}
         if isinstance(cmd, ContinueCmd):
             why = app.continue_task()
             if why is not None:
-                return self.reject(why)
+                return {"ok": False, "error": why}
         elif isinstance(cmd, EStopCmd):
             app.emergency_stop()
         elif isinstance(cmd, ResumeCmd):
             app.resume()
         elif isinstance(cmd, CancelCmd):
             app.cancel()
-        self.counts["control_ok"] += 1
         return {"ok": True, "status": app.status()}
 
     def reject(self, why: str) -> dict:

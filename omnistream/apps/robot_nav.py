@@ -119,7 +119,8 @@ class Navigator:
             try:
                 if reset_for != task.id:
                     obs = app.robot.get_observation()
-                    r = app.stage.call({"op": "reset", "instruction": task.instruction, "pose": pose_of(obs)},
+                    r = app.stage.call({"op": "reset", "instruction": task.instruction, "pose": pose_of(obs),
+                                        "task": task.id},
                                        timeout_s=self.cfg.agent_timeout_s)
                     task.goal, task.target, reset_for = r.get("goal"), r.get("target"), task.id
                 self._step(task)
@@ -155,7 +156,9 @@ class Navigator:
 
     def _interrupted(self, task: Task):
         app = self.app
-        return lambda: app.stop_event.is_set() or app.estop or app.held or app.task is not task
+        # a cancelled task (control `cancel`, the `stop` tool) ends its move at once, not at the step's end
+        return lambda: (app.stop_event.is_set() or app.estop or app.held or app.task is not task
+                        or task.state != "running")
 
     def _step(self, task: Task) -> None:
         app = self.app
@@ -169,6 +172,8 @@ class Navigator:
                   "step": task.steps}
         interrupted = self._interrupted(task)
         r = app.stage.call(header, rgb.tobytes(), timeout_s=self.cfg.agent_timeout_s, abort=interrupted)
+        if task.state != "running":  # cancelled while the agent was thinking: its action is not carried out
+            return
         action = r["action"]
         task.steps += 1
         self.counts["steps"] += 1

@@ -236,9 +236,26 @@ class ArgumentStream:
 
 
 # ---------------------------------------------------------------------------------- constrained decoding
+def _grammar_schema(schema):
+    """``schema`` as the grammar gets it: a string with ``minLength``/``maxLength`` and no ``pattern``
+    becomes a pattern of plain characters (no quote, backslash or control character) of that length.
+    xgrammar's length-bounded strings let raw control characters through (seen: a forced call with
+    ``\x1e`` in an argument, which no JSON parser takes), so the call would not be valid JSON."""
+    if isinstance(schema, list):
+        return [_grammar_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _grammar_schema(v) for k, v in schema.items()}
+    if out.get("type") == "string" and "pattern" not in out and ("minLength" in out or "maxLength" in out):
+        lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = "^[^\"\\\\\\x00-\\x1f]{" + f"{lo},{'' if hi is None else int(hi)}" + "}$"
+    return out
+
+
 def _call_schema(tools: list[dict]) -> dict:
-    """One JSON schema for ``{"name": N, "arguments": <N's parameters>}`` over the given tools."""
-    alts = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+    """One JSON schema for ``{"name": N, "arguments": <N's parameters>}`` over the given tools (as the
+    grammar gets them: :func:`_grammar_schema`)."""
+    alts = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": _grammar_schema(t["parameters"])},
              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     return alts[0] if len(alts) == 1 else {"anyOf": alts}
 

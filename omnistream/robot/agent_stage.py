@@ -10,7 +10,8 @@ Wire: the stage binds a ``ROUTER``; the app's ``DEALER`` sends ``[JSON header]``
 bytes]`` and gets ``[JSON reply]`` with the same ``id``. Ops:
 
 * ``ping`` -> ``{"pong": true, "pid"}`` (the stage is loaded and serving);
-* ``reset {"instruction"}`` -> ``{"ok": true, "goal"}``: a new task; the oracle resolves the instruction to
+* ``reset {"instruction", "task"?}`` -> ``{"ok": true, "goal"}``: a new task (``task``: the app's task id, which
+  names the episode); the oracle resolves the instruction to
   a goal in the simulated scene (a room or a piece of furniture it names);
 * ``act {"w", "h", "pose": [x, y, z, heading], "step"}`` + frame -> ``{"action", "text", "step_s"}``.
 
@@ -70,14 +71,16 @@ class AgentServer:
             self.scene = load_sim_scene(scene_seed)
         self.episode = None
 
-    def reset(self, instruction: str, pose) -> dict:
+    def reset(self, instruction: str, pose, task: int | None = None) -> dict:
         from omnistream.navigation.episodes import Episode, Goal, Instruction, heading_to_quat
 
         goal, what = (goal_for_instruction(self.scene, instruction) if self.scene is not None
                       else (np.zeros(3), None))
         pose = pose or [0.0, 0.0, 0.0, 0.0]
         self.episode = Episode(
-            episode_id=f"robot-{time.time_ns()}", trajectory_id=0,
+            # the app's task id names the episode: a seeded agent (random) acts the same for the same task,
+            # also in a restarted stage; without one (an old caller), a fresh name
+            episode_id=f"robot-task-{task}" if task is not None else f"robot-{time.time_ns()}", trajectory_id=0,
             scene_id=self.scene.scene_id if self.scene is not None else "robot", start_position=np.array(pose[:3]),
             start_rotation=heading_to_quat(pose[3]), geodesic_distance=0.0, goals=[Goal(goal)], reference_path=[],
             instruction=Instruction(instruction))
@@ -108,7 +111,9 @@ class AgentServer:
             if op == "ping":
                 return {"pong": True, "pid": os.getpid()}
             if op == "reset":
-                return self.reset(str(header.get("instruction", "")), header.get("pose"))
+                task = header.get("task")
+                return self.reset(str(header.get("instruction", "")), header.get("pose"),
+                                  int(task) if isinstance(task, int) else None)
             if op == "act":
                 return self.act(header, frames[1] if len(frames) > 1 else None)
             raise ValueError(f"unknown op {op!r}")

@@ -68,7 +68,9 @@ class RobotConfig:
     voice: str | None = None
     talk_max_new_tokens: int = 64
     talk_max_speech_s: float = 30.0
-    voice_instructions: bool = True  # a talk turn's text is also a navigation instruction
+    voice_instructions: bool = True  # offer the tools navigate(instruction), stop(), status() to the conversation
+    talk_tool_choice: str = "auto"  # auto (the model decides) | none | required | navigate | stop | status (forced)
+    talk_seed: int | None = None  # seeds the conversation's sampling and speech (reproducible replies)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -97,6 +99,9 @@ class RobotConfig:
             raise ValueError("forward_speed/turn_speed exceed max_x_vel/max_theta_vel (they would be clipped)")
         if self.command_period_s >= self.watchdog_s:
             raise ValueError("command_period_s must be shorter than watchdog_s, or the watchdog stops every move")
+        choices = ("auto", "none", "required", "stop", "status") + (("navigate",) if "navigate" in self.modes else ())
+        if self.talk_tool_choice not in choices:
+            raise ValueError(f"talk_tool_choice must be one of {', '.join(choices)}, got {self.talk_tool_choice!r}")
         if "talk" in self.modes and not self.talk_model:
             raise ValueError("talk mode needs talk_model: a Thinker-Talker checkpoint directory")
         return self

@@ -7,34 +7,28 @@ Turns: audio blocks go to the session as they arrive; a turn ends after `silence
 speech (an RMS energy detector: the robot has no push-to-talk) or at the end of a `file:` source; camera
 frames go in at `fps` while the user speaks. The reply's audio goes to the speaker sink as it streams.
 
-Voice instructions: the system prompt asks the model to put a navigation request on a line
-``NAVIGATE: <instruction>``; such a line in a reply becomes a navigation task (source "voice"), so "go to
-the kitchen, please" said to the robot drives it there. The Client has no separate transcript; the
-Thinker's own reply is where the spoken request is understood.
+Instructions by voice: the robot's agent interface is offered to every reply as function tools,
+``navigate(instruction)``, ``stop()`` and ``status()`` (omnistream/robot/tools.py), with the session's
+``talk_tool_choice`` (``auto``: the model decides; a tool's name forces that call). A call is carried out
+through the control socket's command path, its output goes back as the function's output and the model
+answers after it (spoken), up to ``MAX_TOOL_ROUNDS`` calls in a row. :meth:`TalkLoop.say` runs a typed
+turn the same way (from any thread).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import threading
 import time
 
 import numpy as np
 
 log = logging.getLogger("omnistream.robot.talk")
 
-SYSTEM_PROMPT = (
-    "You are a robot that can talk and move. When the user asks you to go somewhere, first answer with one line "
-    "'NAVIGATE: <the instruction>', then reply briefly."
-)
-_NAV = re.compile(r"^\s*NAVIGATE:\s*(.+?)\s*$", re.MULTILINE | re.IGNORECASE)
-
-
-def extract_instruction(text: str) -> str | None:
-    """The navigation instruction of a reply (`NAVIGATE: ...` line), or None."""
-    m = _NAV.search(text or "")
-    return m.group(1)[:2000] if m and m.group(1).strip() else None
+SYSTEM_PROMPT = ("You are a robot that can talk and move. Use your tools to move, to stop and to see how you are "
+                 "doing; then answer the user briefly.")
+MAX_TOOL_ROUNDS = 3  # calls the model may chain in one turn before it must answer in words
 
 
 class EnergyTurns:
@@ -65,13 +59,19 @@ class TalkLoop:
     """Runs in its own thread with its own asyncio loop (the Client API is asyncio-facing)."""
 
     def __init__(self, app):
+        from omnistream.robot.tools import RobotTools
+
         self.app, self.cfg = app, app.cfg
         self.client = None
+        self.sid: str | None = None
+        self.tools = RobotTools(app)
         self.turns = 0
         self.replies: list[dict] = []
         self.error: str | None = None
         self.mic = self.speaker = None
+        self.ready = threading.Event()  # the session is open: say() may be called
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn_lock: asyncio.Lock | None = None
         self._stages_ok = True
 
     def open_devices(self) -> None:
@@ -87,9 +87,10 @@ class TalkLoop:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
-        from omnistream.runtime.client import AudioDelta, InProcClient, ResponseDone, SessionOptions, TextDelta
+        from omnistream.runtime.client import InProcClient, SessionOptions
 
         self._loop = asyncio.get_running_loop()
+        self._turn_lock = asyncio.Lock()
         if self.cfg.talk_layout:
             from omnistream.runtime.procclient import MultiProcClient
 
@@ -101,9 +102,10 @@ class TalkLoop:
             self.client = InProcClient(ck)
         await self.client.start()
         voice = self.cfg.voice if self.speaker is not None else None
-        sid = await self.client.open_session(SessionOptions(voice=voice, system_prompt=SYSTEM_PROMPT,
-                                                            max_new_tokens=self.cfg.talk_max_new_tokens,
-                                                            max_speech_s=self.cfg.talk_max_speech_s))
+        sid = self.sid = await self.client.open_session(SessionOptions(
+            voice=voice, system_prompt=SYSTEM_PROMPT, max_new_tokens=self.cfg.talk_max_new_tokens,
+            max_speech_s=self.cfg.talk_max_speech_s, seed=self.cfg.talk_seed))
+        self.ready.set()
         turns = EnergyTurns()
         t_session = time.monotonic()
         last_frame = 0.0
@@ -121,35 +123,82 @@ class TalkLoop:
                             last_frame = now
                     end = turns.feed(block, self.mic.rate)
                 if end:
-                    await self.client.commit(sid)
-                    text, samples = [], 0
-                    async for ev in self.client.respond(sid):
-                        if isinstance(ev, TextDelta):
-                            text.append(ev.text)
-                        elif isinstance(ev, AudioDelta) and self.speaker is not None:
-                            await asyncio.to_thread(self.speaker.write, ev.pcm)
-                            samples += len(ev.pcm)
-                        elif isinstance(ev, ResponseDone):
-                            break
-                        else:  # SessionError: the session goes on
-                            log.warning("talk: %s", ev)
-                    self.turns += 1
-                    reply = "".join(text)
-                    self.replies.append({"text": reply[-500:], "audio_samples": samples})
-                    del self.replies[:-20]
-                    if self.speaker is not None and hasattr(self.speaker, "flush"):
-                        self.speaker.flush()
-                    log.info("talk turn %d: %d chars, %d samples", self.turns, len(reply), samples)
-                    instr = extract_instruction(reply) if self.cfg.voice_instructions else None
-                    if instr and "navigate" in self.cfg.modes:
-                        self.app.submit(instr, None, "voice")
+                    await self._turn(None)
                 if block is None:
                     break
             while not self.app.stop_event.is_set():  # the source ended: stay up for status/health
                 self._stages_ok = self._check_stages()
                 await asyncio.sleep(0.2)
         finally:
+            self.ready.clear()
             await self.client.close()
+
+    def say(self, text: str, tool_choice: str | None = None, timeout_s: float = 120.0) -> dict:
+        """A typed user turn (from any thread), answered like a spoken one: its record (text, audio samples,
+        tool calls with their outputs). ``tool_choice``: this turn's (default: the config's)."""
+        if not self.ready.wait(timeout_s):
+            raise TimeoutError("the talk session is not open")
+        fut = asyncio.run_coroutine_threadsafe(self._turn(text, tool_choice), self._loop)
+        return fut.result(timeout_s)
+
+    def _choice(self, name: str | None) -> str:
+        """A configured choice (auto | none | required | a tool's name) as the conversation takes it."""
+        name = name or self.cfg.talk_tool_choice
+        return name if name in ("auto", "none", "required") else f"function:{name}"
+
+    async def _turn(self, text: str | None, tool_choice: str | None = None) -> dict:
+        """Commit the user turn and answer it: replies, and after each that called tools, the tools' outputs
+        (one user turn of ``<tool_response>`` blocks) and the next reply, until one calls nothing."""
+        from omnistream.engine.tools import tool_response
+        from omnistream.robot.tools import CALL_MAX_TOKENS
+        from omnistream.runtime.client import ResponseOptions
+
+        async with self._turn_lock:
+            await self.client.commit(self.sid, text)
+            tools = self.tools.definitions() if self.cfg.voice_instructions else []
+            choice = self._choice(tool_choice) if tools else "none"
+            record = {"text": "", "audio_samples": 0, "calls": []}
+            for round_ in range(MAX_TOOL_ROUNDS + 1):
+                forced = choice not in ("auto", "none")  # the whole call must fit, whatever the text limit
+                calls = await self._respond(ResponseOptions(tools=tools, tool_choice=choice, max_new_tokens=(
+                    max(CALL_MAX_TOKENS, self.cfg.talk_max_new_tokens) if forced else None)), record)
+                if not calls:
+                    break
+                outputs = []
+                for c in calls:
+                    out = await asyncio.to_thread(self.tools.execute, c)
+                    record["calls"].append({"name": c.name, "arguments": c.arguments, "output": out[:1000]})
+                    outputs.append(tool_response(out))
+                await self.client.commit(self.sid, "\n".join(outputs))
+                choice = "auto" if round_ + 1 < MAX_TOOL_ROUNDS else "none"  # a forced call is not forced again
+            self.turns += 1
+            record["text"] = record["text"][-500:]
+            self.replies.append(record)
+            del self.replies[:-20]
+            if self.speaker is not None and hasattr(self.speaker, "flush"):
+                self.speaker.flush()
+            log.info("talk turn %d: %d chars, %d samples, calls %s", self.turns, len(record["text"]),
+                     record["audio_samples"], [c["name"] for c in record["calls"]] or "none")
+            return record
+
+    async def _respond(self, options, record: dict) -> list:
+        """One reply: text into ``record``, audio to the speaker; the function calls it made."""
+        from omnistream.runtime.client import ArgumentsDelta, AudioDelta, ResponseDone, TextDelta
+
+        async for ev in self.client.respond(self.sid, options):
+            if isinstance(ev, TextDelta):
+                record["text"] += ev.text
+            elif isinstance(ev, AudioDelta):
+                if self.speaker is not None:
+                    await asyncio.to_thread(self.speaker.write, ev.pcm)
+                    record["audio_samples"] += len(ev.pcm)
+            elif isinstance(ev, ResponseDone):
+                return list(ev.tool_calls)
+            elif isinstance(ev, ArgumentsDelta):
+                continue  # the call is carried out once complete (ResponseDone.tool_calls)
+            else:  # SessionError: the session goes on
+                log.warning("talk: %s", ev)
+        return []
 
     def _check_stages(self) -> bool:
         st = self.client.status() if self.client is not None else {}
@@ -163,7 +212,7 @@ class TalkLoop:
             return False
 
     def status(self) -> dict:
-        return {"turns": self.turns, "replies": self.replies[-3:], "error": self.error,
+        return {"turns": self.turns, "replies": self.replies[-3:], "error": self.error, **self.tools.counts,
                 "client": self.client.status() if self.client is not None else None}
 
     def close(self) -> None:
