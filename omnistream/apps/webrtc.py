@@ -125,6 +125,7 @@ class ReplyTrack(MediaStreamTrack):
         self.on_drained = on_drained  # called when queued audio has all been played
         self._t0: float | None = None
         self._pts = 0
+        self.played = 0  # reply samples sent on the track so far (silence not counted)
 
     def put(self, pcm: np.ndarray) -> None:
         self.pending.append(pcm)
@@ -159,6 +160,7 @@ class ReplyTrack(MediaStreamTrack):
                 self.pending[0] = head[k:]
             i += k
         self.pending_n -= i
+        self.played += i
         if had and not self.pending_n and self.on_drained is not None:
             self.on_drained()
         frame = av.AudioFrame.from_ndarray(out.reshape(1, -1), format="s16", layout="mono")  # (1, FRAME) packed
@@ -197,6 +199,7 @@ class ChannelConnection:
         self.track = ReplyTrack(self._drained)
         self.out_response: str | None = None  # the reply whose audio the track is playing
         self.out_done = False  # ... and its response.done was sent
+        self.out_start = 0  # the track's ``played`` count when that reply's audio began
         self._low = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self._kinds: list[str] = []  # the media tracks taken
@@ -233,6 +236,7 @@ class ChannelConnection:
         if isinstance(msg, str) and len(msg) < 256 and "output_audio_buffer.clear" in msg:
             try:
                 if json.loads(msg).get("type") == "output_audio_buffer.clear":
+                    self._truncate_heard()
                     self._clear_output()
                     return
             except (ValueError, AttributeError):
@@ -309,7 +313,7 @@ class ChannelConnection:
 
     def _audio_out(self, response_id: str, pcm: np.ndarray) -> None:
         if response_id != self.out_response:
-            self.out_response, self.out_done = response_id, False
+            self.out_response, self.out_done, self.out_start = response_id, False, self.track.played
             self._event("output_audio_buffer.started", response_id=response_id)
         self.track.put(pcm.astype(np.int16))
 
@@ -328,6 +332,19 @@ class ChannelConnection:
         if self.out_done and self.out_response is not None:
             self._event("output_audio_buffer.stopped", response_id=self.out_response)
             self.out_response = None
+
+    def _truncate_heard(self) -> None:
+        """The client cut the reply (``output_audio_buffer.clear``): its item keeps what the track sent
+        of it, as a WebSocket page's truncate does with what it played (the track is the only clock
+        that knows: a browser's own count includes its jitter buffer's concealment)."""
+        s = self.session
+        r = next((x for x in (s.response, s.last_reply) if x is not None and x.id == self.out_response), None) \
+            if s is not None and self.out_response is not None else None
+        if r is None or not r.audio:
+            return
+        ms = (self.track.played - self.out_start) * 1000 // SAMPLE_RATE
+        self.feed(json.dumps({"type": "conversation.item.truncate", "item_id": r.item_id, "content_index": 0,
+                              "audio_end_ms": ms}))
 
     def _clear_output(self) -> None:
         self.track.clear()

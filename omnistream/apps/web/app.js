@@ -1,20 +1,22 @@
 // omnistream browser client: mic + camera in, streamed speech + transcript out, over the OpenAI
-// Realtime protocol (WebSocket /v1/realtime, pcm16 24 kHz base64 both ways). Plain script, no build.
+// Realtime protocol. Plain script, no build. Two transports (transport.js): WebRTC where the
+// server's config.json offers it (mic and camera as tracks, the events on the `oai-events` data
+// channel, the reply as the remote track: callaudio.js), else the WebSocket (pcm16 24 kHz base64
+// both ways, camera frames as JPEG items). This file is the protocol and the controls; the audio
+// graph is media.js, the pickers devices.js, push to talk ptt.js, the API key auth.js, the latency
+// breakdown latency.js, the log eventlog.js, the counters counters.js.
 //
 // Safety: the page connects only to the server that served it (a link cannot point it at another
-// one), and captures nothing before the user presses Start (or "Use key" in the key prompt). When the
-// server says it needs an API key (GET config.json), the page asks for it; the key stays in this
-// tab (memory + sessionStorage), never in the URL, and rides in the `openai-insecure-api-key.<KEY>`
-// subprotocol, since browsers cannot set headers on a WebSocket.
+// one), and captures nothing before the user presses Start (or "Use key" in the key prompt).
 //
-// URL parameters (none of them changes where the page connects): ?voice=, ?instructions=,
-// ?max_tokens= (reply length), ?camera=0, ?aec=0 (no echo cancellation etc.),
-// ?record=1 (keep the first 30 s of sent-format mic PCM in window.omni.recorded, base64 chunks).
+// Turns: server VAD by default (barge-in: the server cancels and truncates the reply); with "Push to
+// talk", turn_detection null and the page's own commits (over WebRTC the tracks carry nothing
+// between held turns). Interrupt (or Esc) stops a reply: response.cancel, the queued audio dropped
+// (WebSocket: the item truncated to what was heard; WebRTC: output_audio_buffer.clear).
 //
-// Latency readout (latency.js): from the end of the user's speech as the server's VAD saw it to
-// the moment the playback worklet starts playing the reply's first sample.
-//
-// `window.omni` exposes counters read by tests/test_web.py (and handy in the console).
+// URL parameters (none changes where the page connects): ?transport=ws|webrtc (tests), ?voice=,
+// ?instructions=, ?max_tokens=, ?camera=0, ?aec=0 (no echo cancellation etc.), ?record=1 (keep the
+// first 30 s of mic PCM as captured in window.omni.recorded, base64 chunks).
 "use strict";
 
 (() => {
@@ -24,99 +26,53 @@
   const FRAME_MS = 500; // camera at 2 fps, the rate the vision encoder samples at
   const FRAME_MAX_SIDE = 320;
   const MAX_BUFFERED = 1 << 20; // skip camera frames while 1 MiB is still unsent (slow link)
-  const KEY_STORE = "omnistream.apiKey"; // sessionStorage: survives a reload, not the tab
-
-  const omni = (window.omni = {
-    state: "idle",
-    sessionId: null,
-    capturedChunks: 0, // mic chunks out of the worklet (sent or not)
-    capturedFrames: 0,
-    sentAudioChunks: 0,
-    sentAudioSamples: 0,
-    sentFrames: 0,
-    ackedFrames: 0, // image items the server decoded and answered with conversation.item.created
-    droppedFrames: 0,
-    receivedAudioDeltas: 0,
-    receivedAudioSamples: 0,
-    lateAudioDeltas: 0, // deltas that arrived after speech_started for the reply being interrupted
-    playedSamples: 0, // 24 kHz samples that reached the speakers (flushed ones excluded)
-    speechStarted: 0,
-    speechStopped: 0,
-    interruptions: 0,
-    responsesCreated: 0,
-    responsesDone: 0,
-    lastLatencyMs: null, // end of speech (VAD) -> first reply sample played, device latencies included
-    latencyDetails: [], // per reply: {speechEndT, playT, inputLatency, outputLatency} (AudioContext seconds)
-    apiKeyRequired: null, // from the server's config.json (null: not known yet / not served)
-    truncatedMs: null, // the server's conversation.item.truncated after a barge-in
-    lastResponse: null, // the last response.done's response object
-    responses: [], // per reply: {id, status, reason, deltas, samples (received), serverSamples}
-    flushes: [], // per barge-in: the player's {played, readPos, writePos} as it dropped its queue
-    latenciesMs: [],
-    transcript: "", // everything the assistant said (text and audio transcript deltas)
-    userTranscript: "",
-    lastFrameMean: null, // mean [r, g, b] of the last camera frame
-    frameMeans: [],
-    micLevel: 0,
-    events: {}, // server event type -> count
-    errors: [], // server `error` events and client-side failures
-  });
+  const SETTLE_MS = 150; // WebRTC push to talk: the commit waits for the last audio still on its way
 
   const $ = (id) => document.getElementById(id);
   const ui = {
     status: $("status"), start: $("start"), stop: $("stop"), reconnect: $("reconnect"), camera: $("camera"),
+    mute: $("mute"), interrupt: $("interrupt"), ptt: $("ptt"), talk: $("talk"),
     preview: $("preview"), level: $("level"), vad: $("vad"), latency: $("latency"), sentAudio: $("sent-audio"),
     sentFrames: $("sent-frames"), error: $("error"), transcript: $("transcript"), form: $("text-form"),
     text: $("text"), send: $("send"), keyForm: $("key-form"), key: $("api-key"), keyNote: $("key-note"),
+    reply: $("reply"), latText: $("lat-text"), latReceived: $("lat-received"), latPlayed: $("lat-played"), plot: $("lat-plot"),
   };
+  const eventLog = new window.OmniEventLog($("event-log"));
+  const devices = new window.OmniDevices({ audioinput: $("mic-select"), videoinput: $("cam-select"),
+    audiooutput: $("spk-select") });
+  const plot = new window.OmniLatencyPlot(ui.plot, 20);
+  const transcript = new window.OmniTranscript(ui.transcript);
+
+  const omni = (window.omni = window.OmniCounters(eventLog.entries)); // what the page did (counters.js)
   if (params.get("camera") === "0") ui.camera.checked = false;
 
   const recording = params.get("record") === "1"; // keep the 24 kHz chunks the mic produced (tests)
   if (recording) omni.recorded = [];
-  let ws = null;
-  let userClosed = false;
-  let media = null; // {ctx, player, readPos, stream, capture, frameTimer, canvas}; stream null: no mic
-  let writePos = 0; // 24 kHz samples handed to the player (mirrors its ring write position)
-  let apiKey = null;
-  try {
-    apiKey = sessionStorage.getItem(KEY_STORE);
-  } catch (e) { /* storage disabled: keep the key in memory only */ }
+  let conn = null; // an OmniSocket or an OmniCall (transport.js)
+  let rtc = false; // conn is WebRTC: media on tracks, the reply on the remote track
+  let pageConfig = {}; // the server's config.json
+  let media = null; // an OmniMedia while started; media.stream null: no mic
+  let frameTimer = null;
+  const auth = new window.OmniAuth({ form: ui.keyForm, input: ui.key, note: ui.keyNote },
+    (config) => {
+      pageConfig = config;
+      omni.apiKeyRequired = !!config.api_key_required;
+    });
   const latency = new window.OmniLatency(RATE, CHUNK);
   let speechStartMs = null; // server VAD times (ms of audio sent), for the user's transcript entry
   let spokenMs = null;
-  let assistant = null; // {li, textNode, responseId}
-  let userEntry = null;
+  let assistant = null; // the reply in progress: {li, textNode, responseId}
+  let lastAudio = null; // the last reply with audio: {itemId, startPos} (it may still play after response.done)
+  const truncateOn = {}; // flush token -> {itemId, startPos}: truncate that item once the player says where it was
   const nameOf = {}; // event family -> the first name the server used (GA or beta), to ignore duplicates
 
-  // ---------------------------------------------------------------- helpers
-  function b64FromBytes(u8) {
-    let s = "";
-    for (let i = 0; i < u8.length; i += 0x8000) s += String.fromCharCode.apply(null, u8.subarray(i, i + 0x8000));
-    return btoa(s);
-  }
-  function bytesFromB64(b64) {
-    const s = atob(b64);
-    const u8 = new Uint8Array(s.length);
-    for (let i = 0; i < s.length; i++) u8[i] = s.charCodeAt(i);
-    return u8;
-  }
-  function pcm16ToFloat(u8) {
-    const n = u8.length >> 1;
-    const dv = new DataView(u8.buffer, u8.byteOffset, n * 2);
-    const out = new Float32Array(n);
-    for (let i = 0; i < n; i++) out[i] = dv.getInt16(2 * i, true) / 32768;
-    return out;
-  }
-  function wsUrl() {
-    // always this page's own server: a ?ws= link must not send the mic and camera elsewhere
-    const u = new URL("v1/realtime", location.href);
-    u.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    u.search = "";
-    return u.toString();
+  const { b64FromBytes, bytesFromB64, pcm16ToFloat } = window.OmniMedia;
+  function connected() {
+    return !!conn && conn.isOpen() && omni.state === "connected";
   }
   function send(obj) {
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-    ws.send(JSON.stringify(obj));
+    if (!conn || !conn.send(obj)) return false;
+    eventLog.add("out", obj.type);
     return true;
   }
   function showError(msg) {
@@ -136,22 +92,15 @@
     ui.stop.disabled = !running && !media;
     ui.reconnect.hidden = !(state === "error" || state === "closed");
     ui.text.disabled = ui.send.disabled = state !== "connected";
+    const mic = !!(media && media.stream);
+    ui.mute.disabled = !mic;
+    ui.talk.hidden = !ui.ptt.checked;
+    ui.talk.disabled = !mic || state !== "connected";
+    ui.interrupt.disabled = !(assistant || (media && media.queued()) || callAudio.playing);
   }
   function accept(family, name) {
     if (!nameOf[family]) nameOf[family] = name;
     return nameOf[family] === name;
-  }
-  function addEntry(role, text) {
-    const li = document.createElement("li");
-    li.dataset.role = role;
-    const who = document.createElement("span");
-    who.className = "who";
-    who.textContent = role === "user" ? "You" : role === "assistant" ? "Assistant" : "";
-    const body = document.createTextNode(text || "");
-    li.append(who, body);
-    ui.transcript.append(li);
-    li.scrollIntoView({ block: "end" });
-    return { li, textNode: body };
   }
   function updateCounters() {
     ui.sentAudio.textContent = omni.sentAudioChunks;
@@ -159,41 +108,19 @@
   }
 
   // ---------------------------------------------------------------- connection
-  // What the server says about itself (config.json): whether it needs an API key. A server that
-  // does not serve it (an older one, a plain file server) is taken to need none.
-  const serverConfig = fetch("config.json", { cache: "no-store" })
-    .then((r) => (r.ok ? r.json() : {}))
-    .catch(() => ({}))
-    .then((c) => {
-      omni.apiKeyRequired = !!(c && c.api_key_required);
-      return c || {};
-    });
-
-  function askForKey(note) {
-    ui.keyNote.textContent = note;
-    ui.keyForm.hidden = false;
-    if (apiKey) ui.key.value = apiKey;
-    ui.key.focus();
-  }
-  function setKey(key) {
-    apiKey = key || null;
-    try {
-      if (apiKey) sessionStorage.setItem(KEY_STORE, apiKey);
-      else sessionStorage.removeItem(KEY_STORE);
-    } catch (e) { /* storage disabled: memory only */ }
+  function turnDetection() { // push to talk: no server VAD, the page commits
+    return ui.ptt.checked ? null : { type: "server_vad", create_response: true, interrupt_response: true };
   }
 
-  function sessionConfig() {
+  function sessionConfig(config) {
+    const input = { format: { type: "audio/pcm", rate: RATE }, turn_detection: turnDetection() };
+    // the user's words as text, when the server offers input transcription (config.json names the model)
+    const model = config && config.transcription_model;
+    if (typeof model === "string") input.transcription = { model };
     const session = {
       type: "realtime",
       output_modalities: ["audio"],
-      audio: {
-        input: {
-          format: { type: "audio/pcm", rate: RATE },
-          turn_detection: { type: "server_vad", create_response: true, interrupt_response: true },
-        },
-        output: { format: { type: "audio/pcm", rate: RATE } },
-      },
+      audio: { input, output: { format: { type: "audio/pcm", rate: RATE } } },
     };
     if (params.get("voice")) session.audio.output.voice = params.get("voice");
     if (params.get("instructions")) session.instructions = params.get("instructions");
@@ -203,67 +130,65 @@
   }
 
   function connect() {
-    if (ws && (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING)) return;
-    userClosed = false;
+    if (conn && !conn.ended) return;
+    if (auth.missing()) { // (Reconnect after the ephemeral key expired)
+      auth.ask();
+      return setState("error", "API key needed");
+    }
     showError("");
     setState("connecting");
     // a new connection is a new conversation: nothing of the old one may play or be appended to
-    assistant = userEntry = null;
+    assistant = lastAudio = null;
+    callAudio.reset();
+    transcript.reset();
+    ptt.reset();
     speechStartMs = spokenMs = null;
     latency.reset();
     for (const k of Object.keys(nameOf)) delete nameOf[k];
-    if (media && media.player) media.player.port.postMessage({ type: "flush", token: 0 });
-    const key = omni.apiKeyRequired ? apiKey : null;
+    if (media) media.flush(0);
+    const key = auth.connectKey();
+    rtc = window.OmniTransport.rtc(pageConfig, params.get("transport"));
+    omni.transport = rtc ? "webrtc" : "websocket";
+    let c = null; // this connection: its hooks do nothing once another one replaced it
+    const mine = (f) => (...args) => (c === conn ? f(...args) : undefined);
+    const hooks = {
+      open: mine(() => send({ type: "session.update", session: sessionConfig(pageConfig) })),
+      event: mine((ev) => (ev ? handle(ev) : omni.errors.push({ type: "client", message: "server sent invalid JSON" }))),
+      failed: mine((status, keyRefused, logged) => {
+        omni.errors.push({ type: "client", message: logged || status });
+        setState("error", status);
+        if (keyRefused) auth.ask("The server refused the connection: check the API key.");
+      }),
+      closed: mine((code, reason) => { // (Stop closes without a word from here: conn.close())
+        const why = `closed by server (${code}${reason ? " " + reason : ""})`;
+        if (omni.state !== "error") setState(code === 1000 ? "closed" : "error", why);
+      }),
+      remote: mine(onRemote),
+    };
     try {
-      ws = key ? new WebSocket(wsUrl(), ["realtime", "openai-insecure-api-key." + key]) : new WebSocket(wsUrl());
+      c = conn = window.OmniTransport.open(rtc, pageConfig, key, hooks);
     } catch (e) {
       omni.errors.push({ type: "client", message: String(e) });
-      setState("error", "bad server address");
-      return;
+      return setState("error", "cannot connect");
     }
-    const sock = ws;
-    sock.onopen = () => {
-      send({ type: "session.update", session: sessionConfig() });
-    };
-    sock.onmessage = (e) => {
-      let ev;
-      try {
-        ev = JSON.parse(e.data);
-      } catch (err) {
-        omni.errors.push({ type: "client", message: "server sent invalid JSON" });
-        return;
-      }
-      handle(ev);
-    };
-    sock.onerror = () => {
-      if (sock !== ws) return;
-      omni.errors.push({ type: "client", message: "WebSocket error" });
-      // the browser hides the HTTP status of a refused handshake: with a key, it may be the key
-      setState("error", key ? "connection failed (wrong API key, or the server is busy)" : "connection failed");
-      if (key && omni.state === "error") askForKey("The server refused the connection: check the API key.");
-    };
-    sock.onclose = (e) => {
-      if (sock !== ws) return;
-      ws = null;
-      if (userClosed) setState("closed");
-      else if (omni.state !== "error") {
-        setState(e.code === 1000 ? "closed" : "error", `closed by server (${e.code}${e.reason ? " " + e.reason : ""})`);
-      }
-    };
+    if (rtc) {
+      syncSenders();
+      c.open();
+    }
   }
 
   function disconnect() {
-    userClosed = true;
-    if (ws) {
-      if (assistant) send({ type: "response.cancel" });
-      ws.close(1000, "bye");
-    }
+    if (!conn) return;
+    if (assistant) send({ type: "response.cancel" });
+    conn.close();
+    callAudio.reset();
   }
 
   // ---------------------------------------------------------------- server events
   function handle(ev) {
     const type = String(ev.type || "");
     omni.events[type] = (omni.events[type] || 0) + 1;
+    eventLog.add("in", type);
     switch (type) {
       case "session.created":
         omni.sessionId = (ev.session && ev.session.id) || null;
@@ -279,35 +204,35 @@
         latency.forgetSpeechEnd();
         ui.vad.textContent = "speaking";
         ui.vad.dataset.speaking = "1";
-        interrupt();
+        stopReply(false); // barge-in
         break;
       case "input_audio_buffer.speech_stopped": {
         omni.speechStopped++;
-        const endMs = latency.speechStopped(ev.audio_end_ms); // the VAD's silence wait taken off
+        const endMs = latency.speechStopped(ev.audio_end_ms, media && media.inputLatency); // silence wait taken off
         spokenMs = endMs !== null && typeof speechStartMs === "number" ? Math.max(0, endMs - speechStartMs) : null;
         ui.vad.textContent = "silent";
         ui.vad.dataset.speaking = "0";
         break;
       }
       case "input_audio_buffer.committed":
-        userEntry = addEntry("user", spokenMs === null ? "(spoke)" : `(spoke, ${(spokenMs / 1000).toFixed(1)} s)`);
+        transcript.spoke(spokenMs);
         spokenMs = null;
         break;
       case "conversation.item.input_audio_transcription.delta":
         omni.userTranscript += ev.delta || "";
-        if (userEntry && ev.delta) {
-          if (!userEntry.heard) userEntry.textNode.textContent = "";
-          userEntry.heard = true;
-          userEntry.textNode.textContent += ev.delta;
-        }
+        transcript.heardDelta(ev.delta);
         break;
       case "conversation.item.input_audio_transcription.completed":
-        if (userEntry && ev.transcript) userEntry.textNode.textContent = ev.transcript;
+        transcript.heard(ev.transcript);
+        break;
+      case "conversation.item.input_audio_transcription.failed":
+        transcript.notHeard();
         break;
       case "response.created":
         omni.responsesCreated++;
-        assistant = addEntry("assistant", "");
+        assistant = transcript.add("assistant", "");
         assistant.responseId = ev.response && ev.response.id;
+        latency.responseCreated(assistant.responseId);
         if (omni.responses.length < 100) omni.responses.push({ id: assistant.responseId, deltas: 0, samples: 0 });
         break;
       case "conversation.item.created": {
@@ -318,17 +243,22 @@
       case "conversation.item.truncated":
         omni.truncatedMs = ev.audio_end_ms;
         break;
+      case "output_audio_buffer.started": // WebRTC: the server began playing the reply on the track
+      case "output_audio_buffer.stopped":
+      case "output_audio_buffer.cleared":
+        callAudio.event(ev);
+        break;
       case "response.output_audio.delta":
       case "response.audio.delta":
         if (accept("audio", type)) onAudio(ev);
         break;
       case "response.output_audio_transcript.delta":
       case "response.audio_transcript.delta":
-        if (accept("transcript", type)) onText(ev.delta);
+        if (accept("transcript", type)) onText(ev);
         break;
       case "response.output_text.delta":
       case "response.text.delta":
-        if (accept("text", type)) onText(ev.delta);
+        if (accept("text", type)) onText(ev);
         break;
       case "response.done":
         omni.responsesDone++;
@@ -354,12 +284,15 @@
       default:
         break;
     }
+    refreshButtons();
   }
 
-  function onText(delta) {
+  function onText(ev) {
+    const delta = ev.delta;
     if (!delta) return;
+    if (media) latency.textReceived(media.now(), ev.response_id);
     omni.transcript += delta;
-    if (!assistant) assistant = addEntry("assistant", "");
+    if (!assistant) assistant = transcript.add("assistant", "");
     assistant.textNode.textContent += delta;
   }
 
@@ -373,176 +306,181 @@
       r.deltas++;
       r.samples += pcm.length;
     }
-    if (!assistant) assistant = addEntry("assistant", "");
+    if (!assistant) assistant = transcript.add("assistant", "");
     if (assistant.interrupted) {
       omni.lateAudioDeltas++; // audio of a reply the user already talked over: never played
       return;
     }
     if (media && media.player) {
-      const token = latency.markReply(media.inputLatency); // the reply to a spoken turn: time its playback
-      if (token !== null) media.player.port.postMessage({ type: "mark", pos: writePos, token });
-      media.player.port.postMessage({ type: "push", pcm }, [pcm.buffer]);
-      writePos += pcm.length;
+      if (!lastAudio || lastAudio.itemId !== ev.item_id) lastAudio = { itemId: ev.item_id, startPos: media.writePos };
+      media.play(pcm, latency.markReply(media.now(), ev.response_id)); // the first audio of a reply to speech: time its playback
     } else {
       latency.forgetSpeechEnd(); // nothing plays this reply: no readout for it
     }
   }
 
+  // The player's messages: marks reached (latency), flushes (interruptions), playback progress.
+  function onPlayer(msg) {
+    if (msg.type === "reached") return onMarkReached(msg);
+    if (msg.type === "flushed") {
+      if (msg.token && omni.flushes.length < 100) { // token 0: a reconnect
+        omni.flushes.push({ played: msg.played, readPos: msg.readPos, writePos: msg.writePos });
+      }
+      const t = truncateOn[msg.token];
+      delete truncateOn[msg.token];
+      if (t && connected()) { // the item keeps only what was heard: the model will not assume the rest was
+        const heard = Math.max(0, msg.readPos - t.startPos);
+        send({ type: "conversation.item.truncate", item_id: t.itemId, content_index: 0,
+          audio_end_ms: Math.floor(heard * 1000 / RATE) });
+      }
+    }
+    if (!rtc && (msg.type === "played" || msg.type === "flushed")) {
+      omni.playedSamples = msg.played;
+      refreshButtons();
+    }
+  }
+
+  const callAudio = new window.OmniCallAudio(RATE, ui.reply, latency, { // the reply of a WebRTC call
+    now: () => (media && media.ctx ? media.now() : null),
+    reached: (msg) => onMarkReached(msg),
+    heard: (n) => (omni.playedSamples += n),
+    send,
+  });
+  async function onRemote(stream) {
+    const problem = await callAudio.remote(stream, media && media.ctx ? (st, f) => media.listen(st, f) : null);
+    if (problem) showError(problem);
+    devices.applySink(ui.reply);
+  }
+
   // The player started playing a marked sample (the first of a reply to speech) at AudioContext time t.
-  function onMarkReached(msg, m) {
-    const r = latency.reached(msg, m.ctx.outputLatency || 0);
+  function onMarkReached(msg) {
+    const r = latency.reached(msg, (media && media.ctx.outputLatency) || 0);
     if (!r) return;
     omni.lastLatencyMs = r.ms;
     omni.latenciesMs.push(r.ms);
     if (omni.latencyDetails.length < 100) omni.latencyDetails.push(r);
     ui.latency.textContent = r.ms;
+    const show = (ms) => (ms === null ? "–" : String(ms));
+    ui.latText.textContent = show(r.textMs);
+    ui.latReceived.textContent = show(r.receivedMs);
+    ui.latPlayed.textContent = show(r.playedMs);
+    plot.add(r);
   }
 
-  // Barge-in: the user talks over the reply. Drop the queued audio at once. The server (server VAD
-  // with interrupt_response) cancels the reply and truncates the item to what it paced out, then
-  // says so with `conversation.item.truncated`; a second truncate from here would cut the new turn.
-  function interrupt() {
-    const queued = media && media.player && writePos > media.readPos + 1;
-    if (!queued && !assistant) return;
+  // Stop the reply being heard: its queued audio is dropped at once. `byPage` (Interrupt, Esc, push to
+  // talk): the page also cancels the reply and truncates the item where the player stopped. On a
+  // server VAD barge-in the server does both; a second truncate from here would cut the new turn.
+  function stopReply(byPage) {
+    if (!(media && media.queued()) && !assistant && !callAudio.playing) return;
+    if (byPage && assistant && !assistant.interrupted) send({ type: "response.cancel" });
     omni.interruptions++;
     if (assistant) {
       assistant.interrupted = true;
       assistant.li.dataset.interrupted = "1";
     }
-    if (media && media.player) media.player.port.postMessage({ type: "flush", token: omni.interruptions });
+    if (rtc) callAudio.stop(byPage);
+    else if (media) {
+      if (byPage && lastAudio && lastAudio.itemId) truncateOn[omni.interruptions] = lastAudio;
+      lastAudio = null;
+      media.flush(omni.interruptions);
+    }
+    refreshButtons();
+  }
+
+  // ---------------------------------------------------------------- push to talk (ptt.js)
+  const ptt = new window.OmniPushToTalk(RATE, CHUNK, {
+    now: () => (media ? media.now() : 0),
+    send: (ev) => (rtc ? setTimeout(() => send(ev), SETTLE_MS) : send(ev)),
+    held(on) {
+      ui.talk.dataset.held = on ? "1" : "0";
+      ui.vad.textContent = on ? "speaking" : "silent";
+      ui.vad.dataset.speaking = on ? "1" : "0";
+    },
+    finished(samples, committed) {
+      syncSenders(); // WebRTC: the tracks stop until the next press
+      if (omni.pttTurns.length < 100) omni.pttTurns.push({ sentSamples: samples, committed });
+      if (!committed) return showError("hold the button while you speak");
+      spokenMs = Math.round(samples * 1000 / RATE);
+      latency.speechEnded(latency.lastSentTime(), media && media.inputLatency); // the last sample sent
+    },
+  });
+  function pttDown() {
+    if (!ui.ptt.checked || ptt.turn || !media || !media.stream || !connected()) return;
+    stopReply(true); // talking over the reply stops it
+    latency.forgetSpeechEnd();
+    ptt.down();
+    syncSenders();
+  }
+  function setPushToTalk() {
+    omni.pushToTalk = ui.ptt.checked;
+    if (!ui.ptt.checked) ptt.finish();
+    else if (connected()) send({ type: "input_audio_buffer.clear" }); // a spoken turn left open by the VAD is dropped
+    const session = { type: "realtime", audio: { input: { turn_detection: turnDetection() } } };
+    if (connected()) send({ type: "session.update", session });
+    syncSenders();
+    refreshButtons();
   }
 
   // ---------------------------------------------------------------- media
-  // Playback first, then capture: without a microphone (denied, absent) the user can still type
-  // and hear the spoken replies, so the player must not depend on getUserMedia.
-  async function startPlayback() {
-    const ctx = new AudioContext({ latencyHint: "interactive" });
-    const m = { ctx, player: null, stream: null, capture: null, frameTimer: null, readPos: 0, inputLatency: 0 };
-    media = m;
-    writePos = 0;
-    await ctx.audioWorklet.addModule("web/audio-worklet.js");
-    const player = new AudioWorkletNode(ctx, "omni-player", {
-      numberOfInputs: 0, numberOfOutputs: 1, outputChannelCount: [2], processorOptions: { inRate: RATE },
-    });
-    player.connect(ctx.destination);
-    player.port.onmessage = (e) => {
-      const msg = e.data;
-      if (msg.type === "reached") return onMarkReached(msg, m);
-      if (msg.type === "flushed" && msg.token && omni.flushes.length < 100) { // token 0: a reconnect
-        omni.flushes.push({ played: msg.played, readPos: msg.readPos, writePos: msg.writePos });
-      }
-      if (msg.type === "played" || msg.type === "flushed") {
-        omni.playedSamples = msg.played;
-        m.readPos = msg.readPos;
-      }
-    };
-    m.player = player;
-    if (ctx.state !== "running") await ctx.resume();
-    return m;
+  function onChunk(pcm, rms, t) {
+    omni.capturedChunks++;
+    omni.micLevel = rms;
+    if (recording && omni.recorded.length < 750) omni.recorded.push(b64FromBytes(new Uint8Array(pcm))); // <= 30 s
+    ui.level.value = Math.min(1, rms * 4);
+    // WebRTC: the track carries it, counted from the first packet (where the server's audio clock starts)
+    if (rtc ? !(conn && conn.sendsAudio()) : !connected()) return;
+    if (ui.ptt.checked && !ptt.sends(t)) return;
+    if (!rtc) send({ type: "input_audio_buffer.append", audio: b64FromBytes(new Uint8Array(pcm)) });
+    ptt.sent();
+    omni.sentAudioChunks++;
+    omni.sentAudioSamples += pcm.byteLength / 2;
+    latency.chunkSent(pcm.byteLength / 2, t);
+    if (omni.sentAudioChunks % 10 === 0) updateCounters();
   }
 
-  async function startCapture(m) {
-    const ctx = m.ctx;
-    const wantVideo = ui.camera.checked;
-    // Echo cancellation keeps the assistant's own voice from triggering barge-in; ?aec=0 turns the
-    // browser's processing off (a clean line-in, or tests comparing the sent PCM with the source).
-    const proc = params.get("aec") !== "0";
-    const audio = { channelCount: 1, echoCancellation: proc, noiseSuppression: proc, autoGainControl: proc };
-    const video = { width: { ideal: 320 }, height: { ideal: 240 }, frameRate: { ideal: 15 } };
-    let stream;
-    try {
-      stream = await navigator.mediaDevices.getUserMedia({ audio, video: wantVideo ? video : false });
-    } catch (e) {
-      if (!wantVideo) throw e;
-      stream = await navigator.mediaDevices.getUserMedia({ audio }); // no camera: voice only
-      showError(`camera unavailable (${e.name}); voice only`);
-    }
-    if (media !== m) { // Stop was pressed while the browser asked for the devices
-      stream.getTracks().forEach((t) => t.stop());
-      return;
-    }
-    m.stream = stream;
-    const track = stream.getAudioTracks()[0];
-    const settings = track && track.getSettings ? track.getSettings() : {};
-    m.inputLatency = typeof settings.latency === "number" ? settings.latency : 0; // mic -> audio graph, s
-
-    const src = ctx.createMediaStreamSource(stream);
-    const capture = new AudioWorkletNode(ctx, "omni-capture", {
-      numberOfInputs: 1, numberOfOutputs: 1, processorOptions: { outRate: RATE, chunkSamples: CHUNK },
-    });
-    const mute = ctx.createGain(); // keeps the capture node pulled by the graph without hearing ourselves
-    mute.gain.value = 0;
-    src.connect(capture).connect(mute).connect(ctx.destination);
-    m.capture = capture;
-    capture.port.onmessage = (e) => {
-      const { pcm, rms, t } = e.data;
-      omni.capturedChunks++;
-      omni.micLevel = rms;
-      if (recording && omni.recorded.length < 750) omni.recorded.push(b64FromBytes(new Uint8Array(pcm))); // <= 30 s
-      ui.level.value = Math.min(1, rms * 4);
-      if (ws && ws.readyState === WebSocket.OPEN && omni.state === "connected") {
-        send({ type: "input_audio_buffer.append", audio: b64FromBytes(new Uint8Array(pcm)) });
-        omni.sentAudioChunks++;
-        omni.sentAudioSamples += pcm.byteLength / 2;
-        latency.chunkSent(pcm.byteLength / 2, t);
-        if (omni.sentAudioChunks % 10 === 0) updateCounters();
-      }
-    };
-
-    if (stream.getVideoTracks().length) {
-      ui.preview.srcObject = stream;
-      ui.preview.parentElement.dataset.live = "1";
-      m.canvas = document.createElement("canvas");
-      m.frameTimer = setInterval(() => captureFrame(m), FRAME_MS);
-    }
-  }
-
-  function captureFrame(m) {
-    const v = ui.preview;
-    if (!ui.camera.checked || v.readyState < 2 || !v.videoWidth) return;
-    const scale = Math.min(1, FRAME_MAX_SIDE / Math.max(v.videoWidth, v.videoHeight));
-    const w = Math.max(2, Math.round(v.videoWidth * scale));
-    const h = Math.max(2, Math.round(v.videoHeight * scale));
-    const c = m.canvas;
-    if (c.width !== w || c.height !== h) {
-      c.width = w;
-      c.height = h;
-    }
-    const g = c.getContext("2d", { willReadFrequently: true });
-    g.drawImage(v, 0, 0, w, h);
-    const px = g.getImageData(0, 0, w, h).data;
-    const mean = [0, 0, 0];
-    for (let i = 0; i < px.length; i += 4) {
-      mean[0] += px[i];
-      mean[1] += px[i + 1];
-      mean[2] += px[i + 2];
-    }
-    omni.lastFrameMean = mean.map((s) => Math.round(s / (px.length / 4)));
-    if (omni.frameMeans.length < 64) omni.frameMeans.push(omni.lastFrameMean);
+  function captureFrame() {
+    if (!media || !ui.camera.checked) return;
+    const f = media.frame(ui.preview, FRAME_MAX_SIDE);
+    if (!f) return;
+    omni.lastFrameMean = f.mean;
+    if (omni.frameMeans.length < 64) omni.frameMeans.push(f.mean);
     omni.capturedFrames++;
-    if (!ws || ws.readyState !== WebSocket.OPEN || omni.state !== "connected") return;
-    if (ws.bufferedAmount > MAX_BUFFERED) {
+    // push-to-talk: frames belong to the held turn only (between turns they would open one)
+    if (!connected() || rtc || (ui.ptt.checked && !ptt.holding())) return; // WebRTC: the server samples the track
+    if (conn.buffered() > MAX_BUFFERED) {
       omni.droppedFrames++;
       return;
     }
-    const url = c.toDataURL("image/jpeg", 0.7);
-    send({
-      type: "conversation.item.create",
-      item: { type: "message", role: "user", content: [{ type: "input_image", image_url: url }] },
-    });
+    const item = { type: "message", role: "user", content: [{ type: "input_image", image_url: f.url() }] };
+    send({ type: "conversation.item.create", item });
     omni.sentFrames++;
     updateCounters();
+  }
+
+  function showVideo() {
+    const live = !!(media && media.hasVideo());
+    ui.preview.srcObject = live ? media.stream : null;
+    ui.preview.parentElement.dataset.live = live ? "1" : "0";
+    clearInterval(frameTimer);
+    frameTimer = live ? setInterval(captureFrame, FRAME_MS) : null;
+  }
+
+  // WebRTC: what the tracks carry: the mic (and the camera, when on) while connected; with push to
+  // talk only during a held turn (the server would open a turn on audio between them).
+  function syncSenders() {
+    if (!rtc || !conn) return;
+    const on = !ui.ptt.checked || !!ptt.turn;
+    const s = on && media && media.stream;
+    conn.setTracks(s ? s.getAudioTracks()[0] || null : null, s && ui.camera.checked ? s.getVideoTracks()[0] || null : null);
   }
 
   function stopMedia() {
     const m = media;
     media = null;
+    ptt.reset();
     if (!m) return;
-    clearInterval(m.frameTimer);
-    if (m.stream) m.stream.getTracks().forEach((t) => t.stop());
-    ui.preview.srcObject = null;
-    ui.preview.parentElement.dataset.live = "0";
-    m.ctx.close();
+    m.close();
+    showVideo();
   }
 
   // ---------------------------------------------------------------- controls
@@ -550,32 +488,40 @@
   async function start() {
     ui.start.disabled = true;
     showError("");
-    await serverConfig;
-    if (omni.apiKeyRequired && !apiKey) {
-      askForKey("This server needs an API key.");
+    await auth.config;
+    if (auth.missing()) {
+      auth.ask();
       refreshButtons();
       return;
     }
     ui.keyForm.hidden = true;
-    connect(); // in parallel with the media prompt: speech is sent from the moment both are up
-    if (!media) {
-      let m;
-      try {
-        m = await startPlayback();
-      } catch (e) {
-        stopMedia();
-        omni.errors.push({ type: "client", message: `audio output: ${e.name || e}` });
-        showError(`audio output unavailable (${e.name || e}); replies are text only`);
-      }
-      if (m) {
-        try {
-          await startCapture(m);
-        } catch (e) { // no microphone: typed questions still get spoken replies
-          omni.errors.push({ type: "client", message: `media: ${e.name || e}` });
-          showError(`microphone unavailable (${e.name || e}); you can still type`);
-        }
-      }
+    // WebSocket: in parallel with the media prompt (speech goes out once both are up); WebRTC: after
+    // it, as the offer carries the tracks (and Chromium offers its host addresses only once allowed)
+    const early = !window.OmniTransport.rtc(pageConfig, params.get("transport"));
+    if (early || media) connect();
+    if (media) return refreshButtons();
+    const m = (media = new window.OmniMedia(RATE, CHUNK, devices, { onChunk, onPlayer }));
+    m.setMuted(omni.muted);
+    try {
+      const note = await m.startPlayback();
+      if (note) showError(note);
+    } catch (e) {
+      stopMedia();
+      omni.errors.push({ type: "client", message: `audio output: ${e.name || e}` });
+      showError(`audio output unavailable (${e.name || e}); replies are text only`);
+      if (!early) connect();
+      return refreshButtons();
     }
+    try { // playback does not depend on it: without a mic, typed questions still get spoken replies
+      const note = await m.startCapture(ui.camera.checked, params.get("aec") !== "0");
+      if (note) showError(note);
+      if (media === m) showVideo();
+      await devices.refresh(); // labels, now that the browser allowed the devices
+    } catch (e) {
+      omni.errors.push({ type: "client", message: `media: ${e.name || e}` });
+      showError(`microphone unavailable (${e.name || e}); you can still type`);
+    }
+    if (!early && media === m) connect();
     refreshButtons();
   }
 
@@ -586,19 +532,49 @@
     updateCounters();
   }
 
+  async function pickDevice() {
+    if (!media || !media.stream) return;
+    try {
+      await media.reopen(ui.camera.checked, params.get("aec") !== "0");
+      showVideo();
+      syncSenders(); // WebRTC: replaceTrack, no renegotiation
+    } catch (e) {
+      showError(`that device is unavailable (${e.name || e})`);
+    }
+  }
+
   ui.camera.addEventListener("change", () => {
-    if (media && media.stream) media.stream.getVideoTracks().forEach((t) => (t.enabled = ui.camera.checked));
+    if (media) media.setCamera(ui.camera.checked);
+    syncSenders(); // WebRTC: camera off sends nothing (not black frames the server would sample)
   });
   ui.start.addEventListener("click", start);
   ui.stop.addEventListener("click", stop);
   ui.reconnect.addEventListener("click", () => (media ? connect() : start()));
-  ui.keyForm.addEventListener("submit", (e) => {
+  ui.interrupt.addEventListener("click", () => stopReply(true));
+  ui.mute.addEventListener("click", () => {
+    omni.muted = !omni.muted;
+    if (media) media.setMuted(omni.muted);
+    ui.mute.setAttribute("aria-pressed", String(omni.muted));
+    ui.mute.textContent = omni.muted ? "Unmute" : "Mute";
+  });
+  ui.ptt.addEventListener("change", setPushToTalk);
+  ptt.bind(ui.talk, () => ui.ptt.checked, pttDown);
+  document.addEventListener("keydown", (e) => e.key === "Escape" && stopReply(true));
+  $("mic-select").addEventListener("change", pickDevice);
+  $("cam-select").addEventListener("change", pickDevice);
+  $("spk-select").addEventListener("change", async () => {
+    const problem = (media ? await devices.applySink(media.ctx) : null) || (await devices.applySink(ui.reply));
+    if (problem) showError(problem);
+  });
+  ui.keyForm.addEventListener("submit", async (e) => {
     e.preventDefault();
-    const key = ui.key.value.trim();
-    if (!key) return;
-    setKey(key);
-    ui.key.value = "";
-    ui.keyForm.hidden = true;
+    const refused = await auth.take();
+    if (refused === "") return;
+    if (refused) { // the server said so (401): no connection was tried
+      omni.errors.push({ type: "client", message: "API key refused" });
+      setState("error", "API key refused");
+      return auth.ask(`The server refused the key (${refused}).`);
+    }
     if (media) connect();
     else start();
   });
@@ -609,11 +585,12 @@
     const item = { type: "message", role: "user", content: [{ type: "input_text", text }] };
     if (send({ type: "conversation.item.create", item })) {
       send({ type: "response.create" });
-      addEntry("user", text);
+      transcript.add("user", text);
       ui.text.value = "";
     }
   });
   window.addEventListener("pagehide", stop);
 
+  devices.refresh(); // the kinds there are (labels come once the user allows capture)
   setState("idle"); // nothing starts by itself: no autostart, whatever the URL says
 })();
