@@ -199,14 +199,15 @@ def check_checkpoint(path: Path, vggt_path=None) -> dict:
         names = weight_names(path)
     except (OSError, RuntimeError, ValueError) as e:  # a truncated or foreign file
         raise JanusError(f"{path}: cannot read the safetensors headers: {e}") from e
+    config_only = not names and (path / RANDOM_INIT_FILE).is_file()  # nav make-tiny --shape 7b
+    if not names and not config_only:
+        raise JanusError(f"{path}: no *.safetensors weights (expected model.safetensors or its shards)")
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise JanusError(f"{path}: no tokenizer files (tokenizer.json / vocab.json)")
-    if not names and (path / RANDOM_INIT_FILE).is_file():  # config only (nav make-tiny --shape 7b)
+    if config_only:
         if not isinstance(raw.get("vggt_merger_hidden_dim"), int):
             raise JanusError(f"{path}: a config-only checkpoint needs vggt_merger_hidden_dim in config.json")
         return raw
-    if not names:
-        raise JanusError(f"{path}: no *.safetensors weights (expected model.safetensors or its shards)")
     if vggt_path is None and not any(n.startswith("vggt.aggregator.") for n in names):
         raise JanusError(f"{path}: no vggt.aggregator.* weights; pass vggt_path= (facebook/VGGT-1B)")
     if not any(n.startswith("merger.") for n in names):
