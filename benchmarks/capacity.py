@@ -184,7 +184,7 @@ def main() -> int:
     out = {"loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            from omnistream.checkpoints import make_tiny
+            from omnistream.random_checkpoints import make_tiny
 
             args.model = str(make_tiny(Path(tmp) / "tiny"))
             out["model"] = "tiny (random weights)"

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
+from omnistream.checkpoints import load_omni  # noqa: E402
 from omnistream.encoders.audio import AudioStream, StreamingLogMel, measure_clamp_rule  # noqa: E402
 from omnistream.encoders.media import read_audio  # noqa: E402
 from omnistream.encoders.tmrope import (  # noqa: E402
@@ -45,6 +45,7 @@ from omnistream.encoders.vision import (  # noqa: E402
     synthetic_frames,
     target_size,
 )
+from omnistream.random_checkpoints import make_tiny  # noqa: E402
 
 ASSET = Path(__file__).resolve().parents[1] / "omnistream" / "assets" / "hello.flac"
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from omnistream.chat import SYSTEM_PROMPT, OmniChat  # noqa: E402
-from omnistream.checkpoints import SHAPES, check_device, load_omni, make_tiny  # noqa: E402
+from omnistream.checkpoints import check_device, load_omni  # noqa: E402
 from omnistream.model.talker import TalkerConfig  # noqa: E402
 from omnistream.model.token2wav import (  # noqa: E402
     DEFAULT,
@@ -48,6 +48,7 @@ from omnistream.model.token2wav import (  # noqa: E402
     mel_snr_db,
     wave_snr_db,
 )
+from omnistream.random_checkpoints import SHAPES, make_tiny  # noqa: E402
 
 QUESTION = "Tell me about the red sofa by the window."
 

@@ -52,9 +52,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from omnistream.checkpoints import load_omni, make_tiny
+from omnistream.checkpoints import load_omni
 from omnistream.encoders.tmrope import TMRoPE
 from omnistream.memory.window_cache import WindowCache, WindowConfig
+from omnistream.random_checkpoints import make_tiny
 
 AUDIO_PER_CHUNK = 50  # 25 audio tokens/s, 2-s chunks
 PATCH_GRID = (16, 16)  # unmerged 16x16 -> 64 merged video tokens per 1-s temporal patch

@@ -210,7 +210,7 @@ def main() -> int:
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            from omnistream.checkpoints import make_tiny
+            from omnistream.random_checkpoints import make_tiny
 
             args.model = str(make_tiny(Path(tmp) / "tiny"))
         out = asyncio.run(main_async(args))

@@ -28,9 +28,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from omnistream.checkpoints import load_omni, make_tiny  # noqa: E402
+from omnistream.checkpoints import load_omni  # noqa: E402
 from omnistream.model.token2wav import DEFAULT, StreamingToken2Wav  # noqa: E402
 from omnistream.model.token2wav_jobs import DiTJob, VocoderJob, run_jobs  # noqa: E402
+from omnistream.random_checkpoints import make_tiny  # noqa: E402
 
 BATCHES = (1, 2, 4, 8)
 

@@ -147,7 +147,7 @@ def check_model_args(args) -> None:
 
 
 def _cmd_make_tiny(args) -> int:
-    from omnistream.checkpoints import make_tiny
+    from omnistream.random_checkpoints import make_tiny
 
     out = Path(args.dir)
     if args.if_missing and (out / "config.json").exists():
@@ -168,9 +168,9 @@ def _cmd_chat(args) -> int:
 
 def _cmd_demo(args) -> int:
     """Everything `make demo` shows, on the embedded tiny checkpoint: no downloads."""
-    from omnistream.checkpoints import make_tiny
     from omnistream.encoders.media import write_video
     from omnistream.encoders.vision import synthetic_frames
+    from omnistream.random_checkpoints import make_tiny
 
     model = Path(args.model)
     if not (model / "config.json").exists():

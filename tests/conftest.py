@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from omnistream.checkpoints import make_tiny
+    from omnistream.random_checkpoints import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-omni"))
 

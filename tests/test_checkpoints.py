@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omnistream.checkpoints import SPECIAL_TOKENS, CheckpointError, load_omni
+from omnistream.checkpoints import CheckpointError, load_omni
+from omnistream.random_checkpoints import SPECIAL_TOKENS
 
 
 def test_tiny_has_the_real_file_set(tiny_dir):

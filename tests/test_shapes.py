@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.checkpoints import PUBLISHED_PARAMS, RANDOM_INIT_FILE, CheckpointError, load_omni, make_tiny
+from omnistream.checkpoints import RANDOM_INIT_FILE, CheckpointError, load_omni
+from omnistream.random_checkpoints import PUBLISHED_PARAMS, make_tiny
 
 
 @pytest.mark.parametrize("shape", ["7b", "3b"])

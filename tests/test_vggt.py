@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnistream.checkpoints import _reinit
 from omnistream.memory.dual import FrameKV, MemoryConfig
 from omnistream.navigation.vggt import VGGTAggregator, VGGTConfig, _infer_config, load_aggregator
+from omnistream.random_checkpoints import _reinit
 
 TINY = VGGTConfig(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2, dino_depth=1, dino_heads=2)
 

@@ -30,6 +30,9 @@ turn, with its own ``instructions``, ``tools``, ``tool_choice``, ``output_modali
 Function calling follows the protocol (``function_call`` output items, their arguments events); the
 model sees the tools in Qwen's chat-template format (:mod:`omnistream.engine.tools`), and
 ``tool_choice`` ``required`` or a named function forces a valid call by grammar-constrained decoding.
+Input transcription (``audio.input.transcription`` / beta ``input_audio_transcription``) is done by
+the Thinker itself, whatever model is named (``whisper-1``, ``gpt-4o-transcribe``, ...: all map to
+it; :mod:`omnistream.engine.transcribe`); ``language`` and ``prompt`` are echoed, not used.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class SessionConfig:
     temperature: float | None = None  # None: the server's default (beta field)
     tools: list = field(default_factory=list)  # function tools (omnistream.engine.tools.check_tools)
     tool_choice: str = "auto"  # auto | none | required | function:NAME
+    transcription: dict | None = None  # {"model", ...}: the Thinker transcribes each committed user turn
 
 
 _UNSET = object()
@@ -101,7 +105,7 @@ class SessionPatch:
 
 _GA_IGNORED = {"type", "include", "tracing", "truncation", "prompt", "parallel_tool_calls",
                "reasoning", "object", "id", "expires_at"}
-_BETA_IGNORED = {"input_audio_transcription", "input_audio_noise_reduction", "speed",
+_BETA_IGNORED = {"input_audio_noise_reduction", "speed",
                  "tracing", "object", "id", "expires_at", "client_secret", "include", "input_audio_format",
                  "output_audio_format"}
 _BETA_ONLY = {"modalities", "voice", "input_audio_format", "output_audio_format", "turn_detection", "temperature",
@@ -154,6 +158,9 @@ def parse_session(s, event_id: str | None = None, limits: SessionLimits = _DEFAU
                       "and sends pcm16 (24 kHz mono)", f"session.{key}")
     if "voice" in s:
         out["voice"] = _voice(s["voice"], "session.voice", event_id)
+    if "input_audio_transcription" in s:
+        out["transcription"] = _transcription(s["input_audio_transcription"], "session.input_audio_transcription",
+                                              event_id)
     if "turn_detection" in s:
         out["turn_detection"] = _turn_detection(s["turn_detection"], "session.turn_detection", event_id)
     # GA nested audio config
@@ -172,6 +179,9 @@ def parse_session(s, event_id: str | None = None, limits: SessionLimits = _DEFAU
                           f"session.audio.input.{k}")
             if "format" in inp:
                 _ga_format(inp["format"], "session.audio.input.format", event_id)
+            if "transcription" in inp:
+                out["transcription"] = _transcription(inp["transcription"], "session.audio.input.transcription",
+                                                      event_id)
             if "turn_detection" in inp:
                 out["turn_detection"] = _turn_detection(inp["turn_detection"], "session.audio.input.turn_detection",
                                                         event_id)
@@ -213,6 +223,23 @@ def _tool_choice(v, tools: list[dict] | None, param, event_id) -> str:
         return check_tool_choice(v, tools or [])
     except ValueError as e:
         raise ProtocolError("invalid_value", f"{param}: {e}", param, event_id) from None
+
+
+def _transcription(v, param, event_id) -> dict | None:
+    """Input transcription settings (null: off). Every model name is served by the Thinker itself
+    (:mod:`omnistream.engine.transcribe`): OpenAI's (``whisper-1``, ``gpt-4o-transcribe``, ...) are
+    accepted so their clients work unchanged; ``language`` and ``prompt`` are taken and echoed."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ProtocolError("invalid_type", f"{param} must be an object or null", param, event_id)
+    for k in set(v) - {"model", "language", "prompt"}:
+        raise ProtocolError("unknown_parameter", f"Unknown parameter: '{param}.{k}'", f"{param}.{k}", event_id)
+    out = {"model": "omnistream-thinker"}
+    for k in ("model", "language", "prompt"):
+        if v.get(k) is not None:
+            out[k] = _str(v[k], f"{param}.{k}", event_id, max_len=1024)
+    return out
 
 
 def _str(v, param, event_id, max_len: int) -> str:

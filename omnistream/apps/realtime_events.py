@@ -50,11 +50,12 @@ class ServerEvents:
                     "modalities": ["text", "audio"] if cfg.audio_out else ["text"], "instructions": cfg.instructions,
                     "voice": voice, "input_audio_format": "pcm16", "output_audio_format": "pcm16",
                     "turn_detection": td, "temperature": cfg.temperature, "max_response_output_tokens": mot,
-                    "tools": tools_json(cfg.tools), "tool_choice": choice_json(cfg.tool_choice)}
+                    "tools": tools_json(cfg.tools), "tool_choice": choice_json(cfg.tool_choice),
+                    "input_audio_transcription": cfg.transcription}
         fmt = {"type": "audio/pcm", "rate": SAMPLE_RATE}
         return {"type": "realtime", "object": "realtime.session", "id": sid, "model": cfg.model,
                 "output_modalities": ["audio"] if cfg.audio_out else ["text"], "instructions": cfg.instructions,
-                "audio": {"input": {"format": fmt, "turn_detection": td},
+                "audio": {"input": {"format": fmt, "turn_detection": td, "transcription": cfg.transcription},
                           "output": {"format": fmt, "voice": voice}},
                 "max_output_tokens": mot, "tools": tools_json(cfg.tools), "tool_choice": choice_json(cfg.tool_choice)}
 
@@ -82,6 +83,22 @@ class ServerEvents:
     def output_item(item_id: str, call_id: str, output: str) -> dict:
         return {"id": item_id, "object": "realtime.item", "type": "function_call_output", "status": "completed",
                 "call_id": call_id, "output": output}
+
+    def transcript(self, t, item_id: str) -> dict:
+        """The event of one :class:`omnistream.runtime.client.Transcript` (same names in both dialects)."""
+        name = "conversation.item.input_audio_transcription."
+        if t.error is not None:
+            return self.event(name + "failed", item_id=item_id, content_index=0,
+                              error={"type": "transcription_error", "code": "transcription_failed",
+                                     "message": t.error, "param": None})
+        if t.final:
+            u = t.usage
+            usage = {"type": "tokens", "input_tokens": u.get("input_tokens", 0), "output_tokens": u.get("output_tokens", 0),
+                     "total_tokens": u.get("input_tokens", 0) + u.get("output_tokens", 0),
+                     "input_token_details": {"audio_tokens": u.get("audio_tokens", 0),
+                                             "text_tokens": u.get("input_tokens", 0) - u.get("audio_tokens", 0)}}
+            return self.event(name + "completed", item_id=item_id, content_index=0, transcript=t.text, usage=usage)
+        return self.event(name + "delta", item_id=item_id, content_index=0, delta=t.text)
 
     @staticmethod
     def user_item(item_id: str, content: list[dict]) -> dict:

@@ -251,6 +251,7 @@ class Reply:
         r = ev.response(self.id, status, self.audio, self.voice, self.outputs, details, usage, self.max_tokens)
         r["metadata"] = {k: str(v) for k, v in stats.items()}  # server timings, for clients that care
         c.server.metrics.reply_done(self, status, done)  # metrics
+        await c.flush_transcripts()  # the turn's input transcription comes before its reply's end
         c.response_finished(self)  # before response.done leaves: the client may send response.create at once
         await c.send(ev.event("response.done", response=r))
 

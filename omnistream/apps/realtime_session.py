@@ -109,6 +109,8 @@ class RealtimeSession:
         self.response: Reply | None = None
         self.last_reply: Reply | None = None
         self.calls: dict[str, str] = {}  # call_id -> item id of the function calls the model made
+        self.transcripts_task: asyncio.Task | None = None  # forwards input transcriptions as they come
+        self.transcripts_lock = asyncio.Lock()  # one sender at a time: their events keep the pipeline's order
 
     # -- plumbing
     async def send(self, event: dict) -> None:
@@ -136,7 +138,8 @@ class RealtimeSession:
         d = self.server.config.defaults
         return replace(d, voice=voice, system_prompt=cfg.instructions or d.system_prompt,
                        max_new_tokens=cfg.max_output_tokens or d.max_new_tokens,
-                       temperature=d.temperature if cfg.temperature is None else cfg.temperature)
+                       temperature=d.temperature if cfg.temperature is None else cfg.temperature,
+                       transcribe=cfg.transcription is not None)
 
     def _voice(self, cfg: SessionConfig) -> str | None:
         if not cfg.audio_out:
@@ -176,6 +179,7 @@ class RealtimeSession:
             await self.ws.close(1011, "cannot open a session")
             return
         self.server.metrics.session_opened(self)  # metrics
+        self.transcripts_task = asyncio.create_task(self._forward_transcripts())
         vad_error = None
         if self.cfg.turn_detection is not None:
             try:
@@ -201,7 +205,24 @@ class RealtimeSession:
             except OSError:
                 log.debug("cannot set SO_SNDBUF", exc_info=True)
 
+    async def _forward_transcripts(self) -> None:
+        """Input transcription events, as the Thinker produces them (a reply's end also flushes them)."""
+        try:
+            while self.sid is not None:
+                await self.client.wait_transcripts(self.sid)
+                await self.flush_transcripts()
+        except (ConnectionClosed, ClientError):
+            pass
+
+    async def flush_transcripts(self) -> None:
+        """Send the transcription events that arrived (``conversation.item.input_audio_transcription.*``)."""
+        async with self.transcripts_lock:
+            for t in self.client.take_transcripts(self.sid):
+                await self.send(self.ev.transcript(t, t.item))
+
     async def cleanup(self) -> None:
+        if self.transcripts_task is not None:
+            self.transcripts_task.cancel()
         if self.response is not None:
             self.response.stop("client_cancelled")
             if self.sid is not None:
@@ -402,7 +423,7 @@ class RealtimeSession:
         if await self._lost_turn():
             return
         await self._seal_frames_only_turn()
-        await self.client.commit(self.sid)
+        await self.client.commit(self.sid, transcribe=item_id if self.options.transcribe else None)
         if await self._take_errors():  # the commit itself found a stage gone
             await self._lost_turn()
             return

@@ -20,7 +20,9 @@ thinker stage worker (:mod:`omnistream.runtime.workers`, which also serves the i
   (Qwen's tool format, :mod:`omnistream.engine.tools`) and are taken out of the context again when
   it ends (the reply's tokens are re-prefilled after the cut), so later replies never see them;
   ``tool_choice`` ``required`` / a named function decodes under a grammar that forces a valid call;
-* usage: the tokens prefilled for a reply (everything since the previous reply ended) and generated.
+* usage: the tokens prefilled for a reply (everything since the previous reply ended) and generated;
+* input transcription: with ``keep_audio``, a copy of the turn's audio blocks is kept for
+  :meth:`Conversation.take_turn_audio` (transcribed on a cache of its own: :mod:`omnistream.engine.transcribe`).
 
 Nothing here knows about sockets, threads or batches: that is what lets one copy serve all paths.
 """
@@ -368,6 +370,8 @@ class Conversation:
         self._turn_media = dict(self._media_tokens)  # ... when the open turn began (abort_turn restores it)
         self.stats = TurnStats()
         self.turn_end_t = time.perf_counter()
+        self.keep_audio = False  # keep a copy of each turn's audio blocks (input transcription asked for)
+        self.turn_audio: list[torch.Tensor] = []  # the last user turn's audio blocks, each (n, D)
         if system_prompt:
             self.text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
 
@@ -419,6 +423,7 @@ class Conversation:
         self._drop_prefix()  # two user turns in a row (e.g. tool outputs): one assistant turn after both
         self.turn_start = self.thinker.n_tokens
         self._turn_media = dict(self._media_tokens)
+        self.turn_audio = []
         self.text("<|im_start|>user\n")
         self.media = tuple(k for k, on in (("audio", audio), ("video", video)) if on)
         self._cutter = SegmentCutter(self.segment_s, self.media, self._feed, self._cut) if self.media else None
@@ -442,6 +447,8 @@ class Conversation:
         embeds, grid = item
         self._media_tokens[kind] += int(embeds.shape[0])
         if kind == "audio":
+            if self.keep_audio:  # (the turn cap bounds how many: the server commits a turn at its limit)
+                self.turn_audio.append(embeds)
             self.thinker.append_audio_block(embeds)
         else:
             self.thinker.append_video_patch(embeds, grid)
@@ -488,6 +495,12 @@ class Conversation:
         self.turn_end_t = t0
         self.turn_start, self._cutter, self.media = None, None, ()
 
+    def take_turn_audio(self) -> list[torch.Tensor]:
+        """The closed turn's audio blocks (kept when ``keep_audio``), handed over once: what an input
+        transcription runs on (:mod:`omnistream.engine.transcribe`)."""
+        blocks, self.turn_audio = self.turn_audio, []
+        return blocks
+
     def _can_cut(self, n: int) -> bool:
         """Can the Thinker be cut back to ``n`` tokens? (A window cache cannot bring back evicted tokens.)"""
         cache = self.thinker.cache
@@ -508,7 +521,7 @@ class Conversation:
         self.thinker.truncate(self.turn_start)
         self._truncate_feed(self.turn_start)
         self._media_tokens = self._turn_media
-        self.turn_start, self._cutter, self.media = None, None, ()
+        self.turn_start, self._cutter, self.media, self.turn_audio = None, None, (), []
 
     # ------------------------------------------------------------------ the reply
     def begin_reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None, *,

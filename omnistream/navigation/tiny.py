@@ -9,7 +9,7 @@ The directory has the layout of JanusVLN's released checkpoints, so it loads thr
 * ``model.safetensors``: the Qwen2.5-VL weights as ``save_pretrained`` writes them, plus
   ``vggt.aggregator.*`` (VGGT's key layout) and ``merger.*`` (the spatial-feature MLP);
 * a byte-level BPE tokenizer with Qwen2.5-VL's special tokens (built with the helpers of
-  :func:`omnistream.checkpoints.make_tiny`), ``generation_config.json`` and ``preprocessor_config.json``.
+  :func:`omnistream.random_checkpoints.make_tiny`), ``generation_config.json`` and ``preprocessor_config.json``.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ def make_tiny_janus(
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from omnistream.checkpoints import RANDOM_INIT_FILE, VisionPreprocessing, _reinit, tiny_qwen_tokenizer
+    from omnistream.checkpoints import RANDOM_INIT_FILE, VisionPreprocessing
     from omnistream.navigation.janus import VGGTMerger
     from omnistream.navigation.vggt import VGGTAggregator, VGGTConfig
+    from omnistream.random_checkpoints import _reinit, tiny_qwen_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ class SessionOptions:
     temperature: float = 0.0
     fps: float = 2.0  # video frames per second the encoder samples
     seed: int | None = None  # seeds sampling (Thinker at temperature > 0, the Talker) and the speech noise
+    transcribe: bool = False  # keep each turn's audio so a commit can ask for its input transcription
 
 
 @dataclass
@@ -93,6 +94,18 @@ class ResponseDone:
 
 
 @dataclass
+class Transcript:
+    """Input transcription of the user turn committed as ``item`` (``commit(..., transcribe=item)``): a
+    piece of text, or (``final``) the whole transcript; ``error`` set: it failed."""
+
+    item: str
+    text: str
+    final: bool = False
+    error: str | None = None
+    usage: dict = field(default_factory=dict)  # (final) input_tokens, audio_tokens, output_tokens
+
+
+@dataclass
 class SessionError:
     """Something went wrong for this session; the session goes on with its next turn."""
 
@@ -143,8 +156,10 @@ class Client(ABC):
         """A camera frame (H, W, 3) uint8 RGB taken at session time ``t_s`` seconds."""
 
     @abstractmethod
-    async def commit(self, sid: str, text: str | None = None) -> None:
-        """End the user turn (what was pushed, plus optional typed ``text``)."""
+    async def commit(self, sid: str, text: str | None = None, transcribe: str | None = None) -> None:
+        """End the user turn (what was pushed, plus optional typed ``text``). ``transcribe``: an item id;
+        the turn's audio is transcribed by the Thinker (the session needs ``transcribe=True``) and
+        :class:`Transcript` events with that id come from :meth:`transcripts`."""
 
     @abstractmethod
     async def clear(self, sid: str) -> None:
@@ -166,6 +181,16 @@ class Client(ABC):
     @abstractmethod
     def take_errors(self, sid: str) -> list[SessionError]:
         """Input errors (bad audio, bad frames) reported since the last call, oldest first."""
+
+    def take_transcripts(self, sid: str) -> list[Transcript]:
+        """Transcript events that arrived since the last call, oldest first."""
+        return []
+
+    async def wait_transcripts(self, sid: str) -> None:
+        """Return once :meth:`take_transcripts` has something (ClientError: the session is gone)."""
+        import asyncio
+
+        await asyncio.Event().wait()  # a client without transcription: never
 
     @abstractmethod
     def status(self) -> dict:

@@ -58,6 +58,7 @@ __all__ = [
     "Step",
     "TensorRef",
     "TextDelta",
+    "Transcript",
     "Truncate",
     "TruncatePrompt",
     "WireError",
@@ -71,7 +72,7 @@ __all__ = [
 
 #: Bumped on any incompatible change to the structs below; checked in Hello/Ready so a stale
 #: worker fails loudly at handshake time instead of mis-parsing frames mid-session.
-PROTOCOL_VERSION = 2  # 2: per-reply settings in Respond, usage and tool calls in Done
+PROTOCOL_VERSION = 3  # 2: per-reply settings in Respond, usage and tool calls in Done; 3: Transcript
 
 #: Upper bound on one multipart message (all frames). 15 MiB is ~4 min of 16 kHz float32 mono
 #: audio -- far above any sane chunk -- yet small enough that a corrupt length can't make a
@@ -223,11 +224,13 @@ class Frame(_Msg):
 
 
 class Commit(_Msg):
-    """End the user turn, with optional typed ``text``."""
+    """End the user turn, with optional typed ``text``; ``transcribe``: the item id under which the
+    turn's audio is transcribed (``Transcript`` messages), None: no transcription."""
     session: str
     epoch: NonNeg
     text: str | None = None
     req: NonNeg = 0
+    transcribe: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
 class Clear(_Msg):
@@ -330,6 +333,18 @@ class ReplyError(_Msg):
     message: str
 
 
+class Transcript(_Msg):
+    """Input transcription of the user turn committed as ``item``: a piece of ``text``, or (``final``)
+    the whole transcript; ``error`` set: it failed (``final`` too)."""
+    session: str
+    item: str
+    seq: NonNeg
+    text: str
+    final: bool = False
+    error: str | None = None
+    usage: dict[str, int] = {}  # (final) input_tokens prefilled (audio_tokens of them), output_tokens decoded
+
+
 class Result(_Msg):
     """Answer to an op with ``req`` > 0: ``value`` (e.g. tokens kept) or ``error``."""
     session: str
@@ -340,7 +355,7 @@ class Result(_Msg):
 
 Message = (Hello | Ready | Ping | Pong | AudioChunk | TextDelta | Error | Epoch | Shutdown | OpenSession | CloseSession
            | BeginTurn | Frame | Commit | Clear | Respond | Truncate | Embeds | PromptRows | TruncatePrompt | Step
-           | EndReply | Codes | Done | ReplyError | Result)
+           | EndReply | Codes | Done | ReplyError | Transcript | Result)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Message)

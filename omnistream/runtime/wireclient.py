@@ -38,6 +38,7 @@ from omnistream.runtime.client import (
     SessionError,
     SessionOptions,
     TextDelta,
+    Transcript,
 )
 from omnistream.runtime.session import options_to_wire
 
@@ -68,6 +69,8 @@ class _Session:
         self.media_open = False  # user media pushed since the last commit/clear/respond
         self.reset_turn = False  # an encoders restart lost the open turn: clear it in the thinker
         self.reset_conv = False  # a thinker/talker restart lost the conversation: rebuild it fresh
+        self.transcripts: list[Transcript] = []  # input transcription events not yet taken
+        self.transcript_ready = asyncio.Event()
 
 
 class WireClient(Client):
@@ -151,6 +154,7 @@ class WireClient(Client):
         s = self._sessions.pop(sid, None)
         if s is not None:
             self._fail_replies(s, "closed", "the session was closed")
+            s.transcript_ready.set()  # wait_transcripts returns: the session is gone
             if not self._closed:
                 await self._post(wire.CloseSession(session=sid))
 
@@ -192,11 +196,12 @@ class WireClient(Client):
         s.media_open = True
         await self._post(msg, (x,), frames)
 
-    async def commit(self, sid: str, text: str | None = None) -> None:
+    async def commit(self, sid: str, text: str | None = None, transcribe: str | None = None) -> None:
         s = self._session(sid)
         await self._ready()
         s.media_open = False
-        await self._call_input(s, lambda req: wire.Commit(session=sid, epoch=s.epoch, text=text, req=req))
+        await self._call_input(s, lambda req: wire.Commit(session=sid, epoch=s.epoch, text=text, req=req,
+                                                          transcribe=transcribe))
 
     async def clear(self, sid: str) -> None:
         s = self._session(sid)
@@ -210,6 +215,17 @@ class WireClient(Client):
         except ClientError as e:  # the turn is lost, not the session
             code = "stage_lost" if str(e).startswith("stage_lost") else "invalid_request"
             s.errors.append(SessionError(s.epoch, code, str(e)))
+
+    def take_transcripts(self, sid: str) -> list[Transcript]:
+        s = self._sessions.get(sid)
+        if s is None:
+            return []
+        out, s.transcripts = s.transcripts, []
+        s.transcript_ready.clear()
+        return out
+
+    async def wait_transcripts(self, sid: str) -> None:
+        await self._session(sid).transcript_ready.wait()  # (ClientError once the session is gone)
 
     def take_errors(self, sid: str) -> list[SessionError]:
         s = self._sessions.get(sid)
@@ -275,6 +291,9 @@ class WireClient(Client):
             return
         if isinstance(msg, wire.Error):
             s.errors.append(SessionError(s.epoch, msg.code, msg.message))
+        elif isinstance(msg, wire.Transcript):
+            s.transcripts.append(Transcript(msg.item, msg.text, msg.final, msg.error, dict(msg.usage)))
+            s.transcript_ready.set()
         elif isinstance(msg, wire.TextDelta):
             r = self._reply_for(s, msg.epoch, "text")
             if r is not None:
