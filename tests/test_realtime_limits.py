@@ -371,3 +371,43 @@ def test_admission_refused_at_session_start(tiny):
             assert ws.close_code == 1013
             assert "session.created" not in s.types() and not client.status()["sessions"]
     run(body())
+
+
+# ---------------------------------------------------------------------------------- a turn against the context
+def test_turn_tokens_are_checked_against_the_context(tiny):
+    """A turn that fills the context is refused before its text is prefilled (``TurnTooLong``, the
+    conversation as before); the bound is exact against the tokenizer's own count of the turn."""
+    from omnistream.engine.conversation import Conversation, TurnTooLong
+
+    c = Conversation(tiny)
+    n0 = c.thinker.n_tokens
+    text = "the red sofa by the window " * 6
+    turn = len(tiny.tokenizer(f"<|im_start|>user\n{text}<|im_end|>\n", add_special_tokens=False).input_ids)
+    c.max_turn_tokens = turn - 1
+    with pytest.raises(TurnTooLong, match=f"has {turn} tokens"):
+        c.end_turn(text)
+    assert c.thinker.n_tokens == n0 and not c.turn_open  # nothing of it stayed
+    c.max_turn_tokens = turn
+    c.end_turn(text)  # exactly at the bound: taken
+    assert c.thinker.n_tokens > n0 + turn
+
+
+def test_a_turn_over_the_context_gets_an_error_and_the_session_goes_on(tiny):
+    """Over the Realtime API: items within the per-item limit that add up past the model's context
+    (32k tokens) get ``turn_too_long`` at commit, in well under the time prefilling them would take."""
+    words = " ".join(f"w{i}x{i * 7919 % 1000}" for i in range(9000))[:SessionLimits().max_text_chars]
+
+    async def body():
+        async with serving(InProcClient(tiny), limited(server_vad=False)) as server, \
+                connect(url(server), max_size=None) as ws:
+            s = Session(ws)
+            await s.until("session.created")
+            for _ in range(4):
+                await s.send("conversation.item.create",
+                             item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": words}]})
+            await s.send("response.create")
+            err = await s.error()
+            assert err["code"] == "turn_too_long" and "context" in err["message"], err
+            await text_turn_works(s)
+    assert len(tiny.tokenizer(words * 4).input_ids) > 32768  # the oracle: the tokenizer's own count
+    run(body())

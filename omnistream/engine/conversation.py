@@ -46,7 +46,7 @@ from omnistream.engine.tools import (
     parse_tool_calls,
     tools_block,
 )
-from omnistream.memory.window_config import AUDIO_TOKENS_PER_SECOND
+from omnistream.memory.window_config import AUDIO_TOKENS_PER_SECOND, text_config
 from omnistream.model.thinker import StreamingThinker, ThinkerStep, sample
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,13 @@ class Reply:
         return parse_tool_calls(raw, self.tools) if self.tools else (raw, [])
 
 
+class TurnTooLong(ValueError):
+    """A user turn with more tokens than the model's context can take (answered ``turn_too_long``)."""
+
+
+REPLY_ROOM = 1024  # tokens of the context a turn leaves for the reply
+
+
 class Conversation:
     """A multi-turn Thinker conversation (see the module docstring for the rules it owns).
 
@@ -355,6 +362,8 @@ class Conversation:
 
             self.thinker = window_thinker(ck.thinker, window, tokenizer=ck.tokenizer, record=record)
         self.stop_ids = {self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<|endoftext|>")}
+        ctx = getattr(text_config(ck.thinker.config), "max_position_embeddings", None) or 32768
+        self.max_turn_tokens = max(1, ctx - REPLY_ROOM)  # one turn may not fill the context (TurnTooLong)
         self.sent = 0  # prompt rows the Talker holds
         self.reply: Reply | None = None  # the reply being decoded
         self.turn_start: int | None = None  # Thinker length where the open user turn began
@@ -487,7 +496,13 @@ class Conversation:
             except Exception:
                 self.abort_turn()
                 raise
-        self.text(f"{text or ''}<|im_end|>\n")
+        tail = f"{text or ''}<|im_end|>\n"
+        n = self.thinker.n_tokens - self.turn_start + len(self.tok(tail, add_special_tokens=False).input_ids)
+        if n > self.max_turn_tokens:  # checked before the text is prefilled: nothing of it is computed
+            self.abort_turn()
+            raise TurnTooLong(f"the user turn has {n} tokens; the model's context leaves {self.max_turn_tokens} "
+                              f"for one turn: send less text at once")
+        self.text(tail)
         self._prefix_at = self.thinker.n_tokens
         self.text("<|im_start|>assistant\n")
         self._prefix_end = self.thinker.n_tokens

@@ -118,7 +118,12 @@ Event = TextDelta | ArgumentsDelta | AudioDelta | ResponseDone | SessionError
 
 
 class ClientError(RuntimeError):
-    """A call the pipeline cannot take (unknown session, too many sessions, closed client)."""
+    """A call the pipeline cannot take (unknown session, too many sessions, closed client); ``code``:
+    the pipeline's stable error code when it gave one (e.g. ``turn_too_long``)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 # ---------------------------------------------------------------------------------- interface
@@ -216,4 +221,4 @@ def _error_code(e: Exception) -> str:
     """A stable error code for an exception raised by the pipeline (OpenAI-style snake_case)."""
     name = type(e).__name__
     return {"PcmError": "invalid_audio", "VideoError": "invalid_image", "ClientError": "invalid_request",
-            "ValueError": "invalid_request"}.get(name, "server_error")
+            "ValueError": "invalid_request", "TurnTooLong": "turn_too_long"}.get(name, "server_error")

@@ -351,6 +351,7 @@ class Result(_Msg):
     req: NonNeg
     value: int = 0
     error: str | None = None
+    code: str | None = None  # the error's stable code (client._error_code), e.g. turn_too_long
 
 
 Message = (Hello | Ready | Ping | Pong | AudioChunk | TextDelta | Error | Epoch | Shutdown | OpenSession | CloseSession

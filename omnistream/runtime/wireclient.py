@@ -128,7 +128,7 @@ class WireClient(Client):
         finally:
             self._pending.pop(req, None)
         if res.error is not None:
-            raise ClientError(res.error)
+            raise ClientError(res.error, res.code)
         return res
 
     # ------------------------------------------------------------------ sessions
@@ -213,7 +213,8 @@ class WireClient(Client):
         try:
             await self._call(s.sid, make)
         except ClientError as e:  # the turn is lost, not the session
-            code = "stage_lost" if str(e).startswith("stage_lost") else "invalid_request"
+            code = "stage_lost" if str(e).startswith("stage_lost") else \
+                e.code if e.code not in (None, "server_error") else "invalid_request"
             s.errors.append(SessionError(s.epoch, code, str(e)))
 
     def take_transcripts(self, sid: str) -> list[Transcript]:

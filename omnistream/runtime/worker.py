@@ -178,7 +178,8 @@ class Worker:
         except Exception as e:  # noqa: BLE001 -- bad input: an error event, the session goes on
             log.info("%s: %s for session %s failed: %s", self.name, type(msg).__name__, s.sid, e)
             if getattr(msg, "req", 0):
-                self.send("client", wire.Result(session=s.sid, req=msg.req, error=f"{type(e).__name__}: {e}"))
+                self.send("client", wire.Result(session=s.sid, req=msg.req, error=f"{type(e).__name__}: {e}",
+                                                code=error_code(e)))
             else:
                 self.send("client", wire.Error(session=s.sid, code=error_code(e), message=str(e)))
 
