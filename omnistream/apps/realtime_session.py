@@ -179,7 +179,7 @@ class RealtimeSession:
             await self.ws.close(1011, "cannot open a session")
             return
         self.server.metrics.session_opened(self)  # metrics
-        self.transcripts_task = asyncio.create_task(self._forward_transcripts())
+        self._watch_transcripts()
         vad_error = None
         if self.cfg.turn_detection is not None:
             try:
@@ -204,6 +204,12 @@ class RealtimeSession:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, n)
             except OSError:
                 log.debug("cannot set SO_SNDBUF", exc_info=True)
+
+    def _watch_transcripts(self) -> None:
+        """Start forwarding input transcriptions once the session asks for them (only then: a task
+        per session that never transcribes cost ~0.3 MB of RSS each under connection churn)."""
+        if self.cfg.transcription is not None and self.transcripts_task is None and self.sid is not None:
+            self.transcripts_task = asyncio.create_task(self._forward_transcripts())
 
     async def _forward_transcripts(self) -> None:
         """Input transcription events, as the Thinker produces them (a reply's end also flushes them)."""
@@ -336,6 +342,7 @@ class RealtimeSession:
                 await self.client.update_session(self.sid, opts)  # ClientError (bad voice...) keeps the old
                 self.options, self.pending_options = opts, None
         old_td, self.cfg = self.cfg.turn_detection, new
+        self._watch_transcripts()
         if ev.patch.dialect is not None:
             self.ev.dialect = ev.patch.dialect
         if new.turn_detection is not None:
