@@ -430,16 +430,17 @@ class RealtimeSession:
         if await self._lost_turn():
             return
         await self._seal_frames_only_turn()
-        await self.client.commit(self.sid, transcribe=item_id if self.options.transcribe else None)
-        if await self._take_errors():  # the commit itself found a stage gone
-            await self._lost_turn()
-            return
-        self._turn_closed()
-        await self.send(self.ev.event("input_audio_buffer.committed", item_id=item_id,
-                                      previous_item_id=self.last_item_id))
-        await self.send(self.ev.event("conversation.item.created", previous_item_id=self.last_item_id,
-                                      item=self.ev.user_item(item_id, [{"type": "input_audio", "transcript": None}])))
-        self.last_item_id = item_id
+        async with self.transcripts_lock:  # the item's transcription events never precede its committed event
+            await self.client.commit(self.sid, transcribe=item_id if self.options.transcribe else None)
+            if await self._take_errors():  # the commit itself found a stage gone
+                await self._lost_turn()
+                return
+            self._turn_closed()
+            await self.send(self.ev.event("input_audio_buffer.committed", item_id=item_id,
+                                          previous_item_id=self.last_item_id))
+            await self.send(self.ev.event("conversation.item.created", previous_item_id=self.last_item_id,
+                                          item=self.ev.user_item(item_id, [{"type": "input_audio", "transcript": None}])))
+            self.last_item_id = item_id
         if auto:
             await self._start_response()
 
