@@ -20,12 +20,13 @@ pytest.importorskip("aiortc")
 import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from test_server import hello24k  # noqa: F401 (the fixture: one copy)
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from omnistream.apps.client_secrets import ClientSecrets
 from omnistream.apps.realtime import decode_image
-from omnistream.apps.server import RealtimeServer, ServerConfig
+from omnistream.apps.server import ServerConfig, serving
 from omnistream.apps.webrtc import jpeg_data_url
 from omnistream.runtime.client import InProcClient, SessionOptions
 
@@ -41,16 +42,9 @@ PCMU = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=rtpmap:0 PCMU/8000\r\n"
 @asynccontextmanager
 async def wired(tiny, monkeypatch, **kw):
     clock = kw.pop("clock", time.time)
-    client = InProcClient(tiny)
-    await client.start()
-    server = RealtimeServer(client, ServerConfig(port=0, **{"defaults": SHORT, **kw}))
-    server.secrets = ClientSecrets(600.0, clock=clock)  # the tests move the clock past expiry
-    try:
-        await server.start()
+    async with serving(InProcClient(tiny), ServerConfig(port=0, **{"defaults": SHORT, **kw})) as server:
+        server.secrets = ClientSecrets(600.0, clock=clock)  # the tests move the clock past expiry
         yield server
-    finally:
-        await server.close()
-        await client.close()
 
 
 def run(coro):
@@ -168,17 +162,6 @@ class Peer:
 
     async def close(self):
         await self.pc.close()
-
-
-@pytest.fixture(scope="module")
-def hello24k() -> np.ndarray:
-    from omnistream.encoders.audio import PolyphaseResampler
-    from omnistream.encoders.media import read_audio
-
-    pcm, rate = read_audio("omnistream/assets/hello.flac")
-    r = PolyphaseResampler(rate, RATE)
-    x = np.concatenate([r.push(pcm.mean(axis=1)), r.flush()])
-    return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -302,7 +285,7 @@ def test_ephemeral_key_minted_used_then_refused(tiny, monkeypatch):
     run(go())
 
 
-def test_webrtc_voice_turn(tiny, monkeypatch, hello24k):
+def test_webrtc_voice_turn(tiny, monkeypatch, hello24k):  # noqa: F811 (the fixture)
     """The clip goes in over Opus; server VAD finds the speech where it finds it in the clip itself,
     the turn is answered, the reply's audio comes back on the track for as long as the server sent
     it, and the events come on the data channel."""
@@ -464,7 +447,7 @@ def test_output_audio_buffer_clear_silences_the_reply(tiny, monkeypatch):
 
 
 
-def test_webrtc_barge_in_cuts_the_reply_audio(tiny, monkeypatch, hello24k):
+def test_webrtc_barge_in_cuts_the_reply_audio(tiny, monkeypatch, hello24k):  # noqa: F811 (the fixture)
     """Speaking over the reply (server VAD) cancels it: the item is truncated to what was played,
     ``output_audio_buffer.cleared`` comes, and the track goes silent at once."""
 
