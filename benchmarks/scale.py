@@ -274,23 +274,6 @@ def cluster(model, workdir: Path, n: int, serve_args: tuple[str, ...] = (), inte
             r.stop()
 
 
-def serve_accepts(*argv: str) -> bool:
-    """Whether ``omnistream serve`` takes these options (an older build may lack some)."""
-    from omnistream.cli import build_parser
-
-    try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-            build_parser().parse_args(["serve", *argv])
-        return True
-    except SystemExit:
-        return False
-
-
-def serve_has_drain() -> bool:
-    """Whether ``omnistream serve`` drains on SIGTERM (it then takes ``--drain-grace-s``)."""
-    return serve_accepts("--drain-grace-s", "5")
-
-
 # ---------------------------------------------------------------------------------- measurements
 def _clip() -> tuple[np.ndarray, int]:
     speech = hello_24k()
@@ -390,8 +373,6 @@ async def text_reply(url: str, audio_started: asyncio.Event | None = None, *, wa
 
 async def drain_seconds(model, workdir: Path, serve_args: tuple[str, ...]) -> dict:
     """SIGTERM a replica while one reply runs; seconds to its exit, its exit code, the reply's end."""
-    if not serve_has_drain():
-        return {"drain_s": None, "drain_note": "omnistream serve has no drain (--drain-grace-s) yet"}
     rep = Replica.spawn("drain", model, workdir / "drain.log", *serve_args).wait_ready()
     try:
         started = asyncio.Event()
@@ -413,9 +394,8 @@ async def drain_seconds(model, workdir: Path, serve_args: tuple[str, ...]) -> di
 
 async def bench(args, workdir: Path) -> dict:
     serve_args = ("--max-sessions", str(args.sessions + 2), "--headroom", "0", "--rate-limit", "0",
-                  "--max-new-tokens", str(args.max_new_tokens), "--max-speech-s", str(args.speech_s), *args.serve_arg)
-    if serve_accepts("--max-sessions-per-ip", "0"):  # every session comes from 127.0.0.1
-        serve_args += ("--max-sessions-per-ip", "0")
+                  "--max-new-tokens", str(args.max_new_tokens), "--max-speech-s", str(args.speech_s),
+                  "--max-sessions-per-ip", "0", *args.serve_arg)  # (every session comes from 127.0.0.1)
     out: dict = {}
     with cluster(args.model, workdir / "one", 1, serve_args, inter_ms=None) as (lb, reps):
         out.update(await overhead(lb, reps[0], args.turns, args.rtts))
