@@ -170,6 +170,21 @@ class OmniChat:
         conversation as Qwen's ``<tool_response>`` user turn; the next :meth:`reply` answers after it."""
         self.say(tool_response(output))
 
+    def add_message(self, item_id: str, role: str, text: str, *, after: str | None = None) -> None:
+        """Insert a ``role`` message (user, assistant, system) anywhere: at the end (``after`` None),
+        first (``"root"``) or after item ``after``; the Thinker's and Talker's caches are cut back
+        and the items after it prefilled again (:meth:`Conversation.add_message`, ``ItemError``)."""
+        self.conv.add_message(item_id, role, text, after=after)
+
+    def delete_item(self, item_id: str) -> None:
+        """Take an item out of the conversation (:meth:`Conversation.delete_item`)."""
+        self.conv.delete_item(item_id)
+
+    @property
+    def items(self) -> list[str]:
+        """The conversation's item ids in order (closed turns, replies and inserted messages)."""
+        return self.conv.item_ids()
+
     def reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
               speak: bool | None = None, *, instructions: str | None = None, tools: list[dict] | None = None,
               tool_choice: str | dict = "auto") -> Iterator[ReplyEvent]:

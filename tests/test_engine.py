@@ -157,8 +157,8 @@ def test_a_served_hour_of_audio_and_video_stays_bounded(tiny):
     from omnistream.runtime.workers import ThinkerWorker
 
     w = ThinkerWorker(tiny, lambda *a: None)
-    w.deliver(wire.OpenSession(session="s", epoch=0, options={"window": "1024"}), ())
-    w.deliver(wire.BeginTurn(session="s", epoch=0, video=True), ())
+    w.deliver(wire.OpenSession(session="s", epoch=0, options={"window": "1024"}))
+    w.deliver(wire.BeginTurn(session="s", epoch=0, video=True))
     conv = w.slots["s"].state
     D = tiny.thinker.config.text_config.hidden_size
     gen = torch.Generator().manual_seed(0)
@@ -166,7 +166,7 @@ def test_a_served_hour_of_audio_and_video_stays_bounded(tiny):
     for chunk in range(1, 1801):  # 2-s chunks: 50 audio tokens, two 1-s video patches of 64 tokens
         for kind, n, grid in (("video", 64, [1, 16, 16]), ("video", 64, [1, 16, 16]), ("audio", 50, [])):
             x = torch.randn(n, D, generator=gen) * 0.02
-            w.deliver(wire.Embeds(session="s", epoch=0, kind=kind, embeds=wire.TensorRef.of(x.numpy()), grid=grid), (x,))
+            w.deliver(wire.Embeds(session="s", epoch=0, kind=kind, embeds=x, grid=grid))
         while w.tick():
             pass
         kv_max = max(kv_max, conv.thinker.cache.memory_bytes())

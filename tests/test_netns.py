@@ -132,9 +132,9 @@ class RemoteEcho:
         from omnistream.runtime import wire
 
         pcm = np.linspace(-1, 1, 960, dtype=np.float32)
-        msg = wire.AudioChunk(session="s", epoch=0, seq=seq, sample_rate=24000, pcm=wire.TensorRef.of(pcm))
-        await self.push.send_multipart(wire.encode(msg, pcm))
-        return wire.decode(await asyncio.wait_for(self.pull.recv_multipart(), 10))[0].seq
+        msg = wire.AudioChunk(session="s", epoch=0, seq=seq, sample_rate=24000, pcm=pcm)
+        await self.push.send_multipart(wire.encode(msg))
+        return wire.decode(await asyncio.wait_for(self.pull.recv_multipart(), 10)).seq
 
     async def first_loss(self) -> tuple[float, str]:
         while not self.lost:

@@ -271,10 +271,10 @@ class _LosesFirstReply(InProcClient):
         super().__init__(*a, **kw)
         self.lost = 0
 
-    async def respond(self, sid):
+    async def respond(self, sid, options=None):
         first = self.lost == 0
         self.lost += 1
-        async for e in super().respond(sid):
+        async for e in super().respond(sid, options):
             if first and isinstance(e, ResponseDone):
                 await asyncio.Event().wait()  # silence, forever
             yield e

@@ -174,7 +174,7 @@ def test_size_limits_before_decoding():
 @pytest.mark.parametrize("item,code", [
     (None, "missing_required_parameter"),
     ({"type": "function_call"}, "unsupported_item"),
-    ({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}, "unsupported_item"),
+    ({"type": "message", "role": "tool", "content": [{"type": "input_text", "text": "x"}]}, "unsupported_item"),
     ({"type": "message", "role": "user", "content": []}, "missing_required_parameter"),
     ({"type": "message", "role": "user", "content": ["hi"]}, "invalid_type"),
     ({"type": "message", "role": "user", "content": [{"type": "input_file"}]}, "invalid_value"),
@@ -194,11 +194,13 @@ def test_other_client_events():
     assert code_of({"type": "conversation.item.truncate", "audio_end_ms": 5}) == "missing_required_parameter"
     r = parse({"type": "response.create", "response": {"output_modalities": ["audio"], "max_output_tokens": 9}})
     assert isinstance(r, ResponseCreate) and r.max_output_tokens == 9
-    assert code_of({"type": "response.create", "response": {"conversation": "none"}}) == "unsupported_feature"
+    assert parse({"type": "response.create", "response": {"conversation": "none"}}).out_of_band
+    assert code_of({"type": "response.create", "response": {"input": []}}) == "unsupported_feature"
     assert code_of({"type": "response.create", "response": "now"}) == "invalid_type"
     c = parse({"type": "response.cancel", "response_id": "resp_1"})
     assert isinstance(c, ResponseCancel) and c.response_id == "resp_1"
-    assert code_of({"type": "conversation.item.delete", "item_id": "x"}) == "unsupported_event"
+    assert code_of({"type": "conversation.item.delete"}) == "missing_required_parameter"
+    assert code_of({"type": "output_audio_buffer.clear"}) == "unsupported_event"
     assert code_of({"type": "what.ever"}) == "unknown_event_type"
     assert code_of({"type": 3}) == "missing_required_parameter"
     assert code_of({"type": "response.cancel", "event_id": 5}) == "invalid_value"

@@ -150,10 +150,10 @@ class Echo:
         return self.sv.stages["echo"].pid
 
     async def echo(self, seq: int, timeout: float = 10.0) -> int:
-        msg = wire.AudioChunk(session="s", epoch=0, seq=seq, sample_rate=24000, pcm=wire.TensorRef.of(PCM))
-        await self.push.send_multipart(wire.encode(msg, PCM))
-        back, arrays = wire.decode(await asyncio.wait_for(self.pull.recv_multipart(), timeout))
-        np.testing.assert_array_equal(arrays[0], PCM)
+        msg = wire.AudioChunk(session="s", epoch=0, seq=seq, sample_rate=24000, pcm=PCM)
+        await self.push.send_multipart(wire.encode(msg))
+        back = wire.decode(await asyncio.wait_for(self.pull.recv_multipart(), timeout))
+        np.testing.assert_array_equal(back.pcm, PCM)
         return back.seq
 
     async def wait_lost(self, n: int, timeout: float = 30.0) -> None:
@@ -271,7 +271,7 @@ def test_handshake_rejects_other_protocols_both_ways(tmp_path):
         stage.load()
         stage.hello()
         ident, *frames = router.recv_multipart()
-        assert isinstance(wire.decode(frames)[0], wire.Hello)
+        assert isinstance(wire.decode(frames), wire.Hello)
         router.send_multipart([ident, *wire.encode(wire.Ready(stage="supervisor", pid=1, protocol=99))])
         with pytest.raises(wire.WireError, match="protocol 99"):
             stage.wait_ready(timeout_s=5)
@@ -414,19 +414,19 @@ def test_token2wav_drops_codes_of_an_older_epoch(tiny):
 
     w, sent = _worker(Token2WavWorker, tiny)
     opts = {"voice": "Chelsie", "max_new_tokens": 8, "max_speech_s": 1.0}
-    w.deliver(wire.OpenSession(session="a", epoch=0, options=opts, req=7), ())
+    w.deliver(wire.OpenSession(session="a", epoch=0, options=opts, req=7))
     assert [(d, type(m).__name__, m.req) for d, m, _ in sent] == [("client", "Result", 7)]
     sent.clear()
-    w.deliver(wire.Respond(session="a", epoch=0), ())
-    w.deliver(wire.Codes(session="a", epoch=0, codes=list(range(100, 150))), ())
+    w.deliver(wire.Respond(session="a", epoch=0))
+    w.deliver(wire.Codes(session="a", epoch=0, codes=list(range(100, 150))))
     while w.tick():
         pass
     chunks = [m for _, m, _ in sent if isinstance(m, wire.AudioChunk)]
     assert chunks and all(m.epoch == 0 for m in chunks)  # 50 codes: the first chunks are out
     sent.clear()
-    w.deliver(wire.Epoch(session="a", epoch=1), ())  # barge-in
-    w.deliver(wire.Codes(session="a", epoch=0, codes=list(range(150, 200))), ())
-    w.deliver(wire.EndReply(session="a", epoch=0, cancelled=False), ())
+    w.deliver(wire.Epoch(session="a", epoch=1))  # barge-in
+    w.deliver(wire.Codes(session="a", epoch=0, codes=list(range(150, 200))))
+    w.deliver(wire.EndReply(session="a", epoch=0, cancelled=False))
     while w.tick():
         pass
     assert [type(m).__name__ for _, m, _ in sent] == ["Done"] and sent[0][1].cancelled  # no PCM of epoch 0
@@ -436,12 +436,12 @@ def test_thinker_stops_a_reply_of_an_older_epoch_between_tokens(tiny):
     from omnistream.runtime.workers import ThinkerWorker
 
     w, sent = _worker(ThinkerWorker, tiny)
-    w.deliver(wire.OpenSession(session="a", epoch=0, options={"max_new_tokens": 40}), ())
-    w.deliver(wire.Commit(session="a", epoch=0, text="hello", req=1), ())
-    w.deliver(wire.Respond(session="a", epoch=0), ())
-    w.deliver(wire.Commit(session="a", epoch=0, text="queued behind the reply", req=2), ())
+    w.deliver(wire.OpenSession(session="a", epoch=0, options={"max_new_tokens": 40}))
+    w.deliver(wire.Commit(session="a", epoch=0, text="hello", req=1))
+    w.deliver(wire.Respond(session="a", epoch=0))
+    w.deliver(wire.Commit(session="a", epoch=0, text="queued behind the reply", req=2))
     assert w.tick() and w.tick()  # two tokens decoded, the reply goes on
-    w.deliver(wire.Epoch(session="a", epoch=1), ())
+    w.deliver(wire.Epoch(session="a", epoch=1))
     while w.tick():
         pass
     kinds = [type(m).__name__ for d, m, _ in sent if d == "client"]
@@ -469,10 +469,10 @@ def test_stage_links_work_over_tcp(tmp_path):
         pull.bind(lay.events)
         push.connect(lay.stages[0].address)
         try:
-            msg = wire.AudioChunk(session="s", epoch=0, seq=9, sample_rate=24000, pcm=wire.TensorRef.of(PCM))
-            await push.send_multipart(wire.encode(msg, PCM))
-            back, arrays = wire.decode(await asyncio.wait_for(pull.recv_multipart(), 10))
-            assert back == msg and np.array_equal(arrays[0], PCM)
+            msg = wire.AudioChunk(session="s", epoch=0, seq=9, sample_rate=24000, pcm=PCM)
+            await push.send_multipart(wire.encode(msg))
+            back = wire.decode(await asyncio.wait_for(pull.recv_multipart(), 10))
+            assert back.seq == 9 and np.array_equal(back.pcm, PCM)
         finally:
             pull.close(0)
             push.close(0)
@@ -510,9 +510,9 @@ def test_a_remote_stage_connects_by_tcp_and_is_waited_for_after_a_loss(tmp_path)
         push.connect(lay.stages[0].address)
 
         async def echo(seq):
-            msg = wire.AudioChunk(session="s", epoch=0, seq=seq, sample_rate=24000, pcm=wire.TensorRef.of(PCM))
-            await push.send_multipart(wire.encode(msg, PCM))
-            return wire.decode(await asyncio.wait_for(pull.recv_multipart(), 10))[0].seq
+            msg = wire.AudioChunk(session="s", epoch=0, seq=seq, sample_rate=24000, pcm=PCM)
+            await push.send_multipart(wire.encode(msg))
+            return wire.decode(await asyncio.wait_for(pull.recv_multipart(), 10)).seq
 
         try:
             assert sv.status()[0]["pid"] == first.pid and await echo(1) == 1

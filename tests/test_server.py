@@ -372,7 +372,7 @@ def test_bad_input_gets_errors_and_the_session_goes_on(tiny, hello24k):
             remote = {"type": "message", "role": "user", "content": [
                 {"type": "input_image", "image_url": "http://example.com/a.png"}]}
             await expect({"type": "conversation.item.create", "item": remote}, "invalid_image")
-            await expect({"type": "conversation.item.create", "item": {"type": "message", "role": "system",
+            await expect({"type": "conversation.item.create", "item": {"type": "message", "role": "tool",
                                                                        "content": [{"type": "input_text",
                                                                                     "text": "x"}]}},
                          "unsupported_item")

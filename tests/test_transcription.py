@@ -235,8 +235,8 @@ def test_failed_transcription_event(tiny):
 
     sent = []
     w = ThinkerWorker(tiny, lambda dest, msg, *t: sent.append((dest, msg)))
-    w.deliver(wire.OpenSession(session="s", epoch=0, options={"transcribe": True}), ())
-    w.deliver(wire.Commit(session="s", epoch=0, text="typed, not spoken", transcribe="item_1"), ())
+    w.deliver(wire.OpenSession(session="s", epoch=0, options={"transcribe": True}))
+    w.deliver(wire.Commit(session="s", epoch=0, text="typed, not spoken", transcribe="item_1"))
     while w.tick():
         pass
     t = [m for d, m in sent if isinstance(m, wire.Transcript)]

@@ -24,10 +24,14 @@ pixels and bytes, images and text characters per item, and instruction character
 Where the pipeline differs from OpenAI's conversation model, the server maps as follows (and says
 so here rather than pretending): a user item's images and audio join the open user turn and its
 text closes it; ``response.create`` replies to the conversation including an open (uncommitted)
-turn, with its own ``instructions``, ``tools``, ``tool_choice``, ``output_modalities`` and
-``max_output_tokens`` for that reply only (``voice`` and ``conversation: "none"`` are not taken); user
-``message`` items and ``function_call_output`` items can be created (no assistant/system items).
-Function calling follows the protocol (``function_call`` output items, their arguments events); the
+turn, with its own ``instructions``, ``tools``, ``tool_choice``, ``output_modalities``, ``max_output_tokens``
+and ``voice`` (a checkpoint voice; OpenAI names mean the default) for that reply only -- taken at any time,
+though the API forbids a session's voice to change once audio was produced: the voice enters the Talker
+only at a reply's first step. ``conversation: "none"`` is an out-of-band reply (no item, ``conversation_id``
+null, ``metadata`` echoed, the context left as it was); ``input`` is refused. Items
+(:mod:`omnistream.apps.realtime_items`): user, assistant and system messages and ``function_call_output``
+items are created at the end or after any item (``previous_item_id``, ``"root"``), deleted and retrieved;
+the pipeline re-prefills its cache from an edit. Function calling follows the protocol; the
 model sees the tools in Qwen's chat-template format (:mod:`omnistream.engine.tools`), and
 ``tool_choice`` ``required`` or a named function forces a valid call by grammar-constrained decoding.
 Input transcription (``audio.input.transcription`` / beta ``input_audio_transcription``) is done by
@@ -351,6 +355,29 @@ class ItemCreate:
 
 
 @dataclass
+class MessageCreate:
+    """An assistant (``output_text``/``text`` parts) or system (``input_text`` parts) text message."""
+
+    event_id: str | None
+    item_id: str | None
+    previous_item_id: str | None
+    role: str  # "assistant" | "system"
+    text: str
+
+
+@dataclass
+class ItemDelete:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass
+class ItemRetrieve:
+    event_id: str | None
+    item_id: str
+
+
+@dataclass
 class FunctionOutput:
     """A ``function_call_output`` item: what the client's function returned for ``call_id``."""
 
@@ -379,6 +406,9 @@ class ResponseCreate:
     audio_out: bool | None = None  # output_modalities: ["audio"] True, ["text"] False
     tools: list | None = None
     tool_choice: str | None = None
+    voice: str | None = None  # this response's voice (checked against the checkpoint's by the session)
+    out_of_band: bool = False  # conversation "none": the reply is not added to the conversation
+    metadata: dict | None = None  # echoed in the response object
 
 
 @dataclass
@@ -387,10 +417,9 @@ class ResponseCancel:
     response_id: str | None
 
 
-ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | FunctionOutput | ItemTruncate
-               | ResponseCreate | ResponseCancel)
-_UNSUPPORTED = {"conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear",
-                "transcription_session.update"}
+ClientEvent = (SessionUpdate | AudioAppend | AudioCommit | AudioClear | ItemCreate | MessageCreate | FunctionOutput
+               | ItemTruncate | ItemDelete | ItemRetrieve | ResponseCreate | ResponseCancel)
+_UNSUPPORTED = {"output_audio_buffer.clear", "transcription_session.update"}
 
 
 def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientEvent:
@@ -422,7 +451,14 @@ def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientE
     if t == "input_audio_buffer.clear":
         return AudioClear(event_id)
     if t == "conversation.item.create":
-        return _item_create(ev, event_id, limits)
+        from omnistream.apps.realtime_items import parse_item  # (it builds on this module)
+
+        return parse_item(ev, event_id, limits)
+    if t in ("conversation.item.delete", "conversation.item.retrieve"):
+        item_id = ev.get("item_id")
+        if not isinstance(item_id, str) or not 0 < len(item_id) <= 256:
+            raise err("missing_required_parameter", "Missing required parameter: 'item_id'", "item_id")
+        return (ItemDelete if t.endswith("delete") else ItemRetrieve)(event_id, item_id)
     if t == "conversation.item.truncate":
         item_id = ev.get("item_id")
         if not isinstance(item_id, str) or not item_id:
@@ -436,16 +472,15 @@ def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientE
         r = ev.get("response") or {}
         if not isinstance(r, dict):
             raise err("invalid_type", "response must be an object", "response")
-        if r.get("conversation", "auto") not in ("auto", None):
-            raise err("unsupported_feature", "out-of-band responses (response.conversation != 'auto') are not "
-                      "supported", "response.conversation")
+        if r.get("conversation", "auto") not in ("auto", "none", None):
+            raise err("invalid_value", "response.conversation must be 'auto' or 'none'", "response.conversation")
         audio = None
         for key in ("output_modalities", "modalities"):
             if key in r:
                 audio = _modalities(r[key], f"response.{key}", event_id)
-        if r.get("input"):
-            raise err("unsupported_feature", "response.input is not supported: the reply uses the conversation",
-                      "response.input")
+        if r.get("input") is not None:
+            raise err("unsupported_feature", "response.input (a custom context) is not supported: the reply uses "
+                      "the conversation (conversation 'none' keeps it out of the conversation)", "response.input")
         mot = None
         for key in ("max_output_tokens", "max_response_output_tokens"):
             if key in r:
@@ -460,7 +495,8 @@ def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientE
         choice = None
         if r.get("tool_choice") is not None:
             choice = _tool_choice(r["tool_choice"], tools, "response.tool_choice", event_id)
-        return ResponseCreate(event_id, mot, ins, audio, tools, choice)
+        return ResponseCreate(event_id, mot, ins, audio, tools, choice, _response_voice(r, event_id),
+                              r.get("conversation") == "none", _metadata(r.get("metadata"), event_id))
     if t == "response.cancel":
         rid = ev.get("response_id")
         if rid is not None and not isinstance(rid, str):
@@ -469,6 +505,37 @@ def parse_client_event(data, limits: SessionLimits = _DEFAULT_LIMITS) -> ClientE
     if t in _UNSUPPORTED:
         raise err("unsupported_event", f"{t} is not supported by this server", "type")
     raise err("unknown_event_type", f"Unknown event type {t[:100]!r}", "type")
+
+
+def _response_voice(r: dict, event_id) -> str | None:
+    """``response.voice`` (beta) / ``response.audio.output.voice`` (GA); the format must be pcm16."""
+    v = _voice(r.get("voice"), "response.voice", event_id)
+    audio = r.get("audio")
+    if audio is None:
+        return v
+    out = audio.get("output") if isinstance(audio, dict) else None
+    if not isinstance(audio, dict) or set(audio) - {"output"} or (out is not None and not isinstance(out, dict)):
+        raise ProtocolError("invalid_value", "response.audio must be {'output': {'voice': ..., 'format': ...}}",
+                            "response.audio", event_id)
+    out = out or {}
+    for k in set(out) - {"voice", "format"}:
+        raise ProtocolError("unknown_parameter", f"Unknown parameter: 'response.audio.output.{k}'",
+                            f"response.audio.output.{k}", event_id)
+    if "format" in out:
+        _ga_format(out["format"], "response.audio.output.format", event_id)
+    ov = out.get("voice")
+    return _voice(ov.get("id") if isinstance(ov, dict) else ov, "response.audio.output.voice", event_id) or v
+
+
+def _metadata(m, event_id) -> dict | None:
+    """``response.metadata``: at most 16 string pairs (keys up to 64, values up to 512 characters)."""
+    if m is None:
+        return None
+    if not isinstance(m, dict) or len(m) > 16 or any(
+            not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512 for k, v in m.items()):
+        raise ProtocolError("invalid_value", "response.metadata must be at most 16 string pairs (keys of up to 64, "
+                            "values of up to 512 characters)", "response.metadata", event_id)
+    return dict(m)
 
 
 def decode_pcm16(v, param: str = "audio", event_id: str | None = None) -> np.ndarray:
@@ -533,58 +600,3 @@ def decode_image(url, param: str = "image_url", event_id: str | None = None,
     if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] * img.shape[1] > limits.max_image_pixels:
         raise ProtocolError("invalid_image", f"{param}: unexpected decoded shape {img.shape}", param, event_id)
     return np.ascontiguousarray(img)
-
-
-def _item_create(ev: dict, event_id, limits: SessionLimits = _DEFAULT_LIMITS) -> ItemCreate | FunctionOutput:
-    err = lambda code, msg, param=None: ProtocolError(code, msg, param, event_id)
-    item = ev.get("item")
-    if not isinstance(item, dict):
-        raise err("missing_required_parameter", "Missing required parameter: 'item'", "item")
-    prev = ev.get("previous_item_id")
-    if prev is not None and not isinstance(prev, str):
-        raise err("invalid_type", "previous_item_id must be a string", "previous_item_id")
-    item_id = item.get("id")
-    if item_id is not None and (not isinstance(item_id, str) or not 0 < len(item_id) <= 64):
-        raise err("invalid_value", "item.id must be a string of 1-64 characters", "item.id")
-    if item.get("type") == "function_call_output":
-        call_id, output = item.get("call_id"), item.get("output")
-        if not isinstance(call_id, str) or not 0 < len(call_id) <= 64:
-            raise err("missing_required_parameter", "item.call_id must be the call's id (a string)", "item.call_id")
-        output = _str(output, "item.output", event_id, max_len=limits.max_text_chars)
-        return FunctionOutput(event_id, item_id, prev, call_id, output)
-    if item.get("type", "message") != "message":
-        raise err("unsupported_item", f"item.type {item.get('type')!r} is not supported ('message' or "
-                  "'function_call_output')", "item.type")
-    if item.get("role") != "user":
-        raise err("unsupported_item", f"item.role {item.get('role')!r} is not supported: only user messages can be "
-                  "created (use session.instructions for a system prompt)", "item.role")
-    content = item.get("content")
-    if not isinstance(content, list) or not content:
-        raise err("missing_required_parameter", "item.content must be a non-empty list", "item.content")
-    if len(content) > 64:
-        raise err("invalid_value", "item.content holds more than 64 parts", "item.content")
-    texts, images, audio = [], [], []
-    n_chars = sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    if n_chars > limits.max_text_chars:  # before any image is decoded
-        raise err("input_too_large", f"the item holds {n_chars} characters of text: at most {limits.max_text_chars} "
-                  "are taken in one item", "item.content")
-    n_images = sum(isinstance(p, dict) and p.get("type") == "input_image" for p in content)
-    if n_images > limits.max_item_images:
-        raise err("input_too_large", f"the item holds {n_images} images: at most {limits.max_item_images} are "
-                  "taken in one item", "item.content")
-    for i, part in enumerate(content):
-        p = f"item.content[{i}]"
-        if not isinstance(part, dict):
-            raise err("invalid_type", f"{p} must be an object", p)
-        kind = part.get("type")
-        if kind in ("input_text", "text"):
-            texts.append(_str(part.get("text"), f"{p}.text", event_id, max_len=limits.max_text_chars))
-        elif kind == "input_image":
-            images.append(decode_image(part.get("image_url"), f"{p}.image_url", event_id, limits))
-        elif kind == "input_audio":
-            audio.append(decode_pcm16(part.get("audio"), f"{p}.audio", event_id))
-        else:
-            raise err("invalid_value", f"{p}.type {kind!r} is not supported (input_text, input_image, input_audio)",
-                      f"{p}.type")
-    return ItemCreate(event_id, item_id, prev, "\n".join(texts) if texts else None, images,
-                      np.concatenate(audio) if audio else None)

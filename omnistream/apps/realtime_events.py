@@ -106,9 +106,11 @@ class ServerEvents:
                 "content": content}
 
     def response(self, rid: str, status: str, audio: bool, voice: str | None, output: list | None = None,
-                 status_details: dict | None = None, usage: dict | None = None, max_output_tokens=None) -> dict:
+                 status_details: dict | None = None, usage: dict | None = None, max_output_tokens=None,
+                 conversation: bool = True) -> dict:
+        """A ``realtime.response``; ``conversation`` False: out of band (``conversation_id`` null, as the API)."""
         r = {"id": rid, "object": "realtime.response", "status": status, "status_details": status_details,
-             "output": output or [], "conversation_id": "conv_default", "usage": usage,
+             "output": output or [], "conversation_id": "conv_default" if conversation else None, "usage": usage,
              "max_output_tokens": "inf" if max_output_tokens is None else max_output_tokens}
         if self.dialect == "beta":
             r["modalities"] = ["text", "audio"] if audio else ["text"]

@@ -13,7 +13,11 @@ both cases the session's epoch is bumped so the lost reply's late events are dro
 session is free for the next one.
 
 A reply's own settings (``response.create``: instructions, tools, tool_choice, output modalities,
-max_output_tokens) travel to the pipeline as :class:`~omnistream.runtime.client.ResponseOptions`. Its
+max_output_tokens, voice, ``conversation: "none"``) travel to the pipeline as
+:class:`~omnistream.runtime.client.ResponseOptions`, with the id of the item the reply becomes (every
+output item of a reply is part of that one pipeline item). An out-of-band reply announces no
+``conversation.item.created``, joins no item list and names no item (its ``response`` objects carry
+``conversation_id: null`` and the client's ``metadata``). Its
 output items: an assistant ``message`` (unless ``tool_choice`` forces a call), then one
 ``function_call`` item per call the model made (with its ``call_id``, ``name`` and ``arguments``
 events); a text-only reply sends no audio event at all. ``usage`` counts the tokens prefilled for
@@ -58,6 +62,11 @@ class Reply:
         self.id, self.item_id = new_id("resp"), new_id("item")
         cfg = conn.cfg
         self.voice = conn.options.voice
+        if req is not None and req.voice is not None:  # checked before any work
+            voice = conn.resolve_voice(req.voice, "response.voice")
+            self.voice = voice if self.voice is not None else None  # (a session without speech speaks no reply)
+        self.out_of_band = req is not None and req.out_of_band  # conversation "none"
+        self.metadata = req.metadata if req is not None else None
         modal = None if req is None else req.audio_out  # this response's output_modalities, else the session's
         self.audio = self.voice is not None and (cfg.audio_out if modal is None else modal)
         self.max_tokens = (req.max_output_tokens if req is not None and req.max_output_tokens else None) or \
@@ -73,11 +82,11 @@ class Reply:
         self.forced = bool(tools) and choice not in ("auto", "none")  # the output is a function call only
         if self.forced:
             self.audio = False  # a function call is never spoken
-        plain = not tools and (req is None or (req.instructions is None and req.max_output_tokens is None
-                                                and req.audio_out is None))
-        self.options = None if plain else ResponseOptions(
+        self.options = ResponseOptions(  # every reply names its item (None: out of band, not in the conversation)
             max_new_tokens=self.max_tokens, instructions=req.instructions if req is not None else None,
-            tools=tools, tool_choice=choice, audio=self.audio)
+            tools=tools, tool_choice=choice, audio=self.audio,
+            voice=self.voice if self.voice != conn.options.voice else None, out_of_band=self.out_of_band,
+            item=None if self.out_of_band else self.item_id)
         self.outputs: list[dict] = []  # the response's output items, in order
         self.streamed: dict | None = None  # the function call whose arguments are streaming (ids, name, text)
         self.n_items = 0 if self.forced else 1  # output items opened (the message first, unless forced)
@@ -131,16 +140,13 @@ class Reply:
 
     async def _run(self) -> None:
         c, ev = self.conn, self.conn.ev
-        prev_item = c.last_item_id
-        await c.send(ev.event("response.created", response=ev.response(
-            self.id, "in_progress", self.audio, self.voice, max_output_tokens=self.max_tokens)))
+        await c.send(ev.event("response.created", response=self._object("in_progress")))
         self.started = True
         self.ids = {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
         if not self.forced:  # a forced function call has no message item
             item = ev.assistant_item(self.item_id, "in_progress", self.audio)
             await c.send(ev.event("response.output_item.added", response_id=self.id, output_index=0, item=item))
-            await c.send(ev.event("conversation.item.created", previous_item_id=prev_item, item=item))
-            c.last_item_id = self.item_id
+            await self._created(item)
             await c.send(ev.event("response.content_part.added", **self.ids, part=ev.part(self.audio)))
         pacer = asyncio.create_task(self.pacer.run(self._send_audio))
         failure: ProtocolError | None = None
@@ -160,8 +166,7 @@ class Reply:
     async def _consume(self) -> None:
         """The pipeline's events for this reply, until its end (or a reported failure)."""
         c, ev = self.conn, self.conn.ev
-        replies = c.client.respond(c.sid) if self.options is None else c.client.respond(c.sid, self.options)
-        async for e in replies:
+        async for e in c.client.respond(c.sid, self.options):
             self.last_event_t = time.monotonic()
             if isinstance(e, TextDelta):
                 self.text.append(e.text)
@@ -240,6 +245,8 @@ class Reply:
             await c.send(ev.event("response.content_part.done", **ids, part=ev.part(self.audio, text)))
             await c.send(ev.event("response.output_item.done", response_id=self.id, output_index=0, item=item))
             self.outputs.append(item)
+            if not self.out_of_band:
+                c.items.update(item)
         calls = done.tool_calls if self.started and done is not None and failure is None and self.stopped is None \
             else []
         for i, call in enumerate(calls):
@@ -248,8 +255,9 @@ class Reply:
             await self._send_call(None, self.streamed)
         usage = _usage(done.usage if done is not None else {})
         stats = {"audio_samples": self.sent, **(done.stats if done is not None else {})}
-        r = ev.response(self.id, status, self.audio, self.voice, self.outputs, details, usage, self.max_tokens)
-        r["metadata"] = {k: str(v) for k, v in stats.items()}  # server timings, for clients that care
+        r = self._object(status, details, usage)
+        if self.metadata is None:  # the client's metadata is echoed; else the server's timings, for clients that care
+            r["metadata"] = {k: str(v) for k, v in stats.items()}
         c.server.metrics.reply_done(self, status, done)  # metrics
         await c.flush_transcripts()  # the turn's input transcription comes before its reply's end
         c.response_finished(self)  # before response.done leaves: the client may send response.create at once
@@ -262,8 +270,7 @@ class Reply:
         index, self.n_items = self.n_items, self.n_items + 1
         item = ev.call_item(item_id, "in_progress", call_id, name, "")
         await c.send(ev.event("response.output_item.added", response_id=self.id, output_index=index, item=item))
-        await c.send(ev.event("conversation.item.created", previous_item_id=c.last_item_id, item=item))
-        c.last_item_id = item_id
+        await self._created(item)
         return {"ids": {"response_id": self.id, "item_id": item_id, "output_index": index}, "call_id": call_id,
                 "name": name, "text": ""}
 
@@ -293,11 +300,29 @@ class Reply:
         if call is not None:
             await c.send(ev.event("response.function_call_arguments.done", **st["ids"], call_id=st["call_id"],
                                   name=call.name, arguments=call.arguments))
-            c.calls[st["call_id"]] = st["ids"]["item_id"]
+            if not self.out_of_band:  # (a call out of band is not in the conversation: it has no output to take)
+                c.calls[st["call_id"]] = st["ids"]["item_id"]
         item = ev.call_item(st["ids"]["item_id"], status, st["call_id"], st["name"], st["text"])
         await c.send(ev.event("response.output_item.done", response_id=self.id, output_index=st["ids"]["output_index"],
                               item=item))
         self.outputs.append(item)
+        if not self.out_of_band:
+            c.items.update(item)
+
+    async def _created(self, item: dict) -> None:
+        """An output item joins the conversation (``conversation.item.created``), unless out of band;
+        every output item of a reply is part of the reply's one pipeline item."""
+        if not self.out_of_band:
+            prev = self.conn.items.add(item, self.item_id)
+            await self.conn.send(self.conn.ev.event("conversation.item.created", previous_item_id=prev, item=item))
+
+    def _object(self, status: str, details: dict | None = None, usage: dict | None = None) -> dict:
+        """The ``response`` object: ``conversation_id`` null out of band, the client's ``metadata`` echoed."""
+        r = self.conn.ev.response(self.id, status, self.audio, self.voice, self.outputs, details, usage,
+                                  self.max_tokens, conversation=not self.out_of_band)
+        if self.metadata is not None:
+            r["metadata"] = dict(self.metadata)
+        return r
 
 
 def _usage(u: dict) -> dict:

@@ -41,6 +41,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.frames import Close
 
+from omnistream.apps import realtime_items as items
 from omnistream.apps.input_buffer import InputBuffer
 from omnistream.apps.limits import SessionLimits, TokenBucket
 from omnistream.apps.realtime import (
@@ -51,7 +52,10 @@ from omnistream.apps.realtime import (
     AudioCommit,
     FunctionOutput,
     ItemCreate,
+    ItemDelete,
+    ItemRetrieve,
     ItemTruncate,
+    MessageCreate,
     ProtocolError,
     ResponseCancel,
     ResponseCreate,
@@ -105,7 +109,9 @@ class RealtimeSession:
         self.turn_lost = False  # the pipeline lost the open turn (stage_lost): it is not committed
         self.idle_frame = None  # VAD mode, no speech: only the latest camera frame is kept
         self.user_item_id: str | None = None
-        self.last_item_id: str | None = None
+        self.items = items.ItemStore()  # the conversation's items (omnistream.apps.realtime_items)
+        self.turn_items: list[str] = []  # media items of the open turn (named by its commit)
+        self.turn_pcm: list[np.ndarray] = []  # the open turn's audio, (n,) int16, kept for retrieve (bounded)
         self.response: Reply | None = None
         self.last_reply: Reply | None = None
         self.calls: dict[str, str] = {}  # call_id -> item id of the function calls the model made
@@ -142,15 +148,22 @@ class RealtimeSession:
                        transcribe=cfg.transcription is not None)
 
     def _voice(self, cfg: SessionConfig) -> str | None:
-        if not cfg.audio_out:
-            return None
-        v, voices, default = cfg.voice, self.server.voices, self.server.default_voice
+        return self.resolve_voice(cfg.voice, "session.voice") if cfg.audio_out else None
+
+    def resolve_voice(self, v: str | None, param: str) -> str | None:
+        """A voice name the client gave -> the checkpoint's voice (ProtocolError ``invalid_value`` if it
+        has none of that name); OpenAI's voice names and None map to the server's default voice."""
+        voices, default = self.server.voices, self.server.default_voice
         if v is None or (voices is not None and v not in voices and v.lower() in OPENAI_VOICES):
-            return default  # OpenAI's voice names map to the server's default voice
+            return default
         if voices is not None and v not in voices:
             raise ProtocolError("invalid_value", f"unknown voice {v!r}: this model has {voices} (OpenAI voice "
-                                f"names map to the default, {default})", "session.voice")
+                                f"names map to the default, {default})", param)
         return v
+
+    @property
+    def last_item_id(self) -> str | None:
+        return self.items.last
 
     def _session_json(self) -> dict:
         o = self.pending_options or self.options
@@ -224,6 +237,8 @@ class RealtimeSession:
         """Send the transcription events that arrived (``conversation.item.input_audio_transcription.*``)."""
         async with self.transcripts_lock:
             for t in self.client.take_transcripts(self.sid):
+                if t.final and t.error is None:
+                    self.items.set_transcript(t.item, t.text)
                 await self.send(self.ev.transcript(t, t.item))
 
     async def cleanup(self) -> None:
@@ -311,9 +326,15 @@ class RealtimeSession:
         elif isinstance(ev, AudioClear):
             await self._clear()
         elif isinstance(ev, ItemCreate):
-            await self._item_create(ev)
+            await items.create_user(self, ev)
+        elif isinstance(ev, MessageCreate):
+            await items.create_message(self, ev)
         elif isinstance(ev, FunctionOutput):
-            await self._function_output(ev)
+            await items.function_output(self, ev)
+        elif isinstance(ev, ItemDelete):
+            await items.delete(self, ev)
+        elif isinstance(ev, ItemRetrieve):
+            await items.retrieve(self, ev)
         elif isinstance(ev, ItemTruncate):
             await self._truncate(ev)
         elif isinstance(ev, ResponseCreate):
@@ -370,6 +391,8 @@ class RealtimeSession:
             return
         await self._open_turn()
         await self._flush_idle_frame()
+        if self.turn_samples < items.RETAINED_AUDIO_S * SAMPLE_RATE:
+            self.turn_pcm.append(pcm)
         self.turn_samples += len(pcm)
         await self.client.push_audio(self.sid, pcm, SAMPLE_RATE)
 
@@ -400,13 +423,14 @@ class RealtimeSession:
         r = self.response
         td = self.cfg.turn_detection
         interrupted = r is not None and td.interrupt_response and r.stopped is None
+        truncate = interrupted and r.audio and not r.out_of_band  # an out-of-band reply is not in the conversation
         if interrupted:
             played_ms = r.played() * 1000 // SAMPLE_RATE  # whole ms, as conversation.item.truncate has it
             r.stop("turn_detected")  # no audio delta leaves after this point
             await self.client.cancel(self.sid)
         await self.send(self.ev.event("input_audio_buffer.speech_started", audio_start_ms=ms,
                                       item_id=self.user_item_id))
-        if interrupted and r.audio:
+        if truncate:
             try:  # queued behind the cancelled reply, before this turn's audio
                 await self.client.truncate(self.sid, played_ms * SAMPLE_RATE // 1000)
             except Exception:
@@ -431,16 +455,19 @@ class RealtimeSession:
             return
         await self._seal_frames_only_turn()
         async with self.transcripts_lock:  # the item's transcription events never precede its committed event
-            await self.client.commit(self.sid, transcribe=item_id if self.options.transcribe else None)
+            await self.client.commit(self.sid, transcribe=item_id if self.options.transcribe else None, item=item_id)
             if await self._take_errors():  # the commit itself found a stage gone
                 await self._lost_turn()
                 return
+            self.items.link(self.turn_items, item_id)
+            pcm = np.concatenate(self.turn_pcm) if self.turn_pcm else None
             self._turn_closed()
-            await self.send(self.ev.event("input_audio_buffer.committed", item_id=item_id,
-                                          previous_item_id=self.last_item_id))
-            await self.send(self.ev.event("conversation.item.created", previous_item_id=self.last_item_id,
-                                          item=self.ev.user_item(item_id, [{"type": "input_audio", "transcript": None}])))
-            self.last_item_id = item_id
+            prev = self.items.add(self.ev.user_item(item_id, [{"type": "input_audio", "transcript": None}]), item_id)
+            if pcm is not None:
+                self.items.keep_audio(item_id, pcm)
+            await self.send(self.ev.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=prev))
+            await self.send(self.ev.event("conversation.item.created", previous_item_id=prev,
+                                          item=self.items.items[item_id]))
         if auto:
             await self._start_response()
 
@@ -458,6 +485,7 @@ class RealtimeSession:
     def _turn_closed(self) -> None:
         self.turn_samples, self.turn_t0, self.last_frame_t, self.turn_frames = 0, None, -1.0, 0
         self.turn_lost = False
+        self.turn_items, self.turn_pcm = [], []
 
     async def _seal_frames_only_turn(self) -> None:
         """A turn of camera frames without audio goes to the model as video with a silent
@@ -500,55 +528,6 @@ class RealtimeSession:
         if f is not None:
             await self._push_frame(f)
 
-    async def _item_create(self, ev: ItemCreate) -> None:
-        item_id = ev.item_id or new_id("item")
-        content = []
-        idle = self.cfg.turn_detection is not None and not self.buf.speaking and self.turn_t0 is None
-        for img in ev.images:
-            if idle and ev.text is None and ev.audio is None:
-                self.idle_frame = img  # latest-only until speech (or a response) opens the turn
-            else:
-                await self._flush_idle_frame()
-                await self._push_frame(img)
-            content.append({"type": "input_image", "image_url": None})
-        if ev.audio is not None:
-            await self._push_turn_audio(ev.audio)
-            content.append({"type": "input_audio", "transcript": None})
-        if ev.text is not None:
-            await self._flush_idle_frame()
-            await self._push_turn_audio(self.buf.flush())
-            if self.turn_t0 is None:
-                await self._apply_pending(opening=True)  # a typed turn is a new turn too
-            if await self._lost_turn():
-                return
-            await self._seal_frames_only_turn()
-            await self.client.commit(self.sid, ev.text)
-            self._turn_closed()
-            content.append({"type": "input_text", "text": ev.text})
-        await self.send(self.ev.event("conversation.item.created", previous_item_id=ev.previous_item_id or
-                                      self.last_item_id, item=self.ev.user_item(item_id, content)))
-        self.last_item_id = item_id
-
-    async def _function_output(self, ev: FunctionOutput) -> None:
-        """A function's output joins the conversation as Qwen's ``<tool_response>`` user turn; the
-        client's ``response.create`` then continues."""
-        from omnistream.engine.tools import tool_response
-
-        if ev.call_id not in self.calls:
-            raise ProtocolError("invalid_value", f"no function call {ev.call_id!r} was made in this conversation",
-                                "item.call_id", ev.event_id)
-        if self._turn_open():
-            raise ProtocolError("invalid_request", "a user turn is open: commit or clear it before adding a "
-                                "function_call_output", "item", ev.event_id)
-        await self._apply_pending(opening=True)
-        await self.client.commit(self.sid, tool_response(ev.output))
-        if await self._take_errors():
-            return
-        item_id = ev.item_id or new_id("item")
-        await self.send(self.ev.event("conversation.item.created", previous_item_id=ev.previous_item_id or
-                                      self.last_item_id, item=self.ev.output_item(item_id, ev.call_id, ev.output)))
-        self.last_item_id = item_id
-
     async def _truncate(self, ev: ItemTruncate) -> None:
         r = self.last_reply
         if r is None or ev.item_id != r.item_id:
@@ -576,11 +555,15 @@ class RealtimeSession:
         if self.response is not None:
             raise ProtocolError("conversation_already_has_active_response", "Conversation already has an active "
                                 f"response in progress: {self.response.id}", event_id=ev.event_id)
+        if ev.out_of_band and self._turn_open():
+            raise ProtocolError("item_busy", "an out-of-band response answers the conversation as it is: commit or "
+                                "clear the open user turn first", "response.conversation", ev.event_id)
         await self._push_turn_audio(self.buf.flush())  # mid-speech: the turn so far is the input
-        await self._flush_idle_frame()
+        if not ev.out_of_band:  # (the latest camera frame waits for the next turn)
+            await self._flush_idle_frame()
         if self._turn_open() and await self._lost_turn():
             return
-        reply = Reply(self, self.response, ev)  # checks the response's own settings first
+        reply = Reply(self, self.response, ev)  # checks the response's own settings (voice...) first
         await self._seal_frames_only_turn()
         self._turn_closed()  # the pipeline commits an open turn before replying
         await self._start_response(reply)
@@ -595,7 +578,9 @@ class RealtimeSession:
 
     async def _start_response(self, r: Reply | None = None) -> None:
         r = r or Reply(self, self.response)
-        self.response = self.last_reply = r
+        self.response = r
+        if not r.out_of_band:  # (an out-of-band reply is not in the conversation: nothing to truncate there)
+            self.last_reply = r
         r.task = asyncio.create_task(r.run())
 
     def response_finished(self, r: Reply) -> None:

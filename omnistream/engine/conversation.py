@@ -20,9 +20,16 @@ thinker stage worker (:mod:`omnistream.runtime.workers`, which also serves the i
   (Qwen's tool format, :mod:`omnistream.engine.tools`) and are taken out of the context again when
   it ends (the reply's tokens are re-prefilled after the cut), so later replies never see them;
   ``tool_choice`` ``required`` / a named function decodes under a grammar that forces a valid call;
-* usage: the tokens prefilled for a reply (everything since the previous reply ended) and generated;
+* usage: the tokens prefilled for a reply (everything since the previous reply ended, and what an
+  item edit prefilled again) and generated;
 * input transcription: with ``keep_audio``, a copy of the turn's audio blocks is kept for
-  :meth:`Conversation.take_turn_audio` (transcribed on a cache of its own: :mod:`omnistream.engine.transcribe`).
+  :meth:`Conversation.take_turn_audio` (transcribed on a cache of its own: :mod:`omnistream.engine.transcribe`);
+* conversation items: every closed user turn, reply and inserted message is an item
+  (:mod:`omnistream.engine.items`); :meth:`Conversation.add_message` inserts one anywhere and
+  :meth:`Conversation.delete_item` removes one, cutting the caches back to the edit and prefilling
+  the items after it again, so they equal those of a fresh conversation built with the same items;
+* out-of-band replies (``begin_reply(out_of_band=True)``): ``end_reply`` restores the context to
+  what it was before the reply, as if it had never happened.
 
 Nothing here knows about sockets, threads or batches: that is what lets one copy serve all paths.
 """
@@ -38,6 +45,7 @@ from typing import Protocol
 
 import torch
 
+from omnistream.engine.items import Item, ItemEdits, ItemError, TurnTooLong, text_ops
 from omnistream.engine.tools import (
     ArgumentStream,
     CallConstraint,
@@ -224,8 +232,10 @@ class Reply:
 
     def __init__(self, conv: Conversation, max_new_tokens: int, temperature: float, seed: int | None,
                  tools: list[dict] | None = None, tool_choice: str = "auto", input_tokens: int = 0,
-                 constraint: CallConstraint | None = None, media_tokens: dict | None = None):
+                 constraint: CallConstraint | None = None, media_tokens: dict | None = None,
+                 out_of_band: bool = False):
         self.conv = conv
+        self.out_of_band = out_of_band  # not added to the conversation: end_reply restores the context
         self.start = conv.thinker.n_tokens
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.deltas = TextDeltas(conv.tok)
@@ -332,14 +342,10 @@ class Reply:
         return parse_tool_calls(raw, self.tools) if self.tools else (raw, [])
 
 
-class TurnTooLong(ValueError):
-    """A user turn with more tokens than the model's context can take (answered ``turn_too_long``)."""
-
-
 REPLY_ROOM = 1024  # tokens of the context a turn leaves for the reply
 
 
-class Conversation:
+class Conversation(ItemEdits):
     """A multi-turn Thinker conversation (see the module docstring for the rules it owns).
 
     ``feed``: where the Talker's prompt rows go (None: text only, nothing is recorded).
@@ -381,22 +387,31 @@ class Conversation:
         self.turn_end_t = time.perf_counter()
         self.keep_audio = False  # keep a copy of each turn's audio blocks (input transcription asked for)
         self.turn_audio: list[torch.Tensor] = []  # the last user turn's audio blocks, each (n, D)
+        self._init_items()
         if system_prompt:
             self.text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
+        self._base = self.thinker.n_tokens  # where the first item begins (after the system prompt)
 
     # ------------------------------------------------------------------ prefill
     TEXT_CHUNK = 512  # tokens per prefill forward: attention memory stays O(chunk x context), not O(n^2)
 
-    def text(self, s: str) -> None:
-        """Append text (chat-template pieces included) and feed the Talker. Long text is prefilled
-        in chunks of ``TEXT_CHUNK`` tokens (incremental prefill is exact, so nothing changes but the
-        peak memory: one 12k-token forward costs ~740 MB on the tiny model)."""
+    def text(self, s: str) -> list[int]:
+        """Append text (chat-template pieces included) and feed the Talker; returns its token ids.
+        Long text is prefilled in chunks of ``TEXT_CHUNK`` tokens (incremental prefill is exact, so
+        nothing changes but the peak memory: one 12k-token forward costs ~740 MB on the tiny model)."""
         t = time.perf_counter()
         ids = self.tok(s, add_special_tokens=False).input_ids
-        for i in range(0, len(ids), self.TEXT_CHUNK):
-            self.thinker.append_text(ids[i:i + self.TEXT_CHUNK])
+        for name, args, _ in text_ops(ids, self.TEXT_CHUNK):
+            self._op(name, *args)
         self._sync()
         self.stats.prefill_s += time.perf_counter() - t
+        return ids
+
+    def _op(self, name: str, *args, **kw) -> None:
+        """One StreamingThinker call, also written to the open user turn's recipe (see :mod:`.items`)."""
+        if self._journal is not None:
+            self._journal.append((name, args, kw))
+        getattr(self.thinker, name)(*args, **kw)
 
     def _sync(self) -> None:
         """Hand what the Thinker prefilled since the last sync to the Talker (never during a reply:
@@ -433,6 +448,7 @@ class Conversation:
         self.turn_start = self.thinker.n_tokens
         self._turn_media = dict(self._media_tokens)
         self.turn_audio = []
+        self._journal = []  # the turn's Thinker calls from here on: its item's recipe
         self.text("<|im_start|>user\n")
         self.media = tuple(k for k, on in (("audio", audio), ("video", video)) if on)
         self._cutter = SegmentCutter(self.segment_s, self.media, self._feed, self._cut) if self.media else None
@@ -441,14 +457,14 @@ class Conversation:
     def _open_segment(self) -> None:
         spg = 2.0 / self.fps  # seconds per temporal patch of 2 frames
         if self.media == ("audio", "video"):
-            self.thinker.begin_video(spg, with_audio=True)
+            self._op("begin_video", spg, with_audio=True)
         elif self.media == ("video",):
-            self.thinker.begin_video(spg)
+            self._op("begin_video", spg)
         elif self.media == ("audio",):
-            self.thinker.begin_audio()
+            self._op("begin_audio")
 
     def _cut(self) -> None:
-        self.thinker.end_segment()
+        self._op("end_segment")
         self._open_segment()
         self.segments_cut += 1
 
@@ -458,9 +474,9 @@ class Conversation:
         if kind == "audio":
             if self.keep_audio:  # (the turn cap bounds how many: the server commits a turn at its limit)
                 self.turn_audio.append(embeds)
-            self.thinker.append_audio_block(embeds)
+            self._op("append_audio_block", embeds)
         else:
-            self.thinker.append_video_patch(embeds, grid)
+            self._op("append_video_patch", embeds, grid)
 
     def append_audio(self, embeds: torch.Tensor) -> None:
         """One encoded audio block (n, D) of the open turn."""
@@ -482,16 +498,19 @@ class Conversation:
         else:
             self.stats.video_patches += 1
 
-    def end_turn(self, text: str | None = None) -> None:
+    def end_turn(self, text: str | None = None, *, item_id: str | None = None) -> None:
         """The user stopped: close the media segment, add the typed text, open the assistant turn.
-        A turn that cannot be closed is dropped (so the next one starts clean) and the error raised."""
+        The turn becomes conversation item ``item_id`` (None: a fresh id; a used one raises
+        ``ItemError`` and changes nothing). A turn that cannot be closed is dropped (so the next one
+        starts clean) and the error raised."""
         t0 = time.perf_counter()
+        item_id = self.items.new_id(item_id, "turn")
         if not self.turn_open:
             self.begin_turn(audio=False, video=False)
         if self._cutter is not None:
             try:
                 self._cutter.flush()
-                self.thinker.end_segment()
+                self._op("end_segment")
                 self._sync()
             except Exception:
                 self.abort_turn()
@@ -503,12 +522,22 @@ class Conversation:
             raise TurnTooLong(f"the user turn has {n} tokens; the model's context leaves {self.max_turn_tokens} "
                               f"for one turn: send less text at once")
         self.text(tail)
-        self._prefix_at = self.thinker.n_tokens
-        self.text("<|im_start|>assistant\n")
-        self._prefix_end = self.thinker.n_tokens
+        self._record(Item(item_id, "user", self.turn_start, self.thinker.n_tokens, self._journal))
+        self._open_prefix()
         self.stats.end_of_input_s = time.perf_counter() - t0
         self.turn_end_t = t0
         self.turn_start, self._cutter, self.media = None, None, ()
+
+    def _open_prefix(self) -> list[int]:
+        """Open the assistant turn (``<|im_start|>assistant\\n``) that the next reply answers in."""
+        self._prefix_at = self.thinker.n_tokens
+        ids = self.text("<|im_start|>assistant\n")
+        self._prefix_end = self.thinker.n_tokens
+        return ids
+
+    def _prefix_pending(self) -> bool:
+        """Is the unanswered assistant prefix the last thing in the context?"""
+        return self._prefix_at is not None and self.reply is None and self.thinker.n_tokens == self._prefix_end
 
     def take_turn_audio(self) -> list[torch.Tensor]:
         """The closed turn's audio blocks (kept when ``keep_audio``), handed over once: what an input
@@ -516,15 +545,9 @@ class Conversation:
         blocks, self.turn_audio = self.turn_audio, []
         return blocks
 
-    def _can_cut(self, n: int) -> bool:
-        """Can the Thinker be cut back to ``n`` tokens? (A window cache cannot bring back evicted tokens.)"""
-        cache = self.thinker.cache
-        return not getattr(cache, "evicted", False) or self.thinker.n_tokens - n <= getattr(cache, "count", 0)
-
     def _drop_prefix(self) -> None:
         """Take back the unanswered assistant prefix, if it is still the last thing in the context."""
-        if self._prefix_at is not None and self.reply is None and self.thinker.n_tokens == self._prefix_end \
-                and self._can_cut(self._prefix_at):
+        if self._prefix_pending() and self._can_cut(self._prefix_at):
             self.thinker.truncate(self._prefix_at)
             self._truncate_feed(self._prefix_at)
         self._prefix_at = None
@@ -536,15 +559,17 @@ class Conversation:
         self.thinker.truncate(self.turn_start)
         self._truncate_feed(self.turn_start)
         self._media_tokens = self._turn_media
-        self.turn_start, self._cutter, self.media, self.turn_audio = None, None, (), []
+        self.turn_start, self._cutter, self.media, self.turn_audio, self._journal = None, None, (), [], None
 
     # ------------------------------------------------------------------ the reply
     def begin_reply(self, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None, *,
                     instructions: str | None = None, tools: list[dict] | None = None,
-                    tool_choice: str = "auto") -> Reply:
+                    tool_choice: str = "auto", out_of_band: bool = False) -> Reply:
         """Open the assistant turn. ``instructions`` and ``tools`` (checked by
         :func:`omnistream.engine.tools.check_tools`) apply to this reply only: they are prefilled as
-        a system turn right before it and cut out again by :meth:`end_reply`."""
+        a system turn right before it and cut out again by :meth:`end_reply`. ``out_of_band``
+        (``conversation: "none"``): :meth:`end_reply` puts the context back as it was before this
+        call (the reply and its system turn leave; no item is recorded; usage is still counted)."""
         if self.turn_open:
             self.end_turn()
         if self.reply is not None:
@@ -560,24 +585,43 @@ class Conversation:
         elif tool_choice not in ("auto", "none") and not offered:
             raise ValueError(f"tool_choice {tool_choice!r} needs tools")
         context = "\n\n".join(p for p in (instructions, tools_block(offered) if offered else None) if p)
+        pending = self._prefix_pending()
+        self._oob = (self.thinker.n_tokens, pending, self._reply_end, self._input_from, dict(self._media_tokens)) \
+            if out_of_band else None
         self._context_at = None
         if context:
             self._drop_prefix()  # the system turn goes between the user turn and the assistant prefix
-            self._context_at = self.thinker.n_tokens
-            self.text(f"<|im_start|>system\n{context}<|im_end|>\n<|im_start|>assistant\n")
+            self._reply_at = self._context_at = self.thinker.n_tokens
+            self._reply_head = self.text(f"<|im_start|>system\n{context}<|im_end|>\n<|im_start|>assistant\n")
+        elif pending:  # the assistant turn end_turn opened
+            self._reply_at, self._reply_head = self._prefix_at, self._prefix_ids
+        else:  # no turn since the last reply or message: the reply opens its own assistant turn
+            self._reply_at = self.thinker.n_tokens
+            self._reply_head = self._open_prefix()
         self._prefix_at = None
         reply = Reply(self, max_new_tokens, temperature, seed, offered, tool_choice,
-                      input_tokens=self.thinker.n_tokens - self._reply_end, constraint=constraint,
-                      media_tokens=self._media_tokens)
+                      input_tokens=self.thinker.n_tokens - self._input_from, constraint=constraint,
+                      media_tokens=self._media_tokens, out_of_band=out_of_band)
         self._media_tokens = {"audio": 0, "video": 0}
         self.reply = reply
         return reply
 
-    def end_reply(self, cancelled: bool = False) -> Reply:
-        """Close the assistant turn (the stop token, or ``<|im_end|>`` after a limit or a cancel)."""
+    def end_reply(self, cancelled: bool = False, *, item_id: str | None = None) -> Reply:
+        """Close the assistant turn (the stop token, or ``<|im_end|>`` after a limit or a cancel); it
+        becomes conversation item ``item_id`` (None or an id already used: a fresh one, logged -- a
+        reply always ends). An out-of-band reply leaves the context instead (see :meth:`begin_reply`)."""
         r, self.reply = self.reply, None
         if r is None:
             raise RuntimeError("no reply to end")
+        self.stats.reply_tokens = len(r.ids)
+        self.stats.cancelled = cancelled
+        if r.out_of_band and self._restore():
+            return r
+        try:
+            item_id = self.items.new_id(item_id, "reply")
+        except ItemError as e:
+            log.warning("%s: the reply gets a fresh id", e)
+            item_id = self.items.new_id(None, "reply")
         start = r.start
         if self._context_at is not None and not self._can_cut(self._context_at):
             self._context_at = None  # a window already evicted past it: the system turn stays (logged)
@@ -585,18 +629,16 @@ class Conversation:
         if self._context_at is not None:  # this reply's own system turn leaves the context; the reply stays
             self.thinker.truncate(self._context_at)
             self._truncate_feed(self._context_at)
-            self.text("<|im_start|>assistant\n")
+            self._reply_head = self.text("<|im_start|>assistant\n")
             start = self.thinker.n_tokens
             for i in range(0, len(r.tokens), self.TEXT_CHUNK):
                 self.thinker.append_text(r.tokens[i:i + self.TEXT_CHUNK])
             self._context_at = None
-        if not r.ended:
-            self.text("<|im_end|>")
-        self.text("\n")
+        tail = ([] if r.ended else self.text("<|im_end|>")) + self.text("\n")
         self.last_reply = (start, len(r.ids))
-        self._reply_end = self.thinker.n_tokens
-        self.stats.reply_tokens = len(r.ids)
-        self.stats.cancelled = cancelled
+        self._reply_end = self._input_from = self.thinker.n_tokens
+        self._reply_item = self._record(Item(item_id, "assistant", self._reply_at, self._reply_end, text_ops(
+            self._reply_head + r.tokens + tail, self.TEXT_CHUNK), text_at=start - self._reply_at))
         return r
 
     def decode(self, reply: Reply) -> Iterator[tuple[ThinkerStep, str]]:
@@ -623,7 +665,8 @@ class Conversation:
         kept = min(n_text, math.ceil(max(0, played_samples) / self.rates.samples_per_code))
         self.thinker.truncate(start + kept)
         self._truncate_feed(start + kept)
-        self.text("<|im_end|>\n")
+        tail = self.text("<|im_end|>\n")
         self.last_reply = (start, kept)
-        self._reply_end = self.thinker.n_tokens
+        self._reply_end = self._input_from = self.thinker.n_tokens
+        self._heard(start + kept, tail)
         return kept

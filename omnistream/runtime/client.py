@@ -51,6 +51,9 @@ class ResponseOptions:
     tools: list = field(default_factory=list)  # function tools, as omnistream.engine.tools.check_tools returns
     tool_choice: str = "auto"  # auto | none | required | function:NAME (omnistream.engine.tools.check_tool_choice)
     audio: bool = True  # False: a text-only reply (no Talker / Token2Wav work)
+    voice: str | None = None  # this reply's speaker (a checkpoint voice); None: the session's
+    out_of_band: bool = False  # the reply is not added to the conversation (conversation "none")
+    item: str | None = None  # the conversation item the reply becomes (the server's id); None: anonymous
 
 
 # ---------------------------------------------------------------------------------- events
@@ -161,10 +164,12 @@ class Client(ABC):
         """A camera frame (H, W, 3) uint8 RGB taken at session time ``t_s`` seconds."""
 
     @abstractmethod
-    async def commit(self, sid: str, text: str | None = None, transcribe: str | None = None) -> None:
+    async def commit(self, sid: str, text: str | None = None, transcribe: str | None = None,
+                     item: str | None = None) -> None:
         """End the user turn (what was pushed, plus optional typed ``text``). ``transcribe``: an item id;
         the turn's audio is transcribed by the Thinker (the session needs ``transcribe=True``) and
-        :class:`Transcript` events with that id come from :meth:`transcripts`."""
+        :class:`Transcript` events with that id come from :meth:`transcripts`. ``item``: the id the
+        closed turn has in the conversation (what :meth:`add_item` / :meth:`delete_item` refer to)."""
 
     @abstractmethod
     async def clear(self, sid: str) -> None:
@@ -174,6 +179,17 @@ class Client(ABC):
     def respond(self, sid: str, options: ResponseOptions | None = None) -> AsyncIterator[Event]:
         """Generate a reply to the committed turn (``options``: this reply's own settings); yields
         events of the new epoch."""
+
+    async def add_item(self, sid: str, item: str, role: str, text: str, after: str | None = None) -> None:
+        """Put a ``role`` (user | assistant | system) text message into the conversation as ``item``,
+        after the item ``after`` (None: at the end; ``"root"``: at the start). Raises
+        :class:`ClientError` with the engine's code (``item_not_found``, ``item_evicted``, ``item_busy``,
+        ``invalid_item``) when it cannot; the conversation is then unchanged."""
+        raise ClientError("this client keeps no conversation items", "invalid_request")
+
+    async def delete_item(self, sid: str, item: str) -> None:
+        """Take ``item`` out of the conversation (ClientError with the engine's code, as :meth:`add_item`)."""
+        raise ClientError("this client keeps no conversation items", "invalid_request")
 
     @abstractmethod
     async def cancel(self, sid: str) -> int:
@@ -218,7 +234,11 @@ def __getattr__(name: str):
 
 
 def _error_code(e: Exception) -> str:
-    """A stable error code for an exception raised by the pipeline (OpenAI-style snake_case)."""
+    """A stable error code for an exception raised by the pipeline (OpenAI-style snake_case); an
+    exception that carries its own ``code`` (the engine's ``ItemError``) keeps it."""
+    code = getattr(e, "code", None)
+    if isinstance(code, str) and code:
+        return code
     name = type(e).__name__
     return {"PcmError": "invalid_audio", "VideoError": "invalid_image", "ClientError": "invalid_request",
             "ValueError": "invalid_request", "TurnTooLong": "turn_too_long"}.get(name, "server_error")

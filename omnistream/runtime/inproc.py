@@ -46,8 +46,8 @@ class InProcClient(WireClient):
         self.workers = {name: WORKER_TYPES[name](ck, self._route, max_batch=max_batch) for name in PIPELINE}
         self.headroom = headroom  # None: no admission control beyond max_sessions
         self.load = LoadMeter(headroom=headroom or 0.9)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (msg, tensors) from the event loop
-        self._local: deque = deque()  # (worker, msg, tensors) the workers sent each other
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # messages from the event loop
+        self._local: deque = deque()  # (worker, msg) the workers sent each other
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -63,8 +63,8 @@ class InProcClient(WireClient):
         self._closed = True
         for s in list(self._sessions.values()):
             self._fail_replies(s, "closed", "the client was closed")
-            self._inbox.put((wire.CloseSession(session=s.sid), ()))
-        self._inbox.put((_STOP, ()))
+            self._inbox.put(wire.CloseSession(session=s.sid))
+        self._inbox.put(_STOP)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
 
@@ -75,22 +75,22 @@ class InProcClient(WireClient):
             raise ClientError("the client is not started: call start() first")
 
     # ------------------------------------------------------------------ transport
-    async def _post(self, msg, tensors: tuple = (), frames: list | None = None) -> None:
-        self._inbox.put((msg, tensors))
+    async def _post(self, msg, frames: list | None = None) -> None:
+        self._inbox.put(msg)
 
     async def _broadcast(self, msg: wire.Epoch) -> None:
-        self._inbox.put((msg, ()))
+        self._inbox.put(msg)
 
-    def _route(self, dest: str, msg, *tensors) -> None:
+    def _route(self, dest: str, msg) -> None:
         """A worker's send (on the engine thread): to another worker, or to the client's event loop."""
         if dest == "client":
-            self._loop.call_soon_threadsafe(self._event, msg, tensors)
+            self._loop.call_soon_threadsafe(self._event, msg)
         else:
-            self._local.append((self.workers[dest], msg, tensors))
+            self._local.append((self.workers[dest], msg))
 
-    def _event(self, msg, tensors) -> None:
+    def _event(self, msg) -> None:
         try:
-            self._on_event(msg, tensors)
+            self._on_event(msg)
         except Exception:  # one bad event must not stop the others
             log.exception("event %s failed", type(msg).__name__)
 
@@ -105,9 +105,9 @@ class InProcClient(WireClient):
             t0 = time.perf_counter()
             n = 0
             while item is not None:
-                if item[0] is _STOP:
+                if item is _STOP:
                     return
-                self._deliver_external(*item)
+                self._deliver_external(item)
                 n += 1
                 try:
                     item = self._inbox.get_nowait() if n < 64 else None  # bounded, like a stage's loop
@@ -124,22 +124,22 @@ class InProcClient(WireClient):
             replying = max(w.replying() for w in self.workers.values())
             self.load.record(time.perf_counter() - t0, replying, did_work=bool(n) or busy)
 
-    def _deliver_external(self, msg, tensors) -> None:
+    def _deliver_external(self, msg) -> None:
         if isinstance(msg, wire.Epoch):  # barge-in reaches every worker at once
             targets = self.workers.values()
         else:
             targets = [self.workers[PIPELINE[0]]]
         for w in targets:
             try:
-                w.deliver(msg, tensors)
+                w.deliver(msg)
             except Exception:
                 log.exception("%s <- %s failed", w.name, type(msg).__name__)
 
     def _drain_local(self) -> None:
         while self._local:
-            w, msg, tensors = self._local.popleft()
+            w, msg = self._local.popleft()
             try:
-                w.deliver(msg, tensors)
+                w.deliver(msg)
             except Exception:
                 log.exception("%s <- %s failed", w.name, type(msg).__name__)
 

@@ -125,8 +125,8 @@ class MultiProcClient(WireClient):
                 raise ClientError(f"stage_lost: {e}") from e
 
     # ------------------------------------------------------------------ transport
-    async def _post(self, msg, tensors: tuple = (), frames: list | None = None) -> None:
-        await self.head.send_multipart(frames if frames is not None else wire.encode(msg, *tensors), copy=False)
+    async def _post(self, msg, frames: list | None = None) -> None:
+        await self.head.send_multipart(frames if frames is not None else wire.encode(msg), copy=False)
 
     async def _broadcast(self, msg: wire.Epoch) -> None:
         if self.supervisor is not None and self.supervisor.pub is not None:
@@ -157,12 +157,12 @@ class MultiProcClient(WireClient):
         while True:
             frames = await self.events.recv_multipart(copy=False)
             try:
-                msg, arrays = wire.decode(frames)
+                msg = wire.decode(frames)
             except wire.WireError as e:
                 log.warning("dropped a bad event: %s", e)
                 continue
             try:
-                self._on_event(msg, arrays)
+                self._on_event(msg)
             except Exception:  # one bad event must not stop the loop
                 log.exception("event %s failed", type(msg).__name__)
 

@@ -75,7 +75,7 @@ class Slot:
         self.epoch = epoch
         self.run: Running | None = None  # the running task (see omnistream.engine.scheduler)
         self.task_epoch = 0  # epoch of the reply the task serves
-        self.backlog: deque = deque()  # (msg, tensors) waiting for the task to end
+        self.backlog: deque = deque()  # messages waiting for the task to end
         self.pending_open = None  # an OpenSession whose rebuild waits for the next turn (thinker)
 
     def see(self, epoch: int) -> None:

@@ -86,9 +86,9 @@ class EchoWorker:
     def __init__(self, send):
         self.send = send
 
-    def deliver(self, msg, tensors) -> None:
+    def deliver(self, msg) -> None:
         if isinstance(msg, wire.AudioChunk):
-            self.send("client", msg, *tensors)
+            self.send("client", msg)
 
     def tick(self) -> bool:
         return False
@@ -113,7 +113,7 @@ class Stage:
         self.sub.connect(layout.epochs)
         self.pull = self._sock(zmq.PULL)  # bound in activate(): a standby spare must not take the address
         self.out: dict[str, zmq.Socket] = {}  # address -> PUSH
-        self.local: deque = deque()  # (worker, msg, tensors) handed over in memory
+        self.local: deque = deque()  # (worker, msg) handed over in memory
         self.workers: dict = {}
         self._accepts: list = []
         self.ck = None
@@ -151,7 +151,7 @@ class Stage:
                 raise Stopped
             if end is not None and time.monotonic() > end:
                 raise TimeoutError(f"stage {self.spec.name}: no Ready from the supervisor in {timeout_s:.0f}s")
-        msg, _ = wire.recv(self.ctrl)
+        msg = wire.recv(self.ctrl)
         if not isinstance(msg, wire.Ready):
             raise wire.WireError(f"expected Ready from the supervisor, got {type(msg).__name__}")
 
@@ -180,39 +180,36 @@ class Stage:
             self._accepts.append((self.workers[w], cls.handles + (wire.OpenSession, wire.CloseSession)))
 
     # ------------------------------------------------------------------ routing
-    def send(self, dest: str, msg, *tensors) -> None:
-        """To a local worker (in memory) or over ZeroMQ (the next stage, or "client")."""
+    def send(self, dest: str, msg) -> None:
+        """To a local worker (in memory, tensors where they are) or over ZeroMQ (the next stage, or
+        "client": tensors moved to CPU first)."""
         if dest in self.workers:
-            self.local.append((self.workers[dest], msg, tensors))
+            self.local.append((self.workers[dest], msg))
             return
         addr = self.layout.events if dest == "client" else self.layout.stage_of(dest).address
         sock = self.out.get(addr)
         if sock is None:
             sock = self.out[addr] = self._sock(zmq.PUSH)
             sock.connect(addr)
-        cpu = [t.detach().to("cpu") if hasattr(t, "detach") else t for t in tensors]
         try:
-            wire.send(sock, msg, *cpu)
+            wire.send(sock, wire.to_cpu(msg))
         except zmq.Again:
             log.error("%s: %s to %s dropped: the link stayed full for %d ms", self.spec.name,
                       type(msg).__name__, dest, SEND_TIMEOUT_MS)
 
     def _incoming(self, frames) -> None:
         try:
-            msg, arrays = wire.decode(frames)
+            msg = wire.decode(frames)  # (model tensors arrive as torch, media as numpy: wire.Tensor / wire.Array)
         except wire.WireError as e:
             log.warning("%s: dropped a bad message: %s", self.spec.name, e)
             return
-        if arrays and not isinstance(msg, (wire.AudioChunk, wire.Frame)):  # model tensors -> torch
-            refs = sorted(wire._refs(msg), key=lambda r: r.frame)
-            arrays = [wire.to_torch(a, r) for a, r in zip(arrays, refs)]
         if isinstance(msg, wire.Epoch):
             for w in self.workers.values():
-                w.deliver(msg, ())
+                w.deliver(msg)
             return
         target = self._target(msg)
         if target is not None:
-            target.deliver(msg, arrays)
+            target.deliver(msg)
 
     def _target(self, msg):
         """Data arriving from outside goes to the first local worker of the chain that takes it."""
@@ -225,7 +222,7 @@ class Stage:
     def _control(self, sock) -> None:
         while sock.poll(0):
             try:
-                msg, _ = wire.recv(sock)
+                msg = wire.recv(sock)
             except wire.WireError as e:
                 log.warning("%s: bad control message: %s", self.spec.name, e)
                 continue
@@ -236,7 +233,7 @@ class Stage:
                 self.drain()
             elif isinstance(msg, wire.Epoch):
                 for w in self.workers.values():
-                    w.deliver(msg, ())
+                    w.deliver(msg)
 
     def stats(self) -> dict:
         """What the supervisor learns with every pong: this stage's load and its workers' batches."""
@@ -272,9 +269,9 @@ class Stage:
                 self._incoming(self.pull.recv_multipart(copy=False))
                 n += 1
             while self.local:
-                w, msg, tensors = self.local.popleft()
+                w, msg = self.local.popleft()
                 t = time.monotonic()
-                w.deliver(msg, tensors)
+                w.deliver(msg)
                 self._slow(t, f"{w.name} <- {type(msg).__name__}")
             busy = False
             for w in self.workers.values():

@@ -254,7 +254,7 @@ class Supervisor:
             name, _, inc = ident.decode(errors="replace").partition("#")
             sp = self.stages.get(name)
             try:
-                msg, _ = wire.decode(frames)
+                msg = wire.decode(frames)
             except wire.WireError as e:
                 self._reject(sp, name, f"bad message: {e}")
                 continue

@@ -5,8 +5,15 @@ Stages run as separate processes linked by ZeroMQ, vLLM-v1 style. Every message 
 
 * frame 0: the control struct, msgpack-encoded by msgspec (a tagged union, so the receiver
   learns the type from the ``type`` field without a second header);
-* frames 1..n: raw little-endian, C-contiguous tensor bytes, each described by a
-  :class:`TensorRef` inside the struct (dtype, shape, frame index).
+* frames 1..n: raw little-endian, C-contiguous tensor bytes, one per tensor field.
+
+Tensors are typed fields of the structs (as vLLM's ``serial_utils`` carries them): a field
+declared :data:`Tensor` (model tensors: decoded as torch) or :data:`Array` (media: decoded as
+numpy) holds the array itself. :func:`encode` turns each into a small :class:`TensorRef` header
+(dtype, shape, frame index) through msgspec's ``enc_hook`` and appends the array's buffer as its
+own frame; :func:`decode` puts the arrays back into those fields. Nobody numbers frames by hand.
+In one process a message is handed over as is (tensors stay on their device: :func:`to_cpu` is
+for what leaves the process).
 
 Why separate frames: msgpack would copy every PCM/feature buffer into one blob on send and
 again on receive. Keeping tensors in their own frames lets ``send(copy=False)`` hand the
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+import typing
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -32,12 +41,15 @@ __all__ = [
     "DTYPES",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
+    "AddItem",
+    "Array",
     "AudioChunk",
     "BeginTurn",
     "Clear",
     "CloseSession",
     "Codes",
     "Commit",
+    "DeleteItem",
     "Done",
     "Embeds",
     "EndReply",
@@ -56,6 +68,7 @@ __all__ = [
     "Result",
     "Shutdown",
     "Step",
+    "Tensor",
     "TensorRef",
     "TextDelta",
     "Transcript",
@@ -67,12 +80,14 @@ __all__ = [
     "hwm_for",
     "recv",
     "send",
-    "to_torch",
+    "to_cpu",
 ]
 
 #: Bumped on any incompatible change to the structs below; checked in Hello/Ready so a stale
 #: worker fails loudly at handshake time instead of mis-parsing frames mid-session.
-PROTOCOL_VERSION = 3  # 2: per-reply settings in Respond, usage and tool calls in Done; 3: Transcript
+PROTOCOL_VERSION = 5  # 2: per-reply settings in Respond, usage and tool calls in Done; 3: Transcript;
+# 4: conversation items (item ids on Commit/Respond, AddItem, DeleteItem), per-reply voice and out-of-band replies;
+# 5: tensors are typed fields whose [dtype, shape, frame] headers the encoder writes (TensorRef is array-like)
 
 #: Upper bound on one multipart message (all frames). 15 MiB is ~4 min of 16 kHz float32 mono
 #: audio -- far above any sane chunk -- yet small enough that a corrupt length can't make a
@@ -98,18 +113,29 @@ class WireError(ValueError):
     """Malformed, oversize or incompatible message. The only exception :func:`decode` raises."""
 
 
-class TensorRef(msgspec.Struct, kw_only=True, frozen=True):
-    """Points at frame ``frame`` (>= 1) holding a C-contiguous ``dtype`` array of ``shape``."""
+class TensorRef(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
+    """The header a tensor field travels as: frame ``frame`` (>= 1) holds a C-contiguous ``dtype``
+    array of ``shape``. Written by :func:`encode`, read by :func:`decode`; never built by hand."""
 
     dtype: DType
     shape: Annotated[list[Dim], msgspec.Meta(max_length=16)]
     frame: Annotated[int, msgspec.Meta(ge=1)]
 
-    @classmethod
-    def of(cls, x: Any, frame: int = 1) -> TensorRef:
-        """Describe ndarray / CPU torch tensor ``x`` as it will travel in ``frame``."""
-        name, arr = _as_wire_array(x)
-        return cls(dtype=name, shape=list(arr.shape), frame=frame)
+
+class _TensorField:
+    """``Annotated`` marker of a tensor-valued field; ``torch``: the receiver gets a torch tensor."""
+
+    __slots__ = ("torch",)
+
+    def __init__(self, torch: bool):
+        self.torch = torch
+
+
+#: A model tensor (embeddings, hidden states, positions): a ``torch.Tensor`` on any device in the
+#: process (:func:`to_cpu` before it leaves), decoded as a CPU torch tensor (bfloat16 restored).
+Tensor = Annotated[Any, _TensorField(torch=True)]
+#: Media (PCM, camera frames): a numpy ndarray, decoded as one (no torch needed to receive it).
+Array = Annotated[Any, _TensorField(torch=False)]
 
 
 class _Msg(msgspec.Struct, tag=True, kw_only=True, frozen=True):
@@ -159,7 +185,7 @@ class AudioChunk(_Msg):
     epoch: NonNeg
     seq: NonNeg
     sample_rate: Annotated[int, msgspec.Meta(gt=0)]
-    pcm: TensorRef
+    pcm: Array  # (n,) or (n, channels)
 
 
 class TextDelta(_Msg):
@@ -193,6 +219,7 @@ class Shutdown(_Msg):
 # Every op travels the chain in order, so a stage sees a session's ops in the order the client
 # sent them; ``req`` > 0 asks for a :class:`Result` (from the stage that owns the op's outcome).
 Options = dict[str, Any]  # SessionOptions fields (omnistream.runtime.client.SessionOptions)
+ItemId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]  # a conversation item's id (the server's)
 
 
 class OpenSession(_Msg):
@@ -220,7 +247,7 @@ class Frame(_Msg):
     session: str
     epoch: NonNeg
     t_s: float
-    image: TensorRef
+    image: Array  # (H, W, 3)
 
 
 class Commit(_Msg):
@@ -231,6 +258,7 @@ class Commit(_Msg):
     text: str | None = None
     req: NonNeg = 0
     transcribe: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    item: ItemId | None = None  # the conversation item the closed turn becomes (None: an anonymous one)
 
 
 class Clear(_Msg):
@@ -244,7 +272,9 @@ class Respond(_Msg):
     """Generate the reply of ``epoch`` to the committed turn, with this reply's own settings:
     ``max_new_tokens`` (0: the session's), ``instructions`` and ``tools`` (for this reply only: see
     :meth:`omnistream.engine.conversation.Conversation.begin_reply`), ``tool_choice`` (``auto``,
-    ``none``, ``required`` or ``function:NAME``) and ``audio`` (False: text only, no Talker work)."""
+    ``none``, ``required`` or ``function:NAME``) and ``audio`` (False: text only, no Talker work);
+    ``item``: the conversation item the reply becomes; ``voice``: this reply's speaker (None: the
+    session's); ``out_of_band``: the reply is not added to the conversation."""
     session: str
     epoch: NonNeg
     max_new_tokens: NonNeg = 0
@@ -252,6 +282,29 @@ class Respond(_Msg):
     tools: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=128)] = []
     tool_choice: str = "auto"
     audio: bool = True
+    item: ItemId | None = None
+    voice: str | None = None  # (checked against the checkpoint's voices by the thinker: a bad one fails the reply)
+    out_of_band: bool = False
+
+
+class AddItem(_Msg):
+    """Put a ``role`` (user | assistant | system) text message into the conversation as ``item``,
+    ``after`` an item (None: at the end, ``"root"``: at the start); the thinker answers the ``req``."""
+    session: str
+    epoch: NonNeg
+    item: ItemId
+    role: Literal["user", "assistant", "system"]
+    text: str
+    after: ItemId | None = None
+    req: NonNeg = 0
+
+
+class DeleteItem(_Msg):
+    """Take ``item`` out of the conversation (the thinker's cache is re-prefilled from there)."""
+    session: str
+    epoch: NonNeg
+    item: ItemId
+    req: NonNeg = 0
 
 
 class Truncate(_Msg):
@@ -267,16 +320,16 @@ class Embeds(_Msg):
     session: str
     epoch: NonNeg
     kind: Literal["audio", "video"]
-    embeds: TensorRef
+    embeds: Tensor  # (n, D)
     grid: Annotated[list[NonNeg], msgspec.Meta(max_length=3)] = []
 
 
 class PromptRows(_Msg):
     """Thinker -> talker: per-token (embeds, hidden) (n, D) and TMRoPE ``positions`` (3, n) (``feed_prompt``)."""
     session: str
-    embeds: TensorRef
-    hidden: TensorRef
-    positions: TensorRef
+    embeds: Tensor  # (n, D)
+    hidden: Tensor  # (n, D)
+    positions: Tensor  # (3, n)
     next_position: int
 
 
@@ -292,8 +345,8 @@ class Step(_Msg):
     session: str
     epoch: NonNeg
     token: NonNeg
-    embed: TensorRef
-    hidden: TensorRef
+    embed: Tensor  # (D,)
+    hidden: Tensor  # (D,)
 
 
 class EndReply(_Msg):
@@ -355,10 +408,47 @@ class Result(_Msg):
 
 
 Message = (Hello | Ready | Ping | Pong | AudioChunk | TextDelta | Error | Epoch | Shutdown | OpenSession | CloseSession
-           | BeginTurn | Frame | Commit | Clear | Respond | Truncate | Embeds | PromptRows | TruncatePrompt | Step
-           | EndReply | Codes | Done | ReplyError | Transcript | Result)
+           | BeginTurn | Frame | Commit | Clear | Respond | AddItem | DeleteItem | Truncate | Embeds | PromptRows
+           | TruncatePrompt | Step | EndReply | Codes | Done | ReplyError | Transcript | Result)
 
-_ENCODER = msgspec.msgpack.Encoder()
+
+def _tensor_fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(name, decoded as torch?) of each :data:`Tensor` / :data:`Array` field of ``cls``, in field
+    order (the order the encoder meets them in, so the order of their frames)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    marks = ((f, next((m for m in getattr(hints[f], "__metadata__", ()) if isinstance(m, _TensorField)), None))
+             for f in cls.__struct_fields__)
+    return tuple((f, m.torch) for f, m in marks if m is not None)
+
+
+#: Message type -> its tensor fields (also: the set of types that can travel).
+_TENSOR_FIELDS: dict[type, tuple[tuple[str, bool], ...]] = {c: _tensor_fields(c) for c in typing.get_args(Message)}
+
+
+class _SideBuffers(threading.local):
+    """The arrays of the message being encoded on this thread, in frame order (see :func:`_enc_hook`)."""
+
+    arrays: list | None = None
+
+
+_SIDE = _SideBuffers()
+
+
+def _enc_hook(x: Any) -> TensorRef:
+    """msgspec's hook for what msgpack cannot hold: an array goes to the side buffers (its own frame)
+    and its header takes its place in the struct. Anything else is not sendable."""
+    arrays = _SIDE.arrays
+    if arrays is None:  # (only encode() sets the side buffers)
+        raise WireError(f"cannot encode {type(x).__name__} outside wire.encode")
+    try:
+        name, arr = _as_wire_array(x)
+    except TypeError as e:  # e.g. a torch dtype numpy lacks
+        raise WireError(f"cannot send {type(x).__name__}: {e}") from e
+    arrays.append(arr)
+    return TensorRef(dtype=name, shape=list(arr.shape), frame=len(arrays))
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _DECODER = msgspec.msgpack.Decoder(Message)
 
 
@@ -388,52 +478,41 @@ def _as_wire_array(x: Any) -> tuple[str, np.ndarray]:
     return name, np.array(x, dtype=le, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
 
 
-def _refs(msg: Any) -> list[TensorRef]:
-    """All TensorRefs in ``msg`` (top-level fields and lists of them)."""
-    out = []
-    for f in msg.__struct_fields__:
-        v = getattr(msg, f)
-        if isinstance(v, TensorRef):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            out.extend(r for r in v if isinstance(r, TensorRef))
-    return out
-
-
-def _check_refs(refs: list[TensorRef], n_tensors: int) -> dict[int, TensorRef]:
+def _check_refs(refs: list[TensorRef], n_tensors: int) -> None:
     """Each tensor frame 1..n must be referenced exactly once: extra or shared frames are bugs."""
-    by_frame: dict[int, TensorRef] = {}
+    seen: set[int] = set()
     for r in refs:
         if r.frame > n_tensors:
-            raise WireError(f"TensorRef points at frame {r.frame} but only {n_tensors} tensor frame(s)")
-        if r.frame in by_frame:
-            raise WireError(f"frame {r.frame} referenced by more than one TensorRef")
-        by_frame[r.frame] = r
-    if len(by_frame) != n_tensors:
-        missing = sorted(set(range(1, n_tensors + 1)) - set(by_frame))
-        raise WireError(f"tensor frame(s) {missing} not referenced by any TensorRef")
-    return by_frame
+            raise WireError(f"a tensor field points at frame {r.frame} but only {n_tensors} tensor frame(s)")
+        if r.frame in seen:
+            raise WireError(f"frame {r.frame} referenced by more than one tensor field")
+        seen.add(r.frame)
+    if len(seen) != n_tensors:
+        missing = sorted(set(range(1, n_tensors + 1)) - seen)
+        raise WireError(f"tensor frame(s) {missing} not referenced by any tensor field")
 
 
-def encode(msg: Message, *tensors: Any, max_bytes: int = MAX_MESSAGE_BYTES) -> list:
-    """Multipart frames for ``msg``: [msgpack header, tensor buffers...] -- tensor ``i`` is frame ``i+1``.
+def encode(msg: Message, *, max_bytes: int = MAX_MESSAGE_BYTES) -> list:
+    """Multipart frames for ``msg``: [msgpack header, one buffer per tensor field, in field order].
 
     Tensor frames are flat uint8 memoryviews over the arrays' own memory (no ``tobytes``), so
     with ``send_multipart(copy=False)`` libzmq reads them in place. Do not mutate a tensor
     until the send has completed. The size limit is enforced here too so that an oversize
     message fails at the sender with a traceback instead of at the receiver.
     """
-    if not isinstance(msg, _Msg):
+    fields = _TENSOR_FIELDS.get(type(msg))
+    if fields is None:
         raise WireError(f"not a wire message: {type(msg).__name__}")
-    by_frame = _check_refs(_refs(msg), len(tensors))
-    frames: list = [_ENCODER.encode(msg)]
-    for i, x in enumerate(tensors, start=1):
-        name, arr = _as_wire_array(x)
-        ref = by_frame[i]
-        if ref.dtype != name or tuple(ref.shape) != arr.shape:
-            raise WireError(f"frame {i}: tensor is {name}{list(arr.shape)} but TensorRef says "
-                            f"{ref.dtype}{ref.shape}")
-        frames.append(memoryview(arr.reshape(-1).view(np.uint8)))
+    _SIDE.arrays = arrays = []
+    try:
+        frames: list = [_ENCODER.encode(msg)]
+    finally:
+        _SIDE.arrays = None
+    if len(arrays) != len(fields):  # a tensor field holds no array, or an array sits in another field
+        bad = [f for f, _ in fields if not _is_array(getattr(msg, f))]
+        raise WireError(f"{type(msg).__name__}: " + (f"field(s) {bad} must hold a numpy array or torch tensor" if bad
+                                                     else "an array outside its tensor fields cannot travel"))
+    frames.extend(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)
     total = sum(len(f) for f in frames)
     if total > max_bytes:
         raise WireError(f"message is {total} bytes > max {max_bytes}")
@@ -447,11 +526,12 @@ def _buffer(frame: Any) -> memoryview:
 
 
 def decode(frames: Sequence[Any], copy: bool = False, *, max_bytes: int = MAX_MESSAGE_BYTES,
-           check_protocol: bool = True) -> tuple[Message, list[np.ndarray]]:
-    """Inverse of :func:`encode`: ``(msg, arrays)`` with ``arrays[i]`` built from frame ``i+1``.
+           check_protocol: bool = True) -> Message:
+    """Inverse of :func:`encode`: the message, its tensor fields holding the arrays of their frames
+    (numpy for :data:`Array` fields, CPU torch tensors for :data:`Tensor` fields).
 
     With ``copy=False`` each array is ``np.frombuffer`` over the frame's memory (read-only,
-    shares memory with the frame, which it keeps alive). ``copy=True`` returns owned,
+    shares memory with the frame, which it keeps alive). ``copy=True`` gives owned,
     writable arrays. Any malformed input raises :class:`WireError` -- never anything else --
     so a receive loop needs exactly one ``except`` to drop a bad peer's message.
     """
@@ -485,24 +565,29 @@ def _decode(frames, copy, max_bytes, check_protocol):
     if check_protocol and isinstance(msg, (Hello, Ready)) and msg.protocol != PROTOCOL_VERSION:
         raise WireError(f"{type(msg).__name__} from stage {msg.stage!r} (pid {msg.pid}) speaks "
                         f"protocol {msg.protocol}, this process speaks {PROTOCOL_VERSION}")
-    by_frame = _check_refs(_refs(msg), len(bufs) - 1)
-    arrays = []
-    for i in range(1, len(bufs)):
-        ref, buf = by_frame[i], bufs[i]
-        dt = DTYPES[ref.dtype]
+    fields = _TENSOR_FIELDS[type(msg)]
+    refs = []
+    for name, _ in fields:  # each tensor field holds its header yet (the struct types it Any)
+        try:
+            refs.append(msgspec.convert(getattr(msg, name), TensorRef))
+        except msgspec.ValidationError as e:
+            raise WireError(f"frame 0: invalid message: {type(msg).__name__}.{name}: bad tensor header: {e}") from e
+    _check_refs(refs, len(bufs) - 1)
+    for (name, as_torch), ref in zip(fields, refs):
+        buf, dt = bufs[ref.frame], DTYPES[ref.dtype]
         expect = math.prod(ref.shape) * dt.itemsize
         if buf.nbytes != expect:
-            raise WireError(f"frame {i}: {buf.nbytes} bytes but {ref.dtype}{ref.shape} needs {expect}")
+            raise WireError(f"frame {ref.frame}: {buf.nbytes} bytes but {ref.dtype}{ref.shape} needs {expect}")
         arr = np.frombuffer(buf, dtype=dt).reshape(tuple(ref.shape))
         if copy:
             arr = arr.copy()
         else:
             arr.flags.writeable = False  # aliases the frame, which may be forwarded zero-copy
-        arrays.append(arr)
-    return msg, arrays
+        msgspec.structs.force_setattr(msg, name, _to_torch(arr, ref.dtype) if as_torch else arr)
+    return msg
 
 
-def to_torch(arr: np.ndarray, ref: TensorRef):
+def _to_torch(arr: np.ndarray, dtype: str):
     """Decoded array -> torch tensor sharing memory; reinterprets bfloat16 bit patterns.
 
     Zero-copy arrays are read-only (they alias the ZMQ frame); torch warns on those, so the
@@ -515,16 +600,31 @@ def to_torch(arr: np.ndarray, ref: TensorRef):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if ref.dtype == "bfloat16" else t
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def send(sock: zmq.Socket, msg: Message, *tensors: Any, copy: bool = False, flags: int = 0) -> None:
+def _is_array(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return isinstance(x, np.ndarray) or (torch is not None and isinstance(x, torch.Tensor))
+
+
+def to_cpu(msg: Message) -> Message:
+    """``msg`` as it can leave the process: its torch tensors on another device moved to CPU (a new
+    struct only when one moves). In-process hand-overs skip this: tensors stay on their device."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return msg  # (nothing can be on a device)
+    moved = {f: v.detach().cpu() for f, _ in _TENSOR_FIELDS.get(type(msg), ())
+             if isinstance(v := getattr(msg, f), torch.Tensor) and v.device.type != "cpu"}
+    return msgspec.structs.replace(msg, **moved) if moved else msg
+
+
+def send(sock: zmq.Socket, msg: Message, *, copy: bool = False, flags: int = 0) -> None:
     """Encode and ``send_multipart``. ``copy=False`` hands tensor memory to libzmq (large frames)."""
-    sock.send_multipart(encode(msg, *tensors), flags=flags, copy=copy)
+    sock.send_multipart(encode(msg), flags=flags, copy=copy)
 
 
-def recv(sock: zmq.Socket, copy: bool = False, flags: int = 0, *,
-         max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Message, list[np.ndarray]]:
+def recv(sock: zmq.Socket, copy: bool = False, flags: int = 0, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """``recv_multipart`` and :func:`decode`; raises :class:`WireError` on a bad message."""
     return decode(sock.recv_multipart(flags=flags, copy=copy), copy=False, max_bytes=max_bytes)
 

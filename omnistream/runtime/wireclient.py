@@ -92,9 +92,8 @@ class WireClient(Client):
         """Wait until the workers serve (raise ClientError when they cannot)."""
 
     @abstractmethod
-    async def _post(self, msg, tensors: tuple = (), frames: list | None = None) -> None:
-        """Hand ``msg`` (with its tensors; ``frames``: its wire encoding when already made) to the
-        first worker of the chain."""
+    async def _post(self, msg, frames: list | None = None) -> None:
+        """Hand ``msg`` (``frames``: its wire encoding when already made) to the first worker of the chain."""
 
     @abstractmethod
     async def _broadcast(self, msg: wire.Epoch) -> None:
@@ -174,34 +173,54 @@ class WireClient(Client):
             if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or not (
                     1000 <= sample_rate <= 384000):
                 raise ValueError(f"sample_rate {sample_rate!r} is invalid; expected an int in 1000..384000 Hz")
-            msg = wire.AudioChunk(session=sid, epoch=s.epoch, seq=next(s.seq), sample_rate=int(sample_rate),
-                                  pcm=wire.TensorRef.of(x))
-            frames = wire.encode(msg, x)
+            msg = wire.AudioChunk(session=sid, epoch=s.epoch, seq=next(s.seq), sample_rate=int(sample_rate), pcm=x)
+            frames = wire.encode(msg)  # (also checks it can travel, in-process too)
         except (ValueError, TypeError, wire.WireError) as e:
             s.errors.append(SessionError(s.epoch, "invalid_audio", str(e)))
             return
         s.media_open = True
-        await self._post(msg, (x,), frames)
+        await self._post(msg, frames)
 
     async def push_frame(self, sid: str, frame: np.ndarray, t_s: float) -> None:
         s = self._session(sid)
         await self._ready()
         try:
             x = _wire_array(frame, "image")
-            msg = wire.Frame(session=sid, epoch=s.epoch, t_s=float(t_s), image=wire.TensorRef.of(x))
-            frames = wire.encode(msg, x)
+            msg = wire.Frame(session=sid, epoch=s.epoch, t_s=float(t_s), image=x)
+            frames = wire.encode(msg)
         except (ValueError, TypeError, wire.WireError) as e:
             s.errors.append(SessionError(s.epoch, "invalid_image", str(e)))
             return
         s.media_open = True
-        await self._post(msg, (x,), frames)
+        await self._post(msg, frames)
 
-    async def commit(self, sid: str, text: str | None = None, transcribe: str | None = None) -> None:
+    async def commit(self, sid: str, text: str | None = None, transcribe: str | None = None,
+                     item: str | None = None) -> None:
         s = self._session(sid)
         await self._ready()
+        if item is not None and (msg := _bad_item(item)):
+            s.errors.append(SessionError(s.epoch, "invalid_item", msg))  # (the turn stays open)
+            return
         s.media_open = False
         await self._call_input(s, lambda req: wire.Commit(session=sid, epoch=s.epoch, text=text, req=req,
-                                                          transcribe=transcribe))
+                                                          transcribe=transcribe, item=item))
+
+    async def add_item(self, sid: str, item: str, role: str, text: str, after: str | None = None) -> None:
+        s = self._session(sid)
+        await self._ready()
+        if msg := _bad_item(item) or (after is not None and _bad_item(after)) or (
+                role not in ("user", "assistant", "system") and f"role {role!r}: user, assistant or system") or (
+                not isinstance(text, str) and "the message text must be a string"):
+            raise ClientError(msg, "invalid_item")  # (checked here: the wire would not carry it)
+        await self._call(sid, lambda req: wire.AddItem(session=sid, epoch=s.epoch, item=item, role=role, text=text,
+                                                       after=after, req=req))
+
+    async def delete_item(self, sid: str, item: str) -> None:
+        s = self._session(sid)
+        await self._ready()
+        if msg := _bad_item(item):
+            raise ClientError(msg, "invalid_item")
+        await self._call(sid, lambda req: wire.DeleteItem(session=sid, epoch=s.epoch, item=item, req=req))
 
     async def clear(self, sid: str) -> None:
         s = self._session(sid)
@@ -248,7 +267,7 @@ class WireClient(Client):
         o = options or ResponseOptions()
         await self._post(wire.Respond(session=sid, epoch=r.epoch, max_new_tokens=o.max_new_tokens or 0,
                                       instructions=o.instructions, tools=list(o.tools), tool_choice=o.tool_choice,
-                                      audio=o.audio))
+                                      audio=o.audio, item=o.item, voice=o.voice, out_of_band=o.out_of_band))
         while True:
             ev = await r.queue.get()
             if ev.epoch != s.epoch and not isinstance(ev, (ResponseDone, SessionError)):
@@ -281,7 +300,7 @@ class WireClient(Client):
                 return r
         return None
 
-    def _on_event(self, msg, arrays) -> None:
+    def _on_event(self, msg) -> None:
         if isinstance(msg, wire.Result):
             pending = self._pending.get(msg.req)
             if pending is not None and not pending[1].done():
@@ -305,8 +324,8 @@ class WireClient(Client):
             r = self._reply_for(s, msg.epoch, "audio")
             if r is not None:
                 r.first_audio_s = r.first_audio_s or time.perf_counter() - r.t0
-                r.samples += arrays[0].shape[0]
-                r.queue.put_nowait(AudioDelta(msg.epoch, arrays[0]))
+                r.samples += msg.pcm.shape[0]
+                r.queue.put_nowait(AudioDelta(msg.epoch, msg.pcm))
         elif isinstance(msg, wire.Done):
             r = self._reply_for(s, msg.epoch, msg.part)
             if r is None:
@@ -344,6 +363,11 @@ class WireClient(Client):
         for r in list(s.replies):
             self._end(s, r, SessionError(r.epoch, code, message))
         return had
+
+
+def _bad_item(item) -> str | None:
+    """Why ``item`` cannot be an item id on the wire (1-256 characters), or None."""
+    return None if isinstance(item, str) and 0 < len(item) <= 256 else f"item id {str(item)[:40]!r}: 1-256 characters"
 
 
 def _wire_array(x, what: str) -> np.ndarray:

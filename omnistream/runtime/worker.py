@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
-
 from omnistream.engine.conversation import parse_window
 from omnistream.engine.scheduler import Scheduler
 from omnistream.runtime import wire
@@ -22,19 +20,7 @@ from omnistream.runtime.session import Slot, options_from_wire
 
 log = logging.getLogger(__name__)
 
-Send = Callable[..., None]  # send(dest worker name or "client", msg, *tensors)
-_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-                 torch.int16: "int16", torch.int32: "int32", torch.int64: "int64", torch.uint8: "uint8",
-                 torch.bool: "bool"}
-
-
-def ref(x, frame: int) -> wire.TensorRef:
-    """TensorRef of a tensor on any device (the stage moves it to CPU only when it leaves the process)."""
-    if isinstance(x, torch.Tensor):
-        if x.dtype not in _TORCH_DTYPES:
-            raise wire.WireError(f"unsupported tensor dtype {x.dtype}")
-        return wire.TensorRef(dtype=_TORCH_DTYPES[x.dtype], shape=list(x.shape), frame=frame)
-    return wire.TensorRef.of(x, frame)
+Send = Callable[[str, wire.Message], None]  # send(dest worker name or "client", msg)
 
 
 def error_code(e: BaseException) -> str:
@@ -62,8 +48,9 @@ class Worker:
         self._budget = self.prefill_tokens
 
     # ------------------------------------------------------------------ entry points
-    def deliver(self, msg, tensors) -> None:
-        """One message for this worker (from the wire or from a co-located worker)."""
+    def deliver(self, msg) -> None:
+        """One message for this worker (from the wire or from a co-located worker; its tensor fields
+        hold the tensors)."""
         if isinstance(msg, wire.Epoch):
             if (s := self.slots.get(msg.session)) is not None:
                 s.see(msg.epoch)
@@ -75,7 +62,7 @@ class Worker:
                 if s.run is not None and s.run.gen is not None:
                     s.run.gen.close()  # the task's cleanup runs (its end-of-reply messages)
                 self.close(s)
-            return self._forward(msg, tensors)
+            return self._forward(msg)
         s = self.slots.get(msg.session)
         if isinstance(msg, wire.OpenSession) and (s is None or not s.busy):
             return self._open(msg)
@@ -87,12 +74,12 @@ class Worker:
         if hasattr(msg, "epoch"):
             s.see(msg.epoch)
             self.on_epoch(s)
-        cost = self.cost(msg, tensors)
+        cost = self.cost(msg)
         if s.busy or (cost and self._budget <= 0):  # in order behind the task / the next tick's budget
-            s.backlog.append((msg, tensors))
+            s.backlog.append(msg)
         else:
             self._budget -= cost
-            self._dispatch(s, msg, tensors)
+            self._dispatch(s, msg)
 
     def tick(self) -> bool:
         """Advance every session's task by one model call (batched); True if work remains."""
@@ -100,13 +87,13 @@ class Worker:
         more = self.scheduler.tick(self.tasks(), self._ended, self.priority)
         for s in list(self.slots.values()):
             while s.run is None and s.backlog and (self._budget > 0 or not self.prefill_tokens):
-                msg, tensors = s.backlog.popleft()
+                msg = s.backlog.popleft()
                 if isinstance(msg, wire.OpenSession):
                     self._open(msg)
                     s = self.slots.get(msg.session, s)
                     continue
-                self._budget -= self.cost(msg, tensors)
-                self._dispatch(s, msg, tensors)
+                self._budget -= self.cost(msg)
+                self._dispatch(s, msg)
             more = more or s.busy
         return more
 
@@ -163,18 +150,18 @@ class Worker:
             log.exception("%s: building session %s failed", self.name, msg.session)
             self.send("client", wire.Error(session=msg.session, code="server_error", message=f"{self.name}: {e}"))
 
-    def _forward(self, msg, tensors=()) -> None:
+    def _forward(self, msg) -> None:
         if self.next is not None:
-            self.send(self.next, msg, *tensors)
+            self.send(self.next, msg)
 
-    def _dispatch(self, s: Slot, msg, tensors) -> None:
+    def _dispatch(self, s: Slot, msg) -> None:
         if msg.reply_work and s.stale(msg.epoch):
             return  # work of an interrupted reply, also when it waited in the backlog (wire._Msg.reply_work)
         try:
             if isinstance(msg, self.handles):
-                self.handle(s, msg, tensors)
+                self.handle(s, msg)
             if not isinstance(msg, self.handles) or isinstance(msg, self.forwards):
-                self._forward(msg, tensors)
+                self._forward(msg)
         except Exception as e:  # noqa: BLE001 -- bad input: an error event, the session goes on
             log.info("%s: %s for session %s failed: %s", self.name, type(msg).__name__, s.sid, e)
             if getattr(msg, "req", 0):
@@ -212,7 +199,7 @@ class Worker:
     def update(self, s: Slot) -> None:
         """Options changed without a rebuild (limits, temperature): apply what the state keeps."""
 
-    def cost(self, msg, tensors) -> int:
+    def cost(self, msg) -> int:
         """Prefill tokens ``msg`` costs (counted against the per-tick budget)."""
         return 0
 
@@ -229,7 +216,7 @@ class Worker:
     def on_epoch(self, s: Slot) -> None:
         """The session's epoch may have grown: stop stale work at once."""
 
-    def handle(self, s: Slot, msg, tensors) -> None:
+    def handle(self, s: Slot, msg) -> None:
         raise NotImplementedError
 
 

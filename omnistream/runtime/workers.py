@@ -42,7 +42,7 @@ from omnistream.engine.transcribe import Transcription, Transcriptions
 from omnistream.memory.batch import cache_bytes
 from omnistream.runtime import wire
 from omnistream.runtime.session import Slot
-from omnistream.runtime.worker import Send, Worker, error_code, ref
+from omnistream.runtime.worker import Send, Worker, _check_voice, error_code
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,19 @@ class EncodersWorker(Worker):
     def build(self, options, sid):
         return _Turn()
 
-    def handle(self, s, msg, tensors):
+    def handle(self, s, msg):
         t: _Turn = s.state
         if isinstance(msg, wire.AudioChunk):
             if not t.open:  # validate first: bad audio must not open a turn it cannot fill
                 from omnistream.encoders.audio import PcmConverter
 
-                PcmConverter()(tensors[0], msg.sample_rate)
+                PcmConverter()(msg.pcm, msg.sample_rate)
             self._open_turn(s)
-            self._blocks(s, t.audio.push(tensors[0], msg.sample_rate))
+            self._blocks(s, t.audio.push(msg.pcm, msg.sample_rate))
         elif isinstance(msg, wire.Frame):
             from omnistream.encoders.vision import check_frame
 
-            check_frame(tensors[0])  # a bad frame must not turn the next turn into a video turn
+            check_frame(msg.image)  # a bad frame must not turn the next turn into a video turn
             if not t.open:  # a turn that starts with the camera on carries its audio in the video
                 t.video = True
             if not t.video:
@@ -89,7 +89,7 @@ class EncodersWorker(Worker):
             if t.t0 is None:
                 t.t0 = msg.t_s
             t.n_frames += 1
-            self._patches(s, t.frames.push_frame(tensors[0], msg.t_s - t.t0))
+            self._patches(s, t.frames.push_frame(msg.image, msg.t_s - t.t0))
         elif isinstance(msg, wire.Commit):
             self._flush(s)
         elif isinstance(msg, wire.Clear):
@@ -122,13 +122,12 @@ class EncodersWorker(Worker):
 
     def _blocks(self, s: Slot, blocks) -> None:
         for b in blocks:  # b.embeds: (n, D)
-            self.send(self.next, wire.Embeds(session=s.sid, epoch=s.epoch, kind="audio", embeds=ref(b.embeds, 1)),
-                      b.embeds)
+            self.send(self.next, wire.Embeds(session=s.sid, epoch=s.epoch, kind="audio", embeds=b.embeds))
 
     def _patches(self, s: Slot, patches) -> None:
         for p in patches:  # p.embeds: (h*w/4, D)
-            self.send(self.next, wire.Embeds(session=s.sid, epoch=s.epoch, kind="video", embeds=ref(p.embeds, 1),
-                                             grid=[int(g) for g in p.grid_thw]), p.embeds)
+            self.send(self.next, wire.Embeds(session=s.sid, epoch=s.epoch, kind="video", embeds=p.embeds,
+                                             grid=[int(g) for g in p.grid_thw]))
 
 
 # ====================================================================== thinker
@@ -139,9 +138,8 @@ class _WireFeed:
         self.send, self.sid = send, sid
 
     def prompt_rows(self, embeds, hidden, positions, next_position) -> None:
-        pos = positions.contiguous()  # (3, n)
-        self.send("talker", wire.PromptRows(session=self.sid, embeds=ref(embeds, 1), hidden=ref(hidden, 2),
-                                            positions=ref(pos, 3), next_position=next_position), embeds, hidden, pos)
+        self.send("talker", wire.PromptRows(session=self.sid, embeds=embeds, hidden=hidden,
+                                            positions=positions.contiguous(), next_position=next_position))  # (3, n)
 
     def truncate_prompt(self, n_tokens: int) -> None:
         self.send("talker", wire.TruncatePrompt(session=self.sid, n_tokens=n_tokens))
@@ -158,7 +156,8 @@ def decode_rows(rows: list[tuple]) -> list[None]:
 
 class ThinkerWorker(Worker):
     name = "thinker"
-    handles = (wire.BeginTurn, wire.Embeds, wire.Commit, wire.Clear, wire.Respond, wire.Truncate)
+    handles = (wire.BeginTurn, wire.Embeds, wire.Commit, wire.Clear, wire.Respond, wire.Truncate, wire.AddItem,
+               wire.DeleteItem)
     forwards = Worker.forwards
     batchers = {"thinker.decode": decode_rows}
     prefill_tokens = 512  # ~ two 2-s audio+video chunks per tick
@@ -226,10 +225,10 @@ class ThinkerWorker(Worker):
         """A new voice / prompt / cache applies from the next user turn: never inside an open one."""
         return s.state.turn_open
 
-    def cost(self, msg, tensors):
-        return int(tensors[0].shape[0]) if isinstance(msg, wire.Embeds) else 0
+    def cost(self, msg):
+        return int(msg.embeds.shape[0]) if isinstance(msg, wire.Embeds) else 0
 
-    def handle(self, s, msg, tensors):
+    def handle(self, s, msg):
         c: Conversation = s.state
         if isinstance(msg, (wire.BeginTurn, wire.Commit)) and not c.turn_open and s.pending_open is not None:
             pending, s.pending_open = s.pending_open, None  # the deferred new settings start this turn
@@ -240,11 +239,11 @@ class ThinkerWorker(Worker):
             c.begin_turn(audio=True, video=msg.video)
         elif isinstance(msg, wire.Embeds):
             if msg.kind == "audio":
-                c.append_audio(tensors[0])
+                c.append_audio(msg.embeds)
             else:
-                c.append_video(tensors[0], msg.grid)
+                c.append_video(msg.embeds, msg.grid)
         elif isinstance(msg, wire.Commit):
-            c.end_turn(msg.text)
+            c.end_turn(msg.text, item_id=msg.item)
             blocks = c.take_turn_audio()
             self._ack(s, msg.req)
             if msg.transcribe is not None:
@@ -255,11 +254,19 @@ class ThinkerWorker(Worker):
             self._ack(s, msg.req)
         elif isinstance(msg, wire.Truncate):
             self._ack(s, msg.req, c.truncate_to_played(msg.played_samples))
+        elif isinstance(msg, wire.AddItem):  # an ItemError (unknown id, busy...) answers the req, state unchanged
+            c.add_message(msg.item, msg.role, msg.text, after=msg.after)
+            self._ack(s, msg.req)
+        elif isinstance(msg, wire.DeleteItem):
+            c.delete_item(msg.item)
+            self._ack(s, msg.req)
         elif isinstance(msg, wire.Respond):
             o = s.options
             try:
+                _check_voice(self.ck, msg.voice)  # before any work: a reply in a voice the checkpoint lacks fails
                 r = c.begin_reply(msg.max_new_tokens or o.max_new_tokens, o.temperature, o.seed,
-                                  instructions=msg.instructions, tools=msg.tools, tool_choice=msg.tool_choice)
+                                  instructions=msg.instructions, tools=msg.tools, tool_choice=msg.tool_choice,
+                                  out_of_band=msg.out_of_band)
             except Exception as e:  # noqa: BLE001 -- e.g. a tool_choice naming no tool: this reply fails, not the session
                 self.send("client", wire.ReplyError(session=s.sid, epoch=msg.epoch, code=error_code(e),
                                                     message=f"{self.name}: {e}"))
@@ -267,11 +274,12 @@ class ThinkerWorker(Worker):
             speak = c.feed is not None and msg.audio and not r.forced  # a forced call is never spoken
             if speak:
                 self.send("talker", msg)
-            s.start(self._reply(s, c, r, msg.epoch, speak), msg.epoch)
+            s.start(self._reply(s, c, r, msg.epoch, speak, msg.item), msg.epoch)
 
-    def _reply(self, s: Slot, c: Conversation, r, epoch: int, speak: bool) -> Generator:
+    def _reply(self, s: Slot, c: Conversation, r, epoch: int, speak: bool, item: str | None = None) -> Generator:
         """The text side of a reply, one token per scheduler tick (batched with the other sessions).
-        ``speak``: its steps go to the Talker (until a tool call begins: a call is not spoken)."""
+        ``speak``: its steps go to the Talker (until a tool call begins: a call is not spoken); ``item``:
+        the conversation item the reply becomes."""
         end_of_input_s, cancelled, seq = c.stats.end_of_input_s, False, 0
         try:
             while not r.done:
@@ -286,8 +294,7 @@ class ThinkerWorker(Worker):
                     self.send("client", wire.TextDelta(session=s.sid, epoch=epoch, seq=seq, text=args[1], call=args[0]))
                 if speak and not r.calling:
                     self.send("talker", wire.Step(session=s.sid, epoch=epoch, token=step.token,
-                                                  embed=ref(step.embed, 1), hidden=ref(step.hidden, 2)),
-                              step.embed, step.hidden)
+                                                  embed=step.embed, hidden=step.hidden))
                 yield  # the next tick resumes here, after the epochs that arrived meanwhile
                 if s.stale(epoch):
                     cancelled = True
@@ -301,7 +308,7 @@ class ThinkerWorker(Worker):
         finally:
             if speak:
                 self.send("talker", wire.EndReply(session=s.sid, epoch=epoch, cancelled=cancelled))
-            c.end_reply(cancelled)
+            c.end_reply(cancelled, item_id=item)
         text, calls = r.result()
         done = wire.Done(session=s.sid, epoch=epoch, part="text", cancelled=cancelled, text=text,
                          reply_tokens=len(r.ids), speech=speak, stats={"end_of_input_s": end_of_input_s},
@@ -321,6 +328,28 @@ def talker_steps(talkers: list) -> list:
     from omnistream.model.talker import step_talkers
 
     return step_talkers(talkers)
+
+
+def speak_as(talker, ck, voice: str) -> None:
+    """The next reply of ``talker`` speaks as ``voice`` (a per-response voice, or back to the session's).
+
+    The voice enters the Talker at one place only: the speaker's bos embedding at the reply prefill
+    (:mod:`omnistream.model.talker`); the prompt rows in its cache do not depend on it, so a reply in
+    another voice needs no rebuild -- the same codes as a session opened with that voice.
+    """
+    entry = ck.voices[voice]  # (a voice the checkpoint lacks was refused by the thinker before any work)
+    if talker.voice is entry:
+        return
+    set_voice = getattr(talker, "set_voice", None)
+    if set_voice is not None:
+        set_voice(entry)
+        return
+    import torch
+
+    emb = ck.thinker.get_input_embeddings()
+    with torch.inference_mode():  # as StreamingTalker.__init__ computes it
+        talker._voice_bos_e = emb(torch.tensor([int(entry["bos_token"])], device=emb.weight.device))[0]
+    talker.voice = entry
 
 
 class TalkerWorker(Worker):
@@ -360,20 +389,21 @@ class TalkerWorker(Worker):
         rates = SpeechRates.from_checkpoint(self.ck)
         return len(s.state.codes) / rates.codes_per_second - (time.perf_counter() - t0)
 
-    def handle(self, s, msg, tensors):
+    def handle(self, s, msg):
         talker = s.state
         if talker is None:
             raise RuntimeError("this session has no voice: the talker has nothing to do")
         if isinstance(msg, wire.PromptRows):
-            talker.feed_prompt(tensors[0], tensors[1], tensors[2], msg.next_position)
+            talker.feed_prompt(msg.embeds, msg.hidden, msg.positions, msg.next_position)
         elif isinstance(msg, wire.TruncatePrompt):
             talker.truncate_prompt(msg.n_tokens)
         elif isinstance(msg, wire.Respond):
             s.task_epoch, s.t_first_code = msg.epoch, None
+            speak_as(talker, self.ck, msg.voice or s.options.voice)
         elif isinstance(msg, wire.Step):
             from omnistream.model.thinker import ThinkerStep
 
-            self._send_codes(s, msg.epoch, talker.feed(ThinkerStep(msg.token, tensors[0], tensors[1])))
+            self._send_codes(s, msg.epoch, talker.feed(ThinkerStep(msg.token, msg.embed, msg.hidden)))
             if talker.ready():
                 s.start(self._decode(s, msg.epoch, last=False), msg.epoch)
         elif isinstance(msg, wire.EndReply):
@@ -452,12 +482,12 @@ class Token2WavWorker(Worker):
     def priority(self, s):
         return s.state.lead_s()  # the session closest to running dry goes first
 
-    def handle(self, s, msg, tensors):
+    def handle(self, s, msg):
         v: _Voice = s.state
         if isinstance(msg, wire.Respond):
             from omnistream.model.token2wav import StreamingToken2Wav
 
-            spk = self.ck.voices[s.options.voice]
+            spk = self.ck.voices[msg.voice or s.options.voice]  # this reply's voice, else the session's
             v.t2w = StreamingToken2Wav.from_config(self.ck.token2wav, spk["cond"], spk["ref_mel"], seed=s.options.seed)
             v.epoch, v.seq, v.samples, v.t_first, v.ended = msg.epoch, 0, 0, None, False
             return
@@ -486,7 +516,7 @@ class Token2WavWorker(Worker):
                 v.samples += pcm.shape[0]
                 v.t_first = v.t_first or time.perf_counter()
                 self.send("client", wire.AudioChunk(session=s.sid, epoch=v.epoch, seq=v.seq, sample_rate=SAMPLE_RATE,
-                                                    pcm=wire.TensorRef.of(pcm)), pcm)
+                                                    pcm=pcm))
         if v.ended:
             self.send("client", wire.Done(session=s.sid, epoch=v.epoch, part="audio",
                                           cancelled=t2w.cancelled or s.stale(v.epoch)))
