@@ -174,6 +174,7 @@ def test_a_served_hour_of_audio_and_video_stays_bounded(tiny):
             rot[chunk // 30] = conv.thinker.cache.max_rotated_position
     cache = conv.thinker.cache
     assert kv_max == cache.memory_bytes()  # preallocated: never more than the bound
+    assert conv._journal is None  # the open turn's replay recipe (its media) went when the window evicted its start
     assert conv.segments_cut >= 58  # cut every 60 s on the served path
     original = int(conv.thinker.rope.positions.max())
     assert original > 50_000 and rot[60] < original / 20  # positions ran on; the rotated ones did not

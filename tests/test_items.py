@@ -234,6 +234,23 @@ def test_a_window_cache_edits_inside_the_window_and_refuses_evicted_items(tiny, 
     assert c.thinker.n_tokens == n and c.item_ids() == before[0]
 
 
+def test_an_open_turn_longer_than_the_window_keeps_no_media(tiny, blocks):
+    """A turn whose first token a window evicts while it is still open can never be replayed: its
+    recipe (the media embeddings) is dropped at once, not held until the turn ends."""
+    c = Conversation(tiny, window=WindowConfig(window_tokens=64, sink_tokens=4, chunk_tokens=64))
+    c.begin_turn(audio=True, video=False)
+    c.append_audio(blocks[0])
+    assert c._journal and c._can_cut(c.turn_start)  # recording while the turn can still be cut to
+    for b in blocks[1:] * 3:
+        c.append_audio(b)
+    assert c.thinker.cache.evicted and c._journal is None
+    c.end_turn("what is this?", item_id="u1")
+    assert c.items.items[-1].recipe is None
+    with pytest.raises(ItemError) as e:
+        c.delete_item("u1")
+    assert e.value.code == "item_evicted"
+
+
 def test_segments_cut_by_segment_s_are_replayed_as_cut(tiny, blocks):
     """With a window and segment_s = 2 s each 2-s audio block gets a segment of its own; an edit
     before the turn replays the same cuts (the oracle: one audio segment per block)."""

@@ -408,10 +408,14 @@ class Conversation(ItemEdits):
         return ids
 
     def _op(self, name: str, *args, **kw) -> None:
-        """One StreamingThinker call, also written to the open user turn's recipe (see :mod:`.items`)."""
+        """One StreamingThinker call, also written to the open user turn's recipe (see :mod:`.items`).
+        Once a window has evicted the turn's first token the turn can never be replayed: its recipe
+        is dropped at once, so an hour-long open turn holds no more media than the window does."""
+        getattr(self.thinker, name)(*args, **kw)
         if self._journal is not None:
             self._journal.append((name, args, kw))
-        getattr(self.thinker, name)(*args, **kw)
+            if not self._can_cut(self.turn_start):
+                self._journal = None  # (recorded with no recipe: edits there answer item_evicted)
 
     def _sync(self) -> None:
         """Hand what the Thinker prefilled since the last sync to the Talker (never during a reply:
