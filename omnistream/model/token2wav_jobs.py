@@ -4,19 +4,37 @@ A :class:`~omnistream.model.token2wav.StreamingToken2Wav` plans its work as jobs
 :class:`DiTJob` (one DiT window: codes, the window's initial noise) and :class:`VocoderJob` (one
 BigVGAN mel span) -- and takes their results back (``pending`` / ``accept``). :func:`run_jobs`
 runs the jobs of any streams, one batched forward per group of equal shape (:class:`_DiTWindow`
-for the DiT, BigVGAN on :func:`batch_invariant_convs`); :func:`step_batch` is the scheduler's
-tick over many streams. Solo ``push``/``finish`` are the batch-1 case of the same runners, which is
-why a batched stream equals its solo run bit for bit on CPU (see token2wav.py's docstring).
+for the DiT, :func:`_bigvgan` on :func:`batch_invariant_convs`); :func:`step_batch` is the
+scheduler's tick over many streams. Solo ``push``/``finish`` are the batch-1 case of the same
+runners, which is why a batched stream equals its solo run bit for bit on CPU (see token2wav.py's
+docstring).
+
+Where a reply's Token2Wav time goes (tiny checkpoint, CPU, 1 thread, a 3-s reply of the DEFAULT
+scheme: 5 DiT windows = 180 evaluations over 29376 window frames, 98 per output frame; 5 vocoder
+spans of 460 frames): the DiT ~3/4, the vocoder ~1/4. Inside the DiT, the linears are real work;
+the rest was SDPA turning each layer's bool block mask into (0, -inf) at every call (now built
+once per window) and all T x T scores of a mask that allows 1-3 blocks of keys (the opt-in
+``block_sparse`` path computes only those). Inside BigVGAN, 60% was its 109 anti-aliased
+activations: grouped convs with one 12-tap filter that ATen ran as one GEMM per channel
+(now :func:`_anti_aliased`, same bits). Everything on the default path gives the same bits as
+before (and as transformers' own ``sample``); ``block_sparse`` differs by float rounding.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
+import torch.nn.functional as F
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+    RungeKutta4ODESolver,
+    apply_rotary_pos_emb,
+    deinterleave_head_dim,
+)
 
 if TYPE_CHECKING:
     from omnistream.model.token2wav import StreamingToken2Wav
@@ -24,6 +42,7 @@ if TYPE_CHECKING:
 
 class _Cancelled(Exception):
     pass
+
 
 
 
@@ -44,8 +63,8 @@ class DiTJob:
     @property
     def key(self) -> tuple:
         s = self.stream
-        return ("dit", id(s.dit), self.noise.shape[1], s.num_steps, s.guidance_scale, s.sway, self.noise.dtype,
-                str(self.noise.device))
+        return ("dit", id(s.dit), self.noise.shape[1], s.num_steps, s.guidance_scale, s.sway, s.block_sparse,
+                self.noise.dtype, str(self.noise.device))
 
 
 @dataclass(eq=False)
@@ -99,7 +118,7 @@ def _run_dit(jobs: list[DiTJob]) -> list[torch.Tensor]:
     cond = torch.cat([j.stream.cond for j in jobs])  # (B, enc_emb_dim)
     spk = [j.stream._speaker_features() for j in jobs]  # each (2, enc_dim): [voice, CFG zeros]
     spk = torch.cat([f[:1] for f in spk] + [f[1:] for f in spk])  # (2B, enc_dim): guided rows, then null rows
-    window = _DiTWindow(first.dit, code, cond, spk, n_frames)
+    window = _DiTWindow(first.dit, code, cond, spk, n_frames, block_sparse=first.block_sparse)
     g = first.guidance_scale
 
     def ode_function(time_step, hidden_states):  # (B, W, 80) -> (B, W, 80)
@@ -126,8 +145,11 @@ def batch_invariant_convs():
 
     oneDNN (mkldnn) picks its conv blocking by batch size, so a span vocoded in a batch of 4 differs
     from the same span alone by ~2e-7 per conv, which the BigVGAN stack amplifies to ~5e-5 (tiny
-    checkpoint). ATen's own conv loops over the rows (same GEMMs as batch 1); it costs 1.5-1.9x the
-    oneDNN time on the tiny vocoder (measured, CPU, 1 thread) -- the price of exact batching.
+    checkpoint). ATen's own conv loops over the rows (same GEMMs as batch 1); it cost 1.5-1.9x the
+    oneDNN time on the tiny vocoder (CPU, 1 thread) until :func:`_bigvgan` took the anti-aliasing
+    resamplers off the convs: now about the oneDNN time (benchmarks/token2wav_batch.py). ATen's
+    grouped conv is not quite batch-invariant either on short inputs (a row of a batch of 3 can
+    differ by ~1e-5 from the same row alone); :func:`_anti_aliased` is, being elementwise.
     The switch is process-wide for the call; solo and batched decoding both run under it, so they
     match bitwise, while transformers' own vocoder (oneDNN) differs by that rounding unless it too
     runs under this context. No effect on GPU tensors."""
@@ -141,14 +163,91 @@ def batch_invariant_convs():
 
 @torch.no_grad()
 def _run_vocoder(jobs: list[VocoderJob]) -> list[torch.Tensor]:
-    """BigVGAN over B mel spans of equal length in one call."""
+    """BigVGAN over B mel spans of equal length in one call (:func:`_bigvgan`, batch-invariant convs)."""
     frames, hop = jobs[0].e - jobs[0].s, jobs[0].stream.hop
     with batch_invariant_convs():
-        wav = jobs[0].stream.vocoder(torch.cat([j.mel for j in jobs]))  # (B, 240 F); BigVGAN squeezes B = 1
+        wav = _bigvgan(jobs[0].stream.vocoder, torch.cat([j.mel for j in jobs]))  # (B, 240 F); squeezed at B = 1
     if wav.numel() != len(jobs) * hop * frames:
         raise RuntimeError(f"BigVGAN gave {wav.numel()} samples for {len(jobs)} x {frames} frames, expected hop {hop}")
     wav = wav.reshape(len(jobs), -1)  # (B, 240 F)
     return [wav[i] for i in range(len(jobs))]
+
+
+def _bigvgan(voc, mel: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5OmniToken2WavBigVGANModel.forward(mel)`` -- mel (B, 80, F) -> samples (B, 240 F), squeezed
+    -- with its 109 anti-aliased activations computed by :func:`_anti_aliased` (same bits; the whole
+    vocoder 1.8x faster on CPU, 138 -> 77 ms for a 112-frame span); every other module is called as
+    transformers calls it."""
+    n = voc.num_residual_blocks
+    h = voc.conv_pre(voc.process_mel_spectrogram(mel))  # (B, 64, F)
+    for i in range(voc.num_upsample_layers):  # channels halve, time x upsample_rates[i]
+        h = voc.ups[i][0](h)
+        h = sum(_amp_block(voc.resblocks[i * n + j], h) for j in range(n)) / n  # sum() as transformers: 0 + ...
+    h = voc.conv_post(_anti_aliased(voc.activation_post, h))  # (B, 1, 240 F)
+    return torch.clamp(h, min=-1.0, max=1.0).squeeze().cpu()
+
+
+def _amp_block(block, h: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5OmniAMPBlock.forward`` with :func:`_anti_aliased` activations. h: (B, C, T) -> (B, C, T)."""
+    acts1, acts2 = block.activations[::2], block.activations[1::2]
+    for conv1, conv2, act1, act2 in zip(block.convs1, block.convs2, acts1, acts2):
+        h = h + conv2(_anti_aliased(act2, conv1(_anti_aliased(act1, h))))
+    return h
+
+
+def _anti_aliased(mod, x: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5OmniAntiAliasedActivation1d.forward``: upsample r x, SnakeBeta, downsample; (B, C, T) -> (B, C, T).
+
+    transformers runs each resampler as a grouped conv with the same Kaiser filter for every
+    channel; ATen's conv (the batch-invariant backend) loops over the channels, one tiny GEMM each --
+    2350 calls, 60% of a span's vocoder time. Here the same sums are shifted slices times a filter
+    tap, added in the conv's order, on whole (B, C, T) tensors, so the bits are the same (checked
+    in tests/test_token2wav_fast.py). The upsampled signal is kept as its r phases (sample r u + q
+    in phase q): SnakeBeta is elementwise and the downsampler reads each tap from one phase, so the
+    signal is never interleaved, padded and split again. An unusual resampler falls back to the module.
+    """
+    up, down = mod.upsample, mod.downsample
+    r = up.ratio
+    # -- upsample: the transposed conv adds tap k of padded input i into output r i + k, taps ascending
+    # (ATen's col2im), cropped by pad_left: phase q of the output takes taps k = q + pad_left (mod r),
+    # tap k from padded input u + (q + pad_left - k) / r
+    taps = [[(k, (q + up.pad_left - k) // r) for k in range((q + up.pad_left) % r, up.kernel_size, r)] for q in range(r)]
+    if not (up.stride == r and down.stride == r and all(0 <= o <= 2 * up.pad for tq in taps for _, o in tq)):
+        return mod(x)  # not the resampler shape of Qwen's checkpoints (r = 2, K = 12)
+    b, c, t = x.shape
+    xp = F.pad(x, (up.pad, up.pad), mode="replicate")  # (B, C, T + 2 pad)
+    f, z = _taps(up.filter), x.new_empty(b, c, r, t)  # z: the upsampled signal by phase, (B, C, r, T)
+    for q in range(r):
+        acc = None
+        for k, o in taps[q]:
+            term = xp[..., o : o + t] * f[k]
+            acc = term if acc is None else acc + term
+        torch.mul(acc, r, out=z[:, :, q])
+    y = mod.act(z.view(b, c, r * t)).view(b, c, r, t)  # SnakeBeta, elementwise: the phases stay apart
+    # -- downsample: output n = sum over taps k, ascending, of f[k] z_padded[r n + k], z padded by
+    # replicating its first/last sample: tap k reads phase (k - pad_left) mod r at n + (k - pad_left) // r
+    f, pl = _taps(down.filter), down.pad_left
+    n = (r * t + pl + down.pad_right - down.kernel_size) // r + 1
+    offs = [(k - pl) // r for k in range(down.kernel_size)]
+    left, right = max(0, -min(offs)), max(0, n - 1 + max(offs) - (t - 1))
+    first, last = y[:, :, 0, :1], y[:, :, r - 1, -1:]  # z[0] and z[rT - 1], (B, C, 1) each
+    phases = [torch.cat([first.expand(b, c, left), y[:, :, q], last.expand(b, c, right)], dim=-1) for q in range(r)]
+    acc = None
+    for k, o in enumerate(offs):
+        term = phases[(k - pl) % r][..., left + o : left + o + n] * f[k]
+        acc = term if acc is None else acc + term
+    return acc  # (B, C, n)
+
+
+def _taps(filt: torch.Tensor) -> list:
+    """A resampler's (1, 1, K) filter as K 0-dim tensors, cached per filter tensor (no select per tap and call)."""
+    hit = _TAPS.get(id(filt))
+    if hit is None or hit[0]() is not filt or hit[1] != filt._version:  # a new, or a modified, filter
+        hit = _TAPS[id(filt)] = (weakref.ref(filt), filt._version, list(filt.detach().reshape(-1).clone().unbind()))
+    return hit[2]
+
+
+_TAPS: dict = {}  # id(filter) -> (weak reference, version, taps)
 
 
 def step_batch(streams, new_codes: dict | None = None, finals=()) -> dict:
@@ -190,36 +289,51 @@ class _DiTWindow:
 
     Everything but the noisy mel and the time step is the same at every ODE evaluation of a
     window: the codec embeddings (conditioned and dropped), the speaker features, the rotary
-    tables and the per-layer block masks. They are built once here; each call then runs the same
-    modules, in the same order, as the transformers forward (so the result is identical). Rows are
-    laid out as transformers' CFG batch: the B guided rows, then the B null rows.
+    tables and the per-layer block masks (additive: SDPA would rebuild (0, -inf) from a bool mask
+    at every call, a quarter of the DiT's time). They are built once here; each call then runs the
+    same modules, in the same order, as the transformers forward (so the result is identical). Rows
+    are laid out as transformers' CFG batch: the B guided rows, then the B null rows.
+
+    ``block_sparse`` (an option, off by default): attention over the allowed key blocks only
+    (:class:`_BlockAttention`) and the input projection's constant part once per window -- the same
+    maths in another float rounding order (mel within ~1e-6 of the default), ~1.5x faster.
     """
 
-    def __init__(self, dit, code: torch.Tensor, cond: torch.Tensor, spk: torch.Tensor, n_frames: int):
-        self.dit, self.n_frames = dit, n_frames
+    def __init__(self, dit, code: torch.Tensor, cond: torch.Tensor, spk: torch.Tensor, n_frames: int,
+                 block_sparse: bool = False):
+        self.dit, self.n_frames, self.block_sparse = dit, n_frames, block_sparse
         code_embed = dit.text_embed(code, drop_code=False)  # (B, T, emb_dim)
         code_uncond = dit.text_embed(code, drop_code=True)
         speaker = cond.unsqueeze(1).repeat(1, n_frames, 1)  # (B, T, enc_emb_dim)
-        # input_embed's cat((x, spk features, code embeds, speaker), -1) minus x: (2B, T, ...)
-        self.static = torch.cat(
+        mel_dim = dit.config.mel_dim
+        # input_embed's cat((x, spk features, code embeds, speaker), -1), x left zero: (2B, T, 80 + ...)
+        static = torch.cat(
             (
+                torch.zeros(spk.shape[0], n_frames, mel_dim, dtype=spk.dtype, device=spk.device),
                 spk.unsqueeze(1).repeat(1, n_frames, 1),
                 torch.cat([code_embed, code_uncond], dim=0),
                 torch.cat([speaker, torch.zeros_like(speaker)], dim=0),
             ),
             dim=-1,
         )
-        rows = self.static.shape[0]  # 2B
+        rows = static.shape[0]  # 2B
         positions = torch.arange(n_frames, device=code.device)[None, :].repeat(rows, 1)  # (2B, T)
-        self.rope = dit.rotary_embed(self.static, positions)
-        block_diff = dit._create_block_diff(self.static)  # (2B, H, T, T)
-        masks: dict = {}
-        self.masks = []
+        self.rope = dit.rotary_embed(static, positions)
+        proj = dit.input_embed.proj
+        if block_sparse:  # proj(cat(x, rest)) = x W_x^T + (rest W_rest^T + bias): the constant half once
+            self.w_x = proj.weight[:, :mel_dim]  # (hidden, 80)
+            self.static_h = F.linear(static[..., mel_dim:], proj.weight[:, mel_dim:], proj.bias)  # (2B, T, hidden)
+        else:
+            self.inputs = static  # each call writes x into [..., :80] (no per-call cat of the rest)
+        self.attns, made = [], {}  # per layer: its attention; layers of equal look-back/-ahead share one
         for layer in dit.transformer_blocks:
             key = (layer.look_backward_block, layer.look_ahead_block)
-            if key not in masks:
-                masks[key] = (block_diff >= -float(key[0])) & (block_diff <= float(key[1]))
-            self.masks.append(masks[key])
+            if key not in made:
+                if block_sparse:
+                    made[key] = _BlockAttention(dit.block_size, *key, n_frames, static.dtype, code.device)
+                else:
+                    made[key] = _MaskedAttention(dit.block_size, *key, n_frames, static.dtype, code.device)
+            self.attns.append(made[key])
 
     def __call__(self, x: torch.Tensor, time_step: torch.Tensor) -> torch.Tensor:
         """One DiT evaluation: x (B, T, 80) at ``time_step`` -> (2B, T, 80), guided rows then null rows.
@@ -234,17 +348,82 @@ class _DiTWindow:
             return m.repeat_interleave(b, dim=0)
 
         t = dit.time_embed(time_step.repeat(2))  # (2, hidden)
-        h = dit.input_embed.proj(torch.cat((torch.cat([x, x], dim=0), self.static), dim=-1))  # (2B, T, hidden)
-        for layer, mask in zip(dit.transformer_blocks, self.masks):
+        if self.block_sparse:
+            xh = F.linear(x, self.w_x)  # (B, T, hidden): the same for a window's guided and null rows
+            h = (self.static_h.view(2, b, *xh.shape[1:]) + xh).flatten(0, 1)  # (2B, T, hidden)
+        else:
+            self.inputs.view(2, b, *self.inputs.shape[1:])[..., : x.shape[-1]] = x  # both CFG halves
+            h = dit.input_embed.proj(self.inputs)  # (2B, T, hidden)
+        for layer, attn in zip(dit.transformer_blocks, self.attns):
             an = layer.attn_norm  # Qwen2_5_OmniAdaLayerNormZero.forward, its linear on the 2 time rows
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(
                 per_row(an.linear(an.silu(t))), 6, dim=1)  # each (2B, hidden)
             norm = an.norm(h) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-            h = h + gate_msa.unsqueeze(1) * layer.attn(hidden_states=norm, position_embeddings=self.rope,
-                                                       attention_mask=mask)
+            h = h + gate_msa.unsqueeze(1) * attn(layer.attn, norm, self.rope)
             norm = layer.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
             h = h + gate_mlp.unsqueeze(1) * layer.ff(norm)
         no = dit.norm_out  # Qwen2_5_OmniAdaLayerNormZero_Final.forward, likewise
         scale, shift = torch.chunk(per_row(no.linear(no.silu(t))), 2, dim=1)  # each (2B, hidden)
         h = no.norm(h) * (1 + scale)[:, None, :] + shift[:, None, :]
         return dit.proj_out(h)  # (2B, T, mel_dim)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask as SDPA uses it: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -math.inf)
+
+
+class _MaskedAttention:
+    """A DiT layer's attention as transformers runs it -- all T x T scores, its block mask -- with the
+    mask built once per window, additive and (1, 1, T, T): the bits SDPA computes from the bool one."""
+
+    def __init__(self, block: int, back: int, ahead: int, n_frames: int, dtype: torch.dtype, device):
+        blk = torch.arange(n_frames, device=device) // block  # as DiT._create_block_diff
+        diff = blk[None, :] - blk[:, None]  # (T, T): key block - query block
+        self.mask = _additive((diff >= -back) & (diff <= ahead), dtype)[None, None]  # (1, 1, T, T)
+
+    def __call__(self, attn, x: torch.Tensor, rope) -> torch.Tensor:
+        return attn(hidden_states=x, position_embeddings=rope, attention_mask=self.mask)
+
+
+class _BlockAttention:
+    """``DiTAttention.forward`` computed only where its block mask allows (the ``block_sparse`` option).
+
+    A DiT layer lets frame i attend to the frames of its own block of ``block_size`` and of
+    ``back`` blocks before / ``ahead`` blocks after it; transformers computes all T x T scores and
+    masks most of them out (a 216-frame window = 9 blocks: 7/9 of a look-back layer's scores are
+    -inf). Here each block of queries attends to its (back + 1 + ahead) blocks of keys only -- the
+    same softmax over the same allowed scores, 4.5-9x fewer scores -- but CPU flash attention then
+    sums them in another order (its SIMD lanes and GEMM K-splits follow the key positions), so the
+    result differs by float rounding (~1e-7 per call): an option, not the default.
+    """
+
+    def __init__(self, block: int, back: int, ahead: int, n_frames: int, dtype: torch.dtype, device):
+        self.block, self.back, self.ahead = block, back, ahead
+        self.n_blocks = -(-n_frames // block)
+        self.span = (back + 1 + ahead) * block  # keys per query block
+        self.pad = self.n_blocks * block - n_frames  # frames padding the last block
+        q_block = torch.arange(self.n_blocks, device=device)[:, None]  # (nb, 1)
+        key_pos = (q_block - back) * block + torch.arange(self.span, device=device)[None, :]  # (nb, span)
+        allowed = (key_pos >= 0) & (key_pos < n_frames)  # not before the window, not padding
+        self.mask = _additive(allowed, dtype)[None, :, None, :]  # (1, nb, 1, span): all rows, heads, queries
+
+    def __call__(self, attn, x: torch.Tensor, rope) -> torch.Tensor:
+        """x (R, T, hidden) -> (R, T, hidden), as ``attn(hidden_states=x, position_embeddings=rope,
+        attention_mask=<the layer's block mask>)``."""
+        r, t, heads = x.shape[0], x.shape[1], attn.heads
+        q, k, v = (proj(x).view(r, t, heads, -1).transpose(1, 2) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        d = q.shape[-1]  # each (R, H, T, d)
+        cos, sin = rope  # RoPE on the first head only, as DiTAttention does (the checkpoint's layout)
+        q[:, :1], k[:, :1] = apply_rotary_pos_emb(deinterleave_head_dim(q[:, :1]), deinterleave_head_dim(k[:, :1]),
+                                                  cos, sin)
+        nb, bs = self.n_blocks, self.block
+        q = F.pad(q, (0, 0, 0, self.pad)).reshape(r * heads, nb, bs, d)  # (RH, nb, bs, d)
+
+        def gathered(z):  # (R, H, T, d) -> (RH, nb, span, d): each query block's key blocks
+            z = F.pad(z, (0, 0, self.back * bs, self.pad + self.ahead * bs))  # (R, H, (nb + back + ahead) bs, d)
+            return z.unfold(2, self.span, bs).transpose(-1, -2).reshape(r * heads, nb, self.span, d)
+
+        out = F.scaled_dot_product_attention(q, gathered(k), gathered(v), attn_mask=self.mask)  # (RH, nb, bs, d)
+        out = out.reshape(r, heads, nb * bs, d)[:, :, :t].transpose(1, 2).reshape(r, t, heads * d)  # (R, T, H d)
+        return attn.to_out[1](attn.to_out[0](out.to(x.dtype)))
