@@ -41,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from first_packet import force_length  # noqa: E402
 
 from omnistream.checkpoints import check_device, load_omni  # noqa: E402
-from omnistream.engine.conversation import SpeechRates  # noqa: E402
+from omnistream.engine.turns import SpeechRates  # noqa: E402
 from omnistream.model.graphs import disable_talker_graphs, enable_talker_graphs  # noqa: E402
 from omnistream.model.talker import StreamingTalker, TalkerConfig, step_talkers  # noqa: E402
 from omnistream.model.thinker import StreamingThinker, step_tokens  # noqa: E402

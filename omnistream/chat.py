@@ -23,15 +23,9 @@ import numpy as np
 
 from omnistream.encoders.audio import AudioStream
 from omnistream.encoders.vision import VideoStream, iter_video_frames
-from omnistream.engine.conversation import (
-    SAMPLE_RATE,
-    SYSTEM_PROMPT,
-    Conversation,
-    TextDeltas,
-    TurnStats,
-    parse_window,
-)
+from omnistream.engine.conversation import SYSTEM_PROMPT, Conversation
 from omnistream.engine.tools import ToolCall, check_tool_choice, check_tools, tool_response
+from omnistream.engine.turns import SAMPLE_RATE, TextDeltas, TurnStats, parse_window
 from omnistream.model.talker import StreamingTalker, TalkerConfig
 from omnistream.model.token2wav import DEFAULT as TOKEN2WAV_DEFAULT
 from omnistream.model.token2wav import StreamingConfig, StreamingToken2Wav

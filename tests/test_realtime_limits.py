@@ -215,51 +215,59 @@ def _ga_update(instructions: str, voice: str) -> dict:
     return {"type": "realtime", "instructions": instructions, "audio": {"output": {"voice": voice}}}
 
 
-async def _reply_audio_voice(s: Session) -> str:
-    created = await s.until("response.created")
-    r = created["response"]
-    return r["audio"]["output"]["voice"]
+async def session_update_mid_reply_and_mid_turn(s: Session) -> None:
+    """The scenario both transports run (in process below; over the split stages in
+    test_server_faults): a session.update (instructions + voice) during a reply -- the reply ends
+    with response.done and the next one speaks with the new voice; one during an open user turn --
+    the turn is not broken (it is answered, with speech), the new voice applies from the next turn."""
+
+    async def ask(text: str) -> None:
+        await s.send(**_item({"type": "input_text", "text": text}))
+        await s.send("response.create")
+
+    async def voice() -> str:
+        return (await s.until("response.created", timeout=60))["response"]["audio"]["output"]["voice"]
+
+    async def ends() -> None:
+        done = await s.until("response.done", timeout=90)
+        assert done["response"]["status"] in ("completed", "incomplete"), done
+        assert "error" not in s.types(), [e for e in s.events if e["type"] == "error"]
+
+    await s.until("session.created")
+    await ask("please talk for a while")
+    assert await voice() == "Chelsie"
+    await s.until("response.output_audio_transcript.delta", timeout=90)  # (the update lands inside the reply)
+    await s.send("session.update", session=_ga_update("Be terse.", "Ethan"))
+    upd = await s.until("session.updated", timeout=30)
+    assert upd["session"]["audio"]["output"]["voice"] == "Ethan"
+    await ends()
+    await ask("and now?")
+    assert await voice() == "Ethan"
+    await ends()
+    # an update while a user turn is open: the turn goes on and is answered
+    await s.append(np.zeros(RATE // 2, np.int16))
+    await s.send("session.update", session=_ga_update("Be kind.", "Chelsie"))
+    await s.until("session.updated")
+    await s.append(np.zeros(RATE // 2, np.int16))
+    await s.send("input_audio_buffer.commit")
+    await s.until("input_audio_buffer.committed")
+    await s.send("response.create")
+    assert await voice() == "Ethan"  # this turn began before the update
+    n0 = len(s.events)
+    await ends()
+    assert any(e["type"] == "response.output_audio.delta" for e in s.events[n0:])
+    await ask("bye")
+    assert await voice() == "Chelsie"  # ... and the next one uses it
+    await ends()
 
 
 def test_session_update_during_a_reply_and_an_open_turn(tiny):
-    """A session.update (new instructions and voice) during a reply: the reply ends with
-    response.done and the next one uses the new voice. During an open user turn: the turn is
-    not broken (it is answered), and the update applies from the next turn."""
+    """:func:`session_update_mid_reply_and_mid_turn` on the in-process pipeline."""
     async def body():
         opts = SessionOptions(max_new_tokens=24, max_speech_s=1.0)
         async with serving(InProcClient(tiny), limited(defaults=opts, server_vad=False)) as server, \
                 connect(url(server)) as ws:
-            s = Session(ws)
-            await s.until("session.created")
-            await s.send(**_item({"type": "input_text", "text": "talk to me"}))
-            await s.send("response.create")
-            assert await _reply_audio_voice(s) == "Chelsie"
-            await s.send("session.update", session=_ga_update("Be terse.", "Ethan"))
-            upd = await s.until("session.updated", timeout=30)
-            assert upd["session"]["audio"]["output"]["voice"] == "Ethan"
-            done = await s.until("response.done", timeout=90)
-            assert done["response"]["status"] in ("completed", "incomplete"), done
-            await s.send(**_item({"type": "input_text", "text": "and now?"}))
-            await s.send("response.create")
-            assert await _reply_audio_voice(s) == "Ethan"
-            done = await s.until("response.done", timeout=90)
-            assert done["response"]["status"] in ("completed", "incomplete"), done
-            # an update while a user turn is open: the turn goes on and is answered
-            await s.append(np.zeros(RATE // 2, np.int16))
-            await s.send("session.update", session=_ga_update("Be kind.", "Chelsie"))
-            await s.until("session.updated")
-            await s.append(np.zeros(RATE // 2, np.int16))
-            await s.send("input_audio_buffer.commit")
-            await s.until("input_audio_buffer.committed")
-            await s.send("response.create")
-            assert await _reply_audio_voice(s) == "Ethan"  # this turn began before the update
-            done = await s.until("response.done", timeout=90)
-            assert done["response"]["status"] in ("completed", "incomplete"), done
-            assert "error" not in s.types(), [e for e in s.events if e["type"] == "error"]
-            await s.send(**_item({"type": "input_text", "text": "bye"}))
-            await s.send("response.create")
-            assert await _reply_audio_voice(s) == "Chelsie"  # ... and the next one uses it
-            await s.until("response.done", timeout=90)
+            await session_update_mid_reply_and_mid_turn(Session(ws))
     run(body())
 
 

@@ -400,7 +400,7 @@ def test_bad_function_output_and_choice_get_errors(tiny):
 def test_reply_settings_with_a_window_cache(tiny):
     """A window holding the session cuts the reply's system turn out exactly as the growing cache
     does; a window that already evicted past it keeps it (and the conversation goes on)."""
-    from omnistream.engine.conversation import parse_window
+    from omnistream.engine.turns import parse_window
 
     tools = check_tools(TOOLS)
     logits = {}

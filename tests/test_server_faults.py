@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from test_realtime_limits import session_update_mid_reply_and_mid_turn
 from test_runtime import alive, children
 from test_server import RATE, Session, config, url
 from websockets.asyncio.client import connect
@@ -172,53 +173,15 @@ async def _all_ready(served: Served) -> None:
         await asyncio.sleep(0.1)
 
 
-def _ga_update(instructions: str, voice: str) -> dict:
-    return {"type": "realtime", "instructions": instructions, "audio": {"output": {"voice": voice}}}
-
-
 @pytest.mark.timeout(240)
 def test_session_update_during_a_reply_and_an_open_turn(served):
-    """Over the split stages: a session.update (instructions + voice) during a reply -- the reply
-    ends with response.done and the next one speaks with the new voice; one during an open user
-    turn -- the turn is answered whole, the new voice applies from the next turn."""
-
-    async def reply_voice(s: Session) -> str:
-        return (await s.until("response.created", timeout=60))["response"]["audio"]["output"]["voice"]
+    """Over the split stages: :func:`test_realtime_limits.session_update_mid_reply_and_mid_turn` (an
+    update during a reply and one during an open user turn; each applies from the next turn)."""
 
     async def body():
         await _all_ready(served)
         async with connect(url(served.server)) as ws:
-            s = Session(ws)
-            await s.until("session.created")
-            await start_text_turn(s, "please talk for a while")
-            assert await reply_voice(s) == "Chelsie"
-            await s.until("response.output_audio_transcript.delta", timeout=90)
-            await s.send("session.update", session=_ga_update("Be terse.", "Ethan"))
-            upd = await s.until("session.updated", timeout=30)
-            assert upd["session"]["audio"]["output"]["voice"] == "Ethan"
-            err, done = await outcome(s, timeout=90)
-            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
-            await start_text_turn(s, "and now?")
-            assert await reply_voice(s) == "Ethan"
-            err, done = await outcome(s, timeout=90)
-            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
-            # an update while a user turn is open
-            await s.append(np.zeros(RATE // 2, np.int16))
-            await s.send("session.update", session=_ga_update("Be kind.", "Chelsie"))
-            await s.until("session.updated")
-            await s.append(np.zeros(RATE // 2, np.int16))
-            await s.send("input_audio_buffer.commit")
-            await s.until("input_audio_buffer.committed")
-            await s.send("response.create")
-            assert await reply_voice(s) == "Ethan"  # this turn began before the update
-            n0 = len(s.events)
-            err, done = await outcome(s, timeout=90)
-            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
-            assert any(e["type"] == "response.output_audio.delta" for e in s.events[n0:])
-            await start_text_turn(s, "bye")
-            assert await reply_voice(s) == "Chelsie"
-            err, done = await outcome(s, timeout=90)
-            assert err is None and done["response"]["status"] in ("completed", "incomplete"), (err, done)
+            await session_update_mid_reply_and_mid_turn(Session(ws))
 
     served.run(body(), 230)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 24000  # pcm16 in, as the OpenAI Realtime API
+from omnistream.apps.realtime_config import SAMPLE_RATE  # pcm16 in, as the OpenAI Realtime API
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-SAMPLE_RATE = 24000
+from omnistream.apps.realtime_config import SAMPLE_RATE
 
 
 class AudioPacer:

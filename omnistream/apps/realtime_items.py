@@ -37,18 +37,15 @@ import numpy as np
 
 from omnistream.apps.limits import SessionLimits
 from omnistream.apps.realtime import (
-    _DEFAULT_LIMITS,
-    SAMPLE_RATE,
     FunctionOutput,
     ItemCreate,
     ItemDelete,
     ItemRetrieve,
     MessageCreate,
-    ProtocolError,
-    _str,
     decode_image,
     decode_pcm16,
 )
+from omnistream.apps.realtime_config import _DEFAULT_LIMITS, SAMPLE_RATE, ProtocolError, _str
 from omnistream.apps.realtime_events import encode_pcm16
 from omnistream.runtime.client import ClientError
 

@@ -7,7 +7,7 @@ thinker stage worker (:mod:`omnistream.runtime.workers`, which also serves the i
 * the system prompt and the chat-template framing of every turn (``<|im_start|>user`` ...
   ``<|im_end|>\\n<|im_start|>assistant\\n``);
 * media segments: audio blocks and video patches go into the open segment; with a window, a long
-  media turn is cut into segments of at most ``segment_s`` seconds (see :class:`SegmentCutter`);
+  media turn is cut into segments of at most ``segment_s`` seconds (:class:`~omnistream.engine.turns.SegmentCutter`);
 * feeding the Talker: every row the Thinker prefills outside a reply is handed to a
   :class:`TalkerFeed` as prompt rows (in process: the ``StreamingTalker`` itself; across stages: a
   ``PromptRows`` message), and cut back when the Thinker is;
@@ -15,7 +15,7 @@ thinker stage worker (:mod:`omnistream.runtime.workers`, which also serves the i
   from the Thinker's logits; the caller runs the forward that appends the token (alone, or batched
   with other sessions' tokens by the stage scheduler) and hands the step back to ``accept``, which
   returns the text delta; ``Conversation.end_reply`` closes the assistant turn;
-* truncation to what the user heard (one codec token per reply text token);
+* truncation to what the user heard (one codec token per reply text token, ``SpeechRates`` samples each);
 * per-reply settings: instructions and tools for one reply go into a system turn just before it
   (Qwen's tool format, :mod:`omnistream.engine.tools`) and are taken out of the context again when
   it ends (the reply's tokens are re-prefilled after the cut), so later replies never see them;
@@ -32,6 +32,8 @@ thinker stage worker (:mod:`omnistream.runtime.workers`, which also serves the i
   what it was before the reply, as if it had never happened.
 
 Nothing here knows about sockets, threads or batches: that is what lets one copy serve all paths.
+The bookkeeping the rules are built from (speech rates, the window choice, turn stats, text deltas,
+the segment cutter) lives in :mod:`omnistream.engine.turns`; the item log in :mod:`omnistream.engine.items`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -54,6 +55,7 @@ from omnistream.engine.tools import (
     parse_tool_calls,
     tools_block,
 )
+from omnistream.engine.turns import SegmentCutter, SpeechRates, TextDeltas, TurnStats
 from omnistream.memory.window_config import AUDIO_TOKENS_PER_SECOND, text_config
 from omnistream.model.thinker import StreamingThinker, ThinkerStep, sample
 
@@ -63,57 +65,6 @@ SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
     "auditory and visual inputs, as well as generating text and speech."
 )
-SAMPLE_RATE = 24000  # Token2Wav's output rate (BigVGAN at 24 kHz)
-
-
-@dataclass(frozen=True)
-class SpeechRates:
-    """How reply text, codec tokens and PCM line up, read from the checkpoint's Token2Wav config.
-
-    One codec token is ``repeats`` mel frames (the DiT's ``repeats``) of ``hop`` samples each (the
-    product of BigVGAN's ``upsample_rates``): 2 x 240 = 480 samples = 20 ms at 24 kHz in
-    Qwen2.5-Omni, so 50 codes per second.
-    """
-
-    samples_per_code: int = 480
-    sample_rate: int = SAMPLE_RATE
-
-    @property
-    def codes_per_second(self) -> float:
-        return self.sample_rate / self.samples_per_code
-
-    @classmethod
-    def from_checkpoint(cls, ck) -> SpeechRates:
-        """From the checkpoint's config (present even when Token2Wav itself was not loaded)."""
-        t2w = getattr(ck.config, "token2wav_config", None)
-        if t2w is None:
-            return cls()
-        repeats = int(t2w.dit_config.repeats)
-        hop = math.prod(t2w.bigvgan_config.upsample_rates)
-        return cls(samples_per_code=repeats * hop)
-
-
-def parse_window(spec: str | None, video: bool = False):
-    """A session's cache choice -> a ``WindowConfig`` or None (the growing cache).
-
-    ``None``, ``""`` or ``"none"``: the growing cache (exact; memory grows with the session).
-    ``"auto"``: sinks + a window sized from the model's context (``WindowConfig.resolve``), what
-    ``serve`` uses by default so an hour-long call stays bounded. A token count (``"8192"``) or
-    seconds of media (``"600s"``: 25 audio tokens/s, plus 64 merged video tokens per 1-s patch).
-    """
-    if not spec or spec == "none":
-        return None
-    from omnistream.memory.window_config import WindowConfig
-
-    try:
-        if spec == "auto":
-            return WindowConfig()
-        if spec.endswith("s"):
-            return WindowConfig.from_seconds(float(spec[:-1]), tokens_per_second=25 + (64 if video else 0))
-        return WindowConfig(window_tokens=int(spec))
-    except ValueError as e:
-        raise ValueError(f"window {spec!r}: give auto, none, a token count like 8192 or seconds like 600s ({e})") \
-            from e
 
 
 class TalkerFeed(Protocol):
@@ -125,105 +76,6 @@ class TalkerFeed(Protocol):
 
     def truncate_prompt(self, n_tokens: int) -> None:
         """The Thinker was cut back to ``n_tokens``."""
-
-
-@dataclass
-class TurnStats:
-    """Where the time of one turn went (seconds, wall clock)."""
-
-    audio_s: float = 0.0  # seconds of audio received
-    video_frames: int = 0  # frames received (before resampling)
-    video_s: float = 0.0  # time of the last frame received
-    audio_blocks: int = 0
-    video_patches: int = 0
-    encode_s: float = 0.0  # encoders, while streaming and at end of turn
-    prefill_s: float = 0.0  # Thinker forwards over encoded chunks and prompt text
-    end_of_input_s: float = 0.0  # end of turn -> the prompt fully prefilled
-    ttft_s: float = 0.0  # end of turn -> first reply token
-    first_audio_s: float = 0.0  # end of turn -> first PCM chunk of the reply
-    decode_s: float = 0.0  # end of turn -> reply complete (text and speech)
-    reply_tokens: int = 0
-    codec_tokens: int = 0
-    audio_out_s: float = 0.0  # seconds of speech produced
-    cancelled: bool = False
-    code_times: list = field(default_factory=list)  # perf_counter() when each codec token was ready
-
-    @property
-    def rtf(self) -> float:
-        """Reply compute time per second of speech produced (< 1: faster than real time)."""
-        return self.decode_s / self.audio_out_s if self.audio_out_s else math.nan
-
-
-class TextDeltas:
-    """Reply text as it decodes: whole UTF-8 characters only (byte-level BPE can split one across
-    tokens), decoding only the not-yet-shown tokens so each step costs O(1)."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.shown = 0  # tokens whose text was emitted (it ended on a whole character)
-
-    def push(self, token: int) -> str:
-        """Add a token; returns the new text, or "" while a character is incomplete."""
-        self.ids.append(token)
-        text = self.tok.decode(self.ids[self.shown:], skip_special_tokens=True)
-        if not text or text.endswith("\ufffd"):
-            return ""
-        self.shown = len(self.ids)
-        return text
-
-    def flush(self) -> str:
-        """Whatever is still held back (at the end of the reply)."""
-        text = self.tok.decode(self.ids[self.shown:], skip_special_tokens=True)
-        self.shown = len(self.ids)
-        return text
-
-
-class SegmentCutter:
-    """Cuts a long media turn into segments of at most ``segment_s`` seconds.
-
-    Why: inside ONE open audio-in-video segment TMRoPE keeps the video tokens' h/w positions at the
-    segment start while time advances, so the position span inside a sliding window grows with the
-    turn and no shift bounds it; cut segments bound it by about two segments. Audio blocks (2 s)
-    and video patches (``2 / fps`` s) that would overflow the open segment are held back until
-    every stream of the turn has one, then the cut is made (so each segment gets both audio and
-    video); turns shorter than ``segment_s`` are untouched. ``segment_s=None``: never cut.
-    """
-
-    def __init__(self, segment_s: float | None, streams: tuple[str, ...], feed, cut):
-        self.segment_s, self.streams = segment_s, streams
-        self.feed, self.cut = feed, cut  # feed(kind, item); cut(): close the segment and open the next
-        self.held: dict[str, list] = {k: [] for k in streams}
-        self.seg_s: dict[str, float] = {k: 0.0 for k in streams}
-        self.cuts = 0
-
-    def push(self, kind: str, item, seconds: float) -> None:
-        if self.segment_s is None:
-            self.feed(kind, item)
-            return
-        self._place(kind, item, seconds)
-        while all(self.held[k] for k in self.streams):  # every stream overflows: cut
-            self.cut()
-            self.cuts += 1
-            self.seg_s = {k: 0.0 for k in self.streams}
-            for k in self.streams:
-                queue, self.held[k] = self.held[k], []
-                for it, sec in queue:
-                    self._place(k, it, sec)
-
-    def _place(self, kind: str, item, seconds: float) -> None:
-        if self.held[kind] or (self.seg_s[kind] > 0 and self.seg_s[kind] + seconds > self.segment_s + 1e-6):
-            self.held[kind].append((item, seconds))
-        else:
-            self.feed(kind, item)
-            self.seg_s[kind] += seconds
-
-    def flush(self) -> None:
-        """End of turn: what is still held goes into the open segment (the other stream ended)."""
-        for k in ("video", "audio"):
-            for it, _ in self.held.get(k, []):
-                self.feed(k, it)
-            self.held[k] = []
 
 
 class Reply:

@@ -58,7 +58,7 @@ def transcribe_task(ck, blocks: Sequence[torch.Tensor], on_delta: Callable[[str]
     ``hold()`` is true nothing runs (the worker holds it while a reply of the session waits for its
     first token, so that token's forward is not slowed by this one's rows). Returns the transcript.
     Raises ValueError when there is no audio to transcribe."""
-    from omnistream.engine.conversation import TextDeltas
+    from omnistream.engine.turns import TextDeltas
     from omnistream.model.thinker import StreamingThinker, sample
 
     if not blocks:

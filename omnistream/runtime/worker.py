@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from omnistream.engine.conversation import parse_window
 from omnistream.engine.scheduler import Scheduler
+from omnistream.engine.turns import parse_window
 from omnistream.runtime import wire
 from omnistream.runtime.layout import PIPELINE
 from omnistream.runtime.session import Slot, options_from_wire

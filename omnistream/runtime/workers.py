@@ -36,9 +36,10 @@ from collections.abc import Generator
 
 import numpy as np
 
-from omnistream.engine.conversation import SAMPLE_RATE, SYSTEM_PROMPT, Conversation, SpeechRates, parse_window
+from omnistream.engine.conversation import SYSTEM_PROMPT, Conversation
 from omnistream.engine.scheduler import Need
 from omnistream.engine.transcribe import Transcription, Transcriptions
+from omnistream.engine.turns import SAMPLE_RATE, SpeechRates, parse_window
 from omnistream.memory.batch import cache_bytes
 from omnistream.runtime import wire
 from omnistream.runtime.session import Slot
