@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # would shadow the `kernels` package transformers
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import InvalidStatus  # noqa: E402
 
 from benchmarks.serve import hello_24k, speech_end  # noqa: E402
 from omnistream.apps.server import ServerConfig, serving  # noqa: E402
@@ -97,13 +98,20 @@ async def voice_session(url: str, clip: np.ndarray, speech_done_at: int, start: 
 
 async def round_of(url: str, n: int, clip, speech_done_at: int, jitter_s: float) -> list[dict]:
     start = asyncio.Event()
-    tasks = [asyncio.create_task(voice_session(url, clip, speech_done_at, start, jitter_s)) for _ in range(n)]
+    async def one():
+        try:
+            return await voice_session(url, clip, speech_done_at, start, jitter_s)
+        except InvalidStatus as e:  # admission control (503: the server says one more would not keep real time)
+            return {"refused": e.response.status_code}
+
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
     await asyncio.sleep(0.3 + 0.05 * n)  # every session connected
     t0 = time.perf_counter()
     start.set()
     res = await asyncio.gather(*tasks)
     for r in res:
-        r["wall_s"] = r["t_end"] - t0
+        if "t_end" in r:
+            r["wall_s"] = r["t_end"] - t0
     return res
 
 
@@ -124,6 +132,11 @@ async def ramp(client, args) -> dict:
         url = f"ws://127.0.0.1:{server.port}/v1/realtime"
         for n in range(1, args.max_sessions + 1):
             res = await round_of(url, n, clip, RATE // 4 + end, args.jitter_s)
+            refused = sum("refused" in r for r in res)
+            if refused:  # the server's own capacity estimate ends the ramp
+                rows.append({"sessions": n, "realtime": False, "refused": refused, "loadavg": os.getloadavg()[0]})
+                print(f"  {n:2d} sessions: {refused} refused by admission control (HTTP 503)", file=sys.stderr)
+                break
             if solo is None:
                 solo = res[0]
             firsts = [r["first_audio_s"] for r in res if r["first_audio_s"] is not None]
@@ -142,13 +155,13 @@ async def ramp(client, args) -> dict:
             if not ok:
                 break
             best = n
-    by = {r["sessions"]: r for r in rows}
+    by = {r["sessions"]: r for r in rows if "refused" not in r}
     scaling = round(by[8]["audio_s_per_wall_s"] / by[1]["audio_s_per_wall_s"], 2) if 8 in by else None
     return {"max_realtime_sessions": best, "throughput_scaling_8": scaling,
             "first_audio_p95_s_1": by[1]["first_audio_p95_s"],
             "first_audio_p95_s_8": by[8]["first_audio_p95_s"] if 8 in by else None,
             "underruns": by[best]["underruns"] if best else None,
-            "batched_equals_solo": all(r["batched_equals_solo"] for r in rows),
+            "batched_equals_solo": all(r["batched_equals_solo"] for r in rows if "refused" not in r),
             "ramp": rows}
 
 
@@ -159,10 +172,11 @@ def build_client(args, layout: str):
         return MultiProcClient(args.model, layout=layout, max_sessions=args.max_sessions + 1, device=args.device,
                                hang_timeout_s=120)
     from omnistream.checkpoints import load_omni
-    from omnistream.runtime.client import InProcClient
+    from omnistream.runtime.inproc import InProcClient, engine_threads
 
     kw = {"device": args.device} | ({"dtype": args.dtype} if args.dtype != "auto" else {})
-    return InProcClient(load_omni(args.model, **kw), max_sessions=args.max_sessions + 1)
+    return InProcClient(load_omni(args.model, **kw), max_sessions=args.max_sessions + 1,
+                        threads=engine_threads(args.device, args.threads), headroom=args.headroom or None)
 
 
 def main() -> int:
@@ -175,6 +189,10 @@ def main() -> int:
     p.add_argument("--jitter-s", type=float, default=0.3, help="the client's playout buffer (default 0.3 s)")
     p.add_argument("--first-audio-max-s", type=float, default=3.0, help="first audio later than this fails N")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--headroom", type=float, default=0.9, help="in-process admission control as serve's "
+                   "--headroom (default 0.9; 0: off, the ramp then runs until a session falls behind)")
+    p.add_argument("--threads", type=int, default=None, help="in-process engine's torch threads (default as serve: "
+                   "all cores but one on a CPU)")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16 (in-process layout)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()

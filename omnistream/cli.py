@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--headroom", type=float, default=0.9,
                    help="admission control: refuse a session when the sessions, all replying, would use more than "
                    "this fraction of the busiest stage (default 0.9; 0: off, only --max-sessions)")
+    s.add_argument("--threads", type=_positive_int, default=None,
+                   help="without --layout: torch threads of the in-process engine (default on a CPU: all cores but "
+                   "one, which the event loop needs for VAD and the WebSockets; with --layout each stage sets its own)")
     s.add_argument("--hang-s", type=_positive, default=30.0,
                    help="with --layout: a stage that answers no ping for this long is restarted (default 30)")
     s.add_argument("--max-turn-s", type=_positive, default=120.0,

@@ -41,9 +41,14 @@ Usage::
 
 or :func:`window_thinker` for a ``StreamingThinker`` over a window cache. Several sessions' caches
 decode in one forward through :class:`omnistream.memory.batch.BatchCache` (each keeps its own plan).
+With ``pool=`` (``window_thinker`` does it, in both layouts) a cache's buffers are its row of a
+:class:`~omnistream.memory.pool.RowPool` shared by the sessions of one model, and a batched step attends
+over those rows in place (:class:`~omnistream.memory.batch.PoolBatch`): no per-step copy of the caches.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -65,8 +70,9 @@ def _rotate_(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch
 
 class WindowLayer(CacheLayerMixin):
     """One layer's buffers: ``keys``/``values`` ``(B, H, S + W + chunk_tokens, D)`` (slots ``[0, S)``
-    sinks, ``[S, S + W)`` the ring, the rest scratch for a forward's new tokens) and ``sink_keys``
-    ``(B, H, S, D)``, the sinks as rotated at birth (their original positions)."""
+    sinks, ``[S, S + W)`` the ring, the rest scratch for a forward's new tokens; views of the cache's
+    pool row when it has one) and ``sink_keys`` ``(B, H, S, D)``, the sinks as rotated at birth (their
+    original positions)."""
 
     is_sliding = False
     is_compileable = False
@@ -74,7 +80,7 @@ class WindowLayer(CacheLayerMixin):
 
     def __init__(self, owner: WindowCache, layer_idx: int):
         super().__init__()
-        self.owner = owner
+        self.owner = weakref.proxy(owner)  # no cycle: a dropped cache is freed (and its pool row released) at once
         self.layer_idx = layer_idx
         self.sink_keys: torch.Tensor | None = None
         self._clear()
@@ -92,8 +98,11 @@ class WindowLayer(CacheLayerMixin):
             raise NotImplementedError("kernel-mode WindowCache holds one session (batch size 1)")
         self.device = key_states.device
         cap = o.S + o.W + o.T
-        self.keys = torch.zeros(b, h, cap, d, dtype=key_states.dtype, device=self.device)
-        self.values = torch.zeros(b, h, cap, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
+        if o._pooled(key_states, value_states):  # the cache's row of the shared pool: views (1, h, cap, d)
+            self.keys, self.values = o.pool.row_views(o._ticket, self.layer_idx)
+        else:
+            self.keys = torch.zeros(b, h, cap, d, dtype=key_states.dtype, device=self.device)
+            self.values = torch.zeros(b, h, cap, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
         # kernel mode keeps the sinks pre-RoPE in place: no rotated-at-birth copy
         self.sink_keys = torch.zeros(b, h, 0 if o.kernel else o.S, d, dtype=key_states.dtype, device=self.device)
         self.is_initialized = True
@@ -196,6 +205,12 @@ class WindowCache(WindowPositions, Cache):
     ``config``: the language model's config (``thinker.model.language_model.config``; a full
     Omni/Thinker config is reduced with ``get_text_config``). ``inv_freq``/``mrope_section`` override
     the RoPE frequencies read from it; ``num_layers`` the layer count.
+
+    ``pool``: a :class:`~omnistream.memory.pool.RowPool` of ``S + W + chunk_tokens`` slots shared with
+    other sessions' caches of the same model: the buffers are then the cache's row of it (taken at the
+    first forward, released when the cache is dropped or by :meth:`release_row`), so a batched decode
+    step attends over the rows without copying them (:class:`~omnistream.memory.batch.PoolBatch`).
+    Batch size 1 only (a mismatched pool keeps private buffers).
     """
 
     def __init__(
@@ -207,6 +222,7 @@ class WindowCache(WindowPositions, Cache):
         inv_freq: torch.Tensor | None = None,
         mrope_section=None,
         max_position_embeddings: int | None = None,
+        pool=None,
     ):
         config = text_config(config)
         window = window if window is not None else WindowConfig()
@@ -221,6 +237,10 @@ class WindowCache(WindowPositions, Cache):
             num_layers = config.num_hidden_layers
         self.inv_freq, self.comp, self.mrope_section = rope_setup(config, inv_freq, mrope_section)
         self.kernel = bool(self.window.kernel)
+        if pool is not None and pool.slots != self.S + self.W + self.T:
+            raise ValueError(f"a RowPool of {pool.slots} slots for a window cache of {self.S + self.W + self.T}")
+        self.pool = pool
+        self._ticket = None  # this cache's row of the pool (taken at the first forward)
         # kernel mode's device buffers, shared by all layers (allocated at the first kernel-mode forward)
         self._kslots = KernelSlots(self.S, self.S + self.W + self.T, self.inv_freq, self.mrope_section)
         super().__init__(layers=[WindowLayer(self, i) for i in range(num_layers)])
@@ -235,6 +255,39 @@ class WindowCache(WindowPositions, Cache):
         self._kslots.reset()
         for layer in self.layers:
             layer._done = self._plan_id  # the next plan id is fresh for every layer
+
+    def _pooled(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether this cache keeps its buffers in a pool row (taking the row at the first layer)."""
+        if self._ticket is not None:
+            return True
+        pool = self.pool
+        if pool is None or key_states.shape[0] != 1 or not pool.fits(len(self.layers), key_states, value_states):
+            return False
+        self._ticket = pool.take(self, len(self.layers), key_states, value_states)
+        return True
+
+    def _repoint(self) -> None:
+        """The pool moved this cache's row (compaction) or its buffers (growth): take the new views."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = self.pool.row_views(self._ticket, layer.layer_idx)
+
+    @property
+    def pool_row(self) -> int | None:
+        """The pool row holding this cache's buffers (``None``: private buffers or none yet)."""
+        return None if self._ticket is None else self._ticket.row
+
+    @torch.inference_mode()
+    def release_row(self) -> None:
+        """Give the pool row back now and forget the session (the next forward takes a new row)."""
+        if self._ticket is None:
+            return
+        self.reset()
+        self.pool.release(self._ticket)
+        self._ticket = None
+        for layer in self.layers:
+            layer.keys = layer.values = None
+            layer.is_initialized = False
 
     @property
     def n_cached(self) -> int:

@@ -357,11 +357,13 @@ def step_tokens(thinkers: Sequence[StreamingThinker], tokens: Sequence[int]) -> 
 
     Rows are grouped by language model and by :func:`~omnistream.memory.batch.cache_kind` (a kernel-mode
     window cache holds pre-RoPE keys and cannot share a forward with post-RoPE caches); one forward per
-    group, a group of one runs the solo path. Each row attends to its own session's cache
-    (:class:`~omnistream.memory.batch.BatchCache`: gathered into padded buffers per step). The thinkers
-    must be distinct, with no media segment open; everything is checked before any row advances.
+    group, a group of one runs the solo path. Each row attends to its own session's cache: window
+    caches of a ``window_thinker`` live in rows of one pool and are attended in place
+    (:class:`~omnistream.memory.batch.PoolBatch`); other caches are gathered into padded buffers per step
+    (:class:`~omnistream.memory.batch.BatchCache`). The thinkers must be distinct, with no media segment
+    open; everything is checked before any row advances.
     """
-    from omnistream.memory.batch import BatchCache, cache_kind, check_model
+    from omnistream.memory.batch import batch_cache, cache_kind, check_model
 
     if len(thinkers) != len(tokens):
         raise ValueError(f"{len(thinkers)} thinkers but {len(tokens)} tokens")
@@ -375,12 +377,12 @@ def step_tokens(thinkers: Sequence[StreamingThinker], tokens: Sequence[int]) -> 
         groups.setdefault((id(_base_lm(th)), cache_kind(th.cache)), []).append(i)
     runs = []
     for idx in groups.values():  # validate every group before any row advances
-        rows = [thinkers[i] for i in idx]
         batch = None
         if len(idx) > 1:
-            check_model(_base_lm(rows[0]))
-            batch = BatchCache([th.cache for th in rows])
-        runs.append((rows, [int(tokens[i]) for i in idx], batch))
+            check_model(_base_lm(thinkers[idx[0]]))
+            batch = batch_cache([thinkers[i].cache for i in idx])
+            idx = [idx[j] for j in batch.order]  # a pooled batch runs in pool-row order
+        runs.append(([thinkers[i] for i in idx], [int(tokens[i]) for i in idx], batch))
     for rows, toks, batch in runs:
         if batch is None:
             rows[0].append_text(toks)
@@ -402,15 +404,16 @@ def _step_group(thinkers: list[StreamingThinker], tokens: list[int], batch) -> N
     pieces = [th.rope.text([tok]) for th, tok in zip(thinkers, tokens)]  # one text piece of one token each
     starts = [th.n_tokens for th in thinkers]
     embeds = t0.embed(torch.tensor(tokens, device=t0.device)).to(t0.device, t0.dtype)  # (B, D)
-    position_ids = batch.prepare([p[0].pos for p in pieces], t0.device)  # (3, B, 1), each in its cache's frame
+    # (3, N, 1), each in its cache's frame; N = B, or a pool span's rows (idle rows between: see PoolBatch)
+    position_ids = batch.prepare([p[0].pos for p in pieces], t0.device)
     out = lm(
-        inputs_embeds=embeds[:, None],  # (B, 1, D)
+        inputs_embeds=batch.spread(embeds)[:, None],  # (N, 1, D)
         position_ids=position_ids,
         attention_mask=batch.mask_mapping(lm),
         cache=batch,
         use_cache=True,
     )
-    hidden = out.last_hidden_state[:, -1]  # (B, D)
+    hidden = batch.pick(out.last_hidden_state[:, -1])  # (B, D)
     logits = t0.thinker.lm_head(hidden)  # (B, V)
     for b, th in enumerate(thinkers):
         th._commit(embeds[b : b + 1], hidden[b : b + 1], starts[b], logits=logits[b])
@@ -460,7 +463,10 @@ def window_thinker(thinker, window=None, rope=None, tokenizer=None, **kw):
 
     ``window.kernel=None`` turns kernel mode on when the Thinker is on CUDA; in kernel mode the
     Thinker's language model is switched to the ``"omnistream_window"`` attention function
-    (:mod:`omnistream.kernels.window_attention`; other caches on the same model still get SDPA)."""
+    (:mod:`omnistream.kernels.window_attention`; other caches on the same model still get SDPA).
+    The cache's buffers are a row of the model's :class:`~omnistream.memory.pool.RowPool` (one per slot
+    count and layout), so :func:`step_tokens` batches these sessions without copying their caches."""
+    from omnistream.memory.pool import row_pool
     from omnistream.memory.window_cache import WindowCache, WindowConfig
 
     window = window if window is not None else WindowConfig()
@@ -471,7 +477,10 @@ def window_thinker(thinker, window=None, rope=None, tokenizer=None, **kw):
 
         enable_window_attention(thinker)
     st = StreamingThinker(thinker, rope, tokenizer, **kw)
-    st.lm = _PositionMappingLM(st.lm)
-    st._cache_cls = partial(WindowCache, window=window)
+    lm = st.lm
+    st.lm = _PositionMappingLM(lm)
+    w = window.resolve(getattr(lm.config, "max_position_embeddings", None))  # every session's cache: a pool row
+    pool = row_pool(lm, w.sink_tokens + w.window_tokens + w.chunk_tokens, "kernel" if window.kernel else "rotated")
+    st._cache_cls = partial(WindowCache, window=window, pool=pool)
     st.reset()
     return st

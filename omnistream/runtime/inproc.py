@@ -34,12 +34,25 @@ log = logging.getLogger("omnistream.inproc")
 _STOP = object()
 
 
+def engine_threads(device, threads: int | None = None) -> int | None:
+    """Torch intra-op threads for the in-process engine: ``threads`` if given; on a CPU, every core
+    but one, because the event loop on the other one runs VAD, the WebSocket and the pacing of every
+    session (torch taking all cores makes them wait on each forward: on 2 cores, 1 engine thread holds
+    3 real-time sessions where 2 threads hold 2); elsewhere None (leave torch's setting)."""
+    if threads is not None:
+        return threads
+    import os
+
+    return max(1, (os.cpu_count() or 1) - 1) if str(device).split(":")[0] == "cpu" else None
+
+
 class InProcClient(WireClient):
     """Sessions over the pipeline's workers on an engine thread of this process (see the module doc)."""
 
     def __init__(self, ck, *, max_sessions: int = 8, max_batch: int = 64, op_timeout_s: float = 120.0,
-                 headroom: float | None = 0.9):
+                 headroom: float | None = 0.9, threads: int | None = None):
         super().__init__(max_sessions=max_sessions, op_timeout_s=op_timeout_s)
+        self.threads = threads  # torch intra-op threads, set when the engine starts (None: leave torch's; engine_threads)
         from omnistream.runtime.workers import WORKER_TYPES
 
         self.ck = ck
@@ -54,6 +67,10 @@ class InProcClient(WireClient):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)  # (process-wide: the engine thread runs every forward)
         self._thread = threading.Thread(target=self._run, name="omnistream-engine", daemon=True)
         self._thread.start()
 

@@ -181,6 +181,9 @@ class ThinkerWorker(Worker):
     def close(self, s):
         if s.sid not in self.slots:  # the session closed (a rebuild keeps its transcriptions: they own their cache)
             self.asr.drop(s.sid)
+            cache = getattr(getattr(s.state, "thinker", None), "cache", None)
+            if hasattr(cache, "release_row"):  # its row of the batch pool goes now, not when the GC gets to it
+                cache.release_row()
 
     # ------------------------------------------------------------------ input transcription
     def tasks(self):
