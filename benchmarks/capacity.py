@@ -124,7 +124,7 @@ async def ramp(client, args) -> dict:
     speech = hello_24k()
     end = speech_end(speech)
     clip = np.concatenate([np.zeros(RATE // 4, "<i2"), speech[:end], np.zeros(RATE, "<i2")])
-    cfg = ServerConfig(port=0, max_sessions=args.max_sessions + 1, rate_limit=0,
+    cfg = ServerConfig(port=0, max_sessions=args.max_sessions + 1, rate_limit=0, max_sessions_per_ip=0,
                        defaults=SessionOptions(max_new_tokens=args.max_new_tokens, max_speech_s=args.speech_s,
                                                seed=0, window="auto"))
     rows, solo, best, figures = [], None, 0, {}
@@ -132,10 +132,12 @@ async def ramp(client, args) -> dict:
         url = f"ws://127.0.0.1:{server.port}/v1/realtime"
         for n in range(1, args.max_sessions + 1):
             res = await round_of(url, n, clip, RATE // 4 + end, args.jitter_s)
-            refused = sum("refused" in r for r in res)
+            refused = [r["refused"] for r in res if "refused" in r]
             if refused:  # the server's own capacity estimate ends the ramp
-                rows.append({"sessions": n, "realtime": False, "refused": refused, "loadavg": os.getloadavg()[0]})
-                print(f"  {n:2d} sessions: {refused} refused by admission control (HTTP 503)", file=sys.stderr)
+                rows.append({"sessions": n, "realtime": False, "refused": len(refused), "status": sorted(set(refused)),
+                             "loadavg": os.getloadavg()[0]})
+                print(f"  {n:2d} sessions: {len(refused)} refused (HTTP {sorted(set(refused))}: admission control)",
+                      file=sys.stderr)
                 break
             if solo is None:
                 solo = res[0]

@@ -11,11 +11,9 @@
   microphone would) to the first reply audio delta arriving. It includes server VAD's
   ``silence_duration_ms`` (reported beside it) -- that is what a user waits;
   ``speech_stopped_to_first_audio_s`` is the part after the server decided the turn was over.
-- ``max_realtime_sessions``: N sessions ask for a spoken reply at the same moment, for N = 1, 2,
-  ... The N passes if every session's audio stays ahead of real-time playback: delta k arrives by
-  ``t_request + first_audio_budget_s + (samples before k) / 24000`` (a player that started after
-  the budget never runs dry). The largest passing N before the first failing one is reported,
-  with every N's worst lateness.
+
+How many sessions one server holds in real time is ``benchmarks/capacity.py``'s ramp (one
+implementation of that figure).
 """
 
 from __future__ import annotations
@@ -122,74 +120,24 @@ async def voice_turns(url: str, speech: np.ndarray, turns: int) -> dict:
             "turns_s": [round(x, 3) for x in eos], "vad_silence_duration_ms": silence_ms}
 
 
-async def one_reply(url: str, budget_s: float, start: asyncio.Event) -> dict:
-    """One session asks for a spoken reply when ``start`` fires; how late did its audio run?"""
-    async with connect(url, max_size=None) as ws:
-        await _recv(ws)
-        await ws.send(json.dumps({"type": "session.update", "session": {
-            "type": "realtime", "audio": {"input": {"turn_detection": None}}}}))
-        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}}))
-        while (await _recv(ws))["type"] != "conversation.item.created":
-            pass
-        await start.wait()
-        t_req = time.perf_counter()
-        await ws.send(json.dumps({"type": "response.create"}))
-        samples, worst, first = 0, -1e9, None
-        while True:
-            ev = await _recv(ws)
-            if ev["type"] in ("response.output_audio.delta", "response.audio.delta"):
-                first = first if first is not None else ev["_t"] - t_req
-                worst = max(worst, ev["_t"] - (t_req + budget_s + samples / RATE))
-                samples += len(base64.b64decode(ev["delta"])) // 2
-            elif ev["type"] == "response.done":
-                break
-            elif ev["type"] == "error":
-                raise RuntimeError(ev["error"])
-    return {"first_audio_s": first, "worst_lateness_s": worst, "audio_s": samples / RATE}
-
-
-async def ramp(url: str, max_n: int, budget_s: float) -> tuple[int, list]:
-    best, rows = 0, []
-    for n in range(1, max_n + 1):
-        start = asyncio.Event()
-        tasks = [asyncio.create_task(one_reply(url, budget_s, start)) for _ in range(n)]
-        await asyncio.sleep(0.5)  # all sessions open and their turn committed
-        start.set()
-        res = await asyncio.gather(*tasks)
-        ok = all(r["audio_s"] > 0 and r["worst_lateness_s"] <= 0 for r in res)
-        rows.append({"sessions": n, "realtime": ok,
-                     "worst_lateness_s": round(max(r["worst_lateness_s"] for r in res), 3),
-                     "first_audio_s_max": round(max(r["first_audio_s"] or 0 for r in res), 3),
-                     "audio_s_min": round(min(r["audio_s"] for r in res), 2)})
-        if not ok:
-            break
-        best = n
-    return best, rows
-
-
-def build_client(args, max_sessions: int):
+def build_client(args):
     if args.layout:
         from omnistream.runtime.procclient import MultiProcClient
 
-        return MultiProcClient(args.model, layout=args.layout, max_sessions=max_sessions)
+        return MultiProcClient(args.model, layout=args.layout)
     from omnistream.checkpoints import load_omni
-    from omnistream.runtime.client import InProcClient
+    from omnistream.runtime.inproc import InProcClient, engine_threads
 
-    return InProcClient(load_omni(args.model), max_sessions=max_sessions)
+    return InProcClient(load_omni(args.model), threads=engine_threads("cpu"))  # as serve
 
 
 async def main_async(args) -> dict:
     speech = hello_24k()
     out = {"model": str(args.model), "layout": args.layout or "in-process", "zmq_hop_us": zmq_hop_us()}
-    cfg = ServerConfig(port=0, max_sessions=args.max_sessions + 1, rate_limit=0,
+    cfg = ServerConfig(port=0, rate_limit=0,
                        defaults=SessionOptions(max_new_tokens=args.max_new_tokens, max_speech_s=args.speech_s))
-    async with serving(build_client(args, args.max_sessions + 1), cfg) as server:
-        url = f"ws://127.0.0.1:{server.port}/v1/realtime"
-        out.update(await voice_turns(url, speech, args.turns))
-        best, rows = await ramp(url, args.max_sessions, args.first_audio_budget_s)
-    out.update({"max_realtime_sessions": best, "first_audio_budget_s": args.first_audio_budget_s,
-                "reply_speech_s": args.speech_s, "ramp": rows})
+    async with serving(build_client(args), cfg) as server:
+        out.update(await voice_turns(f"ws://127.0.0.1:{server.port}/v1/realtime", speech, args.turns))
     return out
 
 
@@ -198,11 +146,8 @@ def main() -> int:
     p.add_argument("--model", help="checkpoint directory (default: a tiny random one written to a temp dir)")
     p.add_argument("--layout", help="all-in-one | split | FILE.yaml: the ZeroMQ stage runtime (default in-process)")
     p.add_argument("--turns", type=int, default=3, help="voice turns for the latency median (default 3)")
-    p.add_argument("--max-sessions", type=int, default=8, help="ramp up to this many sessions (default 8)")
-    p.add_argument("--speech-s", type=float, default=3.0, help="reply speech per session, seconds (default 3)")
+    p.add_argument("--speech-s", type=float, default=3.0, help="reply speech, seconds (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="reply text tokens (default 24)")
-    p.add_argument("--first-audio-budget-s", type=float, default=1.5,
-                   help="startup latency a session may take before its audio must keep real time (default 1.5)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     import torch
