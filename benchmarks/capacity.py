@@ -128,7 +128,7 @@ async def ramp(client, args) -> dict:
     clip = np.concatenate([np.zeros(RATE // 4, "<i2"), speech[:end], np.zeros(RATE, "<i2")])
     cfg = ServerConfig(port=0, max_sessions=args.max_sessions + 1, rate_limit=0, max_sessions_per_ip=0,
                        defaults=SessionOptions(max_new_tokens=args.max_new_tokens, max_speech_s=args.speech_s,
-                                               seed=0, window="auto"))
+                                               seed=0, window="auto", block_sparse_dit=args.block_sparse_dit))
     rows, solo, best = [], None, 0
     async with serving(client, cfg) as server:
         url = f"ws://127.0.0.1:{server.port}/v1/realtime"
@@ -194,6 +194,7 @@ def main() -> int:
     p.add_argument("--jitter-s", type=float, default=0.3, help="the client's playout buffer (default 0.3 s)")
     p.add_argument("--first-audio-max-s", type=float, default=3.0, help="first audio later than this fails N")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--block-sparse-dit", action="store_true", help="as serve --block-sparse-dit (faster, not bit-equal)")
     p.add_argument("--headroom", type=float, default=0.9, help="in-process admission control as serve's "
                    "--headroom (default 0.9; 0: off, the ramp then runs until a session falls behind)")
     p.add_argument("--threads", type=int, default=None, help="in-process engine's torch threads (default as serve: "

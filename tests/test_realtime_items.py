@@ -28,13 +28,6 @@ pytestmark = pytest.mark.timeout(300)
 DEFAULTS = SessionOptions(max_new_tokens=6, max_speech_s=0.3, seed=5)
 
 
-def needs_items():
-    from omnistream.engine.conversation import Conversation
-
-    if not hasattr(Conversation, "add_message"):
-        pytest.skip("the engine's conversation items (Conversation.add_message) are not there yet")
-
-
 async def until(conn, kind: str, events: list, errors: bool = False):
     """Events until the first of type ``kind`` (returned); an error fails the test unless ``errors``."""
     async for ev in conn:
@@ -81,7 +74,6 @@ SYSTEM, ASSISTANT, USER = "You answer in French.", "Bonjour, que puis-je faire ?
 
 
 def test_items_created_inserted_deleted_retrieved(tiny):
-    needs_items()
 
     async def body(connect):
         events = []
@@ -135,7 +127,6 @@ def test_items_created_inserted_deleted_retrieved(tiny):
 
 
 def test_retrieve_returns_the_committed_user_audio(tiny, hello24k):  # noqa: F811 (the fixture)
-    needs_items()
 
     async def body(connect):
         events = []
@@ -156,7 +147,6 @@ def test_retrieve_returns_the_committed_user_audio(tiny, hello24k):  # noqa: F81
 
 
 def test_out_of_band_response(tiny):
-    needs_items()
 
     async def body(connect):
         events, oob = [], []
@@ -235,7 +225,6 @@ def test_deleting_a_function_call_takes_its_reply_out(tiny):
     """A forced call's reply is one pipeline item: deleting its function_call item takes it out of the
     model's context, and its call can no longer be answered; the next reply equals a session that got
     only the user message."""
-    needs_items()
     from test_realtime_tools import TOOLS
 
     async def body(connect):

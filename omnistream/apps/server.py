@@ -564,7 +564,8 @@ def run_server(args) -> int:
         max_sessions_per_ip=args.max_sessions_per_ip, trusted_proxies=tuple(args.trusted_proxy or LOOPBACK),
         drain_grace_s=args.drain_grace_s, client_secret_ttl_s=min(args.client_secret_ttl, 7200.0),
         ice_servers=tuple(args.ice_server or ()), defaults=SessionOptions(window=args.window, max_new_tokens=args.max_new_tokens,
-                                                                  max_speech_s=args.max_speech_s, seed=args.seed),
+                                                                  max_speech_s=args.max_speech_s, seed=args.seed,
+                                                                  block_sparse_dit=args.block_sparse_dit),
         limits=SessionLimits(max_turn_s=getattr(args, "max_turn_s", 120.0)),
         server_vad=not args.no_vad,
     )

@@ -40,6 +40,7 @@ class SessionOptions:
     fps: float = 2.0  # video frames per second the encoder samples
     seed: int | None = None  # seeds sampling (Thinker at temperature > 0, the Talker) and the speech noise
     transcribe: bool = False  # keep each turn's audio so a commit can ask for its input transcription
+    block_sparse_dit: bool = False  # Token2Wav's DiT attends only to the key blocks its mask allows (faster, not bit-equal)
 
 
 @dataclass

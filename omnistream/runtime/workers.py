@@ -492,7 +492,8 @@ class Token2WavWorker(Worker):
             from omnistream.model.token2wav import StreamingToken2Wav
 
             spk = self.ck.voices[msg.voice or s.options.voice]  # this reply's voice, else the session's
-            v.t2w = StreamingToken2Wav.from_config(self.ck.token2wav, spk["cond"], spk["ref_mel"], seed=s.options.seed)
+            v.t2w = StreamingToken2Wav.from_config(self.ck.token2wav, spk["cond"], spk["ref_mel"], seed=s.options.seed,
+                                                   block_sparse=s.options.block_sparse_dit)
             v.epoch, v.seq, v.samples, v.t_first, v.ended = msg.epoch, 0, 0, None, False
             return
         if v.t2w is None or msg.epoch != v.epoch:
