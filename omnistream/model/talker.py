@@ -74,6 +74,7 @@ class StreamingTalker:
             raise ValueError("voice must be a speaker entry (a dict with 'bos_token'), e.g. ckpt.voices['Chelsie']")
         self.talker = talker
         self.model = talker.model
+        self._thinker_embed = thinker_embed_tokens
         self.voice = voice
         self.config = config if config is not None else TalkerConfig()
         c = self.config
@@ -94,6 +95,17 @@ class StreamingTalker:
         self.vocab = talker.codec_head.out_features
         self._gen = torch.Generator(device=self.device)
         self.reset()
+
+    def set_voice(self, voice: dict) -> None:
+        """Speak the next reply as ``voice`` (a speaker entry). The voice enters only at a reply's
+        prefill (its bos embedding); the prompt rows in the cache do not depend on it, so a
+        per-response voice needs no rebuild and gives the codes of a Talker built with that voice."""
+        if voice is self.voice:
+            return
+        te = self._thinker_embed
+        with torch.inference_mode():
+            self._voice_bos_e = te(torch.tensor([int(voice["bos_token"])], device=te.weight.device))[0]
+        self.voice = voice
 
     @classmethod
     def from_checkpoint(cls, ckpt, voice: str = "Chelsie", config: TalkerConfig | None = None) -> StreamingTalker:

@@ -334,28 +334,6 @@ def talker_steps(talkers: list) -> list:
     return step_talkers(talkers)
 
 
-def speak_as(talker, ck, voice: str) -> None:
-    """The next reply of ``talker`` speaks as ``voice`` (a per-response voice, or back to the session's).
-
-    The voice enters the Talker at one place only: the speaker's bos embedding at the reply prefill
-    (:mod:`omnistream.model.talker`); the prompt rows in its cache do not depend on it, so a reply in
-    another voice needs no rebuild -- the same codes as a session opened with that voice.
-    """
-    entry = ck.voices[voice]  # (a voice the checkpoint lacks was refused by the thinker before any work)
-    if talker.voice is entry:
-        return
-    set_voice = getattr(talker, "set_voice", None)
-    if set_voice is not None:
-        set_voice(entry)
-        return
-    import torch
-
-    emb = ck.thinker.get_input_embeddings()
-    with torch.inference_mode():  # as StreamingTalker.__init__ computes it
-        talker._voice_bos_e = emb(torch.tensor([int(entry["bos_token"])], device=emb.weight.device))[0]
-    talker.voice = entry
-
-
 class TalkerWorker(Worker):
     name = "talker"
     handles = (wire.PromptRows, wire.TruncatePrompt, wire.Respond, wire.Step, wire.EndReply)
@@ -403,7 +381,7 @@ class TalkerWorker(Worker):
             talker.truncate_prompt(msg.n_tokens)
         elif isinstance(msg, wire.Respond):
             s.task_epoch, s.t_first_code = msg.epoch, None
-            speak_as(talker, self.ck, msg.voice or s.options.voice)
+            talker.set_voice(self.ck.voices[msg.voice or s.options.voice])  # (an unknown voice: refused by the thinker)
         elif isinstance(msg, wire.Step):
             from omnistream.model.thinker import ThinkerStep
 
