@@ -174,7 +174,7 @@ def build_client(args, layout: str):
         from omnistream.runtime.procclient import MultiProcClient
 
         return MultiProcClient(args.model, layout=layout, max_sessions=args.max_sessions + 1, device=args.device,
-                               hang_timeout_s=120)
+                               hang_timeout_s=120, headroom=args.headroom or None)
     from omnistream.checkpoints import load_omni
     from omnistream.runtime.inproc import InProcClient, engine_threads
 
