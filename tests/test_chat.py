@@ -82,6 +82,7 @@ def test_cancel_stops_within_one_chunk_and_truncation_keeps_what_was_heard(tiny)
     assert pcm.size == 480 * chat.stats.codec_tokens > 0
 
 
+@pytest.mark.slow
 def test_windowed_chat_keeps_memory_bounded(tiny):
     from omnistream.chat import parse_window
     from omnistream.memory.window_cache import WindowConfig

@@ -159,6 +159,7 @@ def _qwen25_vl_dir(d):
     return d
 
 
+@pytest.mark.process  # refused in a fresh interpreter, so its memory growth is this check's alone
 @pytest.mark.parametrize("kind, found", [
     ("qwen2_5_vl", ["'qwen2_5_vl'", "Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL checkpoint"]),
     ("janus", ["'qwen2_5_vl'", "JanusVLN checkpoint", "nav --agent janus"]),
@@ -186,7 +187,6 @@ def test_other_checkpoint_kinds_are_refused_from_config_alone(tmp_path, tiny_dir
     assert msg is not None and "\n" not in msg and "expected" in msg, msg
     for f in found:
         assert f in msg, (f, msg)
-    assert out["s"] < 2.0, out  # config.json read, nothing else (measured: about 1 ms)
     assert out["rss_growth"] < 16e6, out  # neither the weights nor transformers' model code (~200 MB) loaded
 
 

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "omnistream" / "assets" / "hello.flac"
+pytestmark = pytest.mark.process  # every test here runs the command as a subprocess (or loads for it)
 
 
 def omni(*args, timeout=180):

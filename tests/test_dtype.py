@@ -60,6 +60,7 @@ def test_bf16_chat_equals_fp32_where_greedy_choices_agree(tiny_dir):
             break
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_cli_chat_runs_in_bf16_on_cpu(tiny_dir, dtype):
     """`chat --device cpu --dtype bf16` runs its tiny path (speech in, text out) with bf16 weights."""

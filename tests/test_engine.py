@@ -60,6 +60,7 @@ def _run(tiny, scripts, barge=None):
     return asyncio.run(main())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sessions_in_a_batch_get_what_they_get_alone(tiny):
     batched, sched = _run(tiny, SCRIPTS)
@@ -74,6 +75,7 @@ def test_sessions_in_a_batch_get_what_they_get_alone(tiny):
             assert np.abs(bp - sp).max() <= 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_barge_in_drops_one_row_and_never_disturbs_the_others(tiny):
     scripts = {k: SCRIPTS[k] for k in ("short", "long", "late")}

@@ -225,19 +225,15 @@ def _rss_bytes() -> tuple[int, int]:
 
 
 def test_wrong_checkpoint_kind_is_refused_before_allocating(tiny_dir, tmp_path):
-    """An Omni checkpoint given as a JanusVLN one: one line naming both kinds, in well under 2 s, and no
-    default-size Qwen2.5-VL built on the way (that took 30 GB of fp32 and the OOM killer)."""
-    import time
-
+    """An Omni checkpoint given as a JanusVLN one: one line naming both kinds, and no default-size
+    Qwen2.5-VL built on the way (that took 30 GB of fp32 and the OOM killer): memory stays flat."""
     cur0, peak0 = _rss_bytes()
-    t0 = time.perf_counter()
     with pytest.raises(JanusError) as e:
         JanusAgent.from_pretrained(tiny_dir)
-    elapsed = time.perf_counter() - t0
     cur1, peak1 = _rss_bytes()
     msg = str(e.value)
     assert "qwen2_5_omni" in msg and "Qwen2_5OmniForConditionalGeneration" in msg and "'qwen2_5_vl'" in msg
-    assert "\n" not in msg and elapsed < 2.0
+    assert "\n" not in msg
     assert cur1 - cur0 < 100 * 2**20 and peak1 - peak0 < 100 * 2**20
     # other kinds of wrong directory, each named
     (tmp_path / "cfg").mkdir()

@@ -253,6 +253,7 @@ def test_admin_drain_is_authorised(tiny):
 
 
 # ---------------------------------------------------------------------------------- drain
+@pytest.mark.slow
 def test_drain_lets_the_running_reply_finish_and_closes_idle_sessions(tiny):
     async def body():
         cfg = config(defaults=LONG, server_vad=False, drain_grace_s=30)
@@ -282,6 +283,7 @@ def test_drain_lets_the_running_reply_finish_and_closes_idle_sessions(tiny):
     run(body())
 
 
+@pytest.mark.slow
 def test_drain_cuts_a_reply_still_running_at_the_end_of_the_grace(tiny):
     async def body():
         grace = 4.0  # the cut at 2 s: the ~6-s reply is running; 2 s for its end and the close on a loaded CPU

@@ -261,6 +261,7 @@ async def session_update_mid_reply_and_mid_turn(s: Session) -> None:
     await ends()
 
 
+@pytest.mark.slow
 def test_session_update_during_a_reply_and_an_open_turn(tiny):
     """:func:`session_update_mid_reply_and_mid_turn` on the in-process pipeline."""
     async def body():
@@ -288,6 +289,7 @@ class _LosesFirstReply(InProcClient):
             yield e
 
 
+@pytest.mark.slow
 def test_a_reply_the_pipeline_never_ends_still_ends(tiny):
     """No event from the pipeline for reply_idle_s: an error event (reply_timeout), a failed
     response.done, and the session answers the next turn."""
@@ -310,6 +312,7 @@ def test_a_reply_the_pipeline_never_ends_still_ends(tiny):
 
 
 # ---------------------------------------------------------------------------------- slow readers, admission
+@pytest.mark.slow
 def test_a_client_that_stops_reading_is_dropped(tiny):
     """A raw WebSocket client that stops reading during a reply: the server's buffered output for
     it stays bounded and the session is closed (send_timeout_s), not kept forever."""

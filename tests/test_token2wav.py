@@ -84,6 +84,7 @@ def test_one_chunk_equals_transformers_offline(tiny):
     assert torch.equal(out2.mel, out.mel)
 
 
+@pytest.mark.slow
 def test_presets_stream_close_to_offline(tiny):
     """(b) Both presets on the same 200 codes (8 s), vs transformers' sample + BigVGAN."""
     t2w = tiny.token2wav

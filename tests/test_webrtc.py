@@ -285,6 +285,7 @@ def test_ephemeral_key_minted_used_then_refused(tiny, monkeypatch):
     run(go())
 
 
+@pytest.mark.slow
 def test_webrtc_voice_turn(tiny, monkeypatch, hello24k):  # noqa: F811 (the fixture)
     """The clip goes in over Opus; server VAD finds the speech where it finds it in the clip itself,
     the turn is answered, the reply's audio comes back on the track for as long as the server sent
@@ -358,6 +359,7 @@ class CameraTrack(MediaStreamTrack):
         return f
 
 
+@pytest.mark.slow
 def test_webrtc_camera_frames_at_the_session_fps(tiny, monkeypatch):
     """A 10 fps camera track reaches the session as input_image items at its 2 fps, each frame the
     picture the camera showed."""
@@ -411,6 +413,7 @@ def test_unconnected_calls_hold_a_session_slot_until_the_connect_timeout(tiny, m
     run(go())
 
 
+@pytest.mark.slow
 def test_output_audio_buffer_clear_silences_the_reply(tiny, monkeypatch):
     """A typed question gets a spoken reply on the track; ``output_audio_buffer.clear`` drops what
     is queued (``cleared``) and truncates the item to what the track sent, ``response.cancel`` ends
@@ -447,6 +450,7 @@ def test_output_audio_buffer_clear_silences_the_reply(tiny, monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_webrtc_barge_in_cuts_the_reply_audio(tiny, monkeypatch, hello24k):  # noqa: F811 (the fixture)
     """Speaking over the reply (server VAD) cancels it: the item is truncated to what was played,
     ``output_audio_buffer.cleared`` comes, and the track goes silent at once."""

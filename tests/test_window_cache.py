@@ -148,6 +148,7 @@ def test_kernel_path_equals_dynamic_cache(thinker, lm, window_attn):
     assert (win.next_token_logits() - ref.next_token_logits()).abs().max() <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_kernel_path_equals_rotated_path_after_eviction(thinker, lm, window_attn, monkeypatch, backend):
     """Same session, W=24 (evicts): kernel mode == the rotated-key path at every forward; the Triton
@@ -453,6 +454,7 @@ def _buffers(cache):
     return [(t.data_ptr(), tuple(t.shape)) for t in tensors]
 
 
+@pytest.mark.slow
 def test_memory_bounded_and_positions_small_over_5k_steps(lm):
     S, W, T = 4, 32, 8
     cache = WindowCache(lm.config, WindowConfig(sink_tokens=S, window_tokens=W, chunk_tokens=T))
@@ -567,6 +569,7 @@ def _media_turn(ck, seconds, *, segment_s, video=True, W=64, T=64, seed=0):
     return chat, hist
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("video", [True, False])
 def test_segment_cutting_bounds_rotated_positions(tiny, video):
     """40 s of media with 4-s segments: the rotated positions plateau (the same maximum over the
