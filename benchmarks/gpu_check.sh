@@ -12,7 +12,9 @@
 # (delete a file to redo its step). Checkpoints are config-only (`make-tiny --shape 7b`: no download;
 # random weights created on the GPU in bf16) and written to $WORK (default /tmp/omnistream-gpu-check),
 # outside $OUT. Steps (time limits on the GPU; a failing step does not stop the others):
-#   pytest       120 s  tests/test_talker_graphs.py (CUDA graph replay == eager static step), tests/test_kernels.py
+#   pytest       120 s  tests/test_talker_graphs.py (CUDA graph replay == eager static step), tests/test_kernels.py,
+#                       tests/test_wire.py (device tensors leave a process through to_cpu),
+#                       tests/test_batched_decode.py (the kernel over ragged rows, compiled)
 #                       + the kernel-path tests of tests/test_window_cache.py (Triton compiled for the GPU)
 #                                                                                     -> pytest.json
 #   kernels       80 s  benchmarks/kernel_bench.py: Triton decode attention vs SDPA / FlexAttention, bf16+fp16,
@@ -115,7 +117,7 @@ import pytest
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_talker_graphs.py", "tests/test_kernels.py",
-                          "tests/test_window_cache.py",
+                          "tests/test_window_cache.py", "tests/test_wire.py", "tests/test_batched_decode.py",
                           "-k", "not test_window_cache or kernel", "-rs"]))
 print(json.dumps({"rc": rc, "tail": buf.getvalue().splitlines()[-15:]}))
 sys.exit(rc)'

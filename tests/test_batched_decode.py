@@ -203,6 +203,8 @@ def test_thinker_batch_through_triton_kernel(tiny, monkeypatch):
     """Kernel-mode rows decoded by the Triton kernel (interpreter on CPU) with per-row slots == solo."""
     if not K.triton_available():
         pytest.skip("triton is not installed")
+    if torch.cuda.is_available():  # the interpreter is off on GPU machines (tests/conftest.py)
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set only without CUDA)")
     solo = [make_thinker(tiny, "kernel") for _ in range(2)]
     bat = [make_thinker(tiny, "kernel") for _ in range(2)]
     for th, p in zip(solo + bat, PROMPTS[2:4] * 2):
@@ -266,7 +268,10 @@ def test_window_attention_ragged_rows_equal_per_row(backend):
     k[~valid[:, None].expand(B, Hkv, N)] = float("nan")  # padding garbage must never leak
     v[~valid[:, None].expand(B, Hkv, N)] = float("nan")
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    out = K.window_decode_attention(q, q_pos, k, v, slot_pos, valid, inv_freq, section, backend=backend)
+    # Triton runs compiled on a GPU machine (no interpreter there): the kernel's rows go to the GPU
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    args = [t.to(dev) for t in (q, q_pos, k, v, slot_pos, valid, inv_freq)]
+    out = K.window_decode_attention(*args, section, backend=backend).cpu()
     for b, n in enumerate(lengths):
         alone = K.window_decode_attention_ref(q[b : b + 1], q_pos[b : b + 1], k[b : b + 1, :, :n],
                                               v[b : b + 1, :, :n], slot_pos[b : b + 1, :, :n], None, inv_freq,

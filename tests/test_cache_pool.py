@@ -190,6 +190,8 @@ def test_span_with_an_idle_row_through_triton_kernel(tiny, pool, spy, monkeypatc
 
     if not K.triton_available():
         pytest.skip("triton is not installed")
+    if torch.cuda.is_available():  # the interpreter is off on GPU machines (tests/conftest.py)
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set only without CUDA)")
     cfg = replace(CFG, kernel=True)
     bat = [window_thinker(tiny.thinker, cfg) for _ in range(3)]
     solo = [private(tiny, cfg) for _ in range(3)]
