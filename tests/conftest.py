@@ -49,3 +49,15 @@ def _denormals_restored():
     this process must not leave that on for later tests (hypothesis refuses to run without them)."""
     yield
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny DiT / BigVGAN (``pytestmark = usefixtures("one_thread")``),
+    restored afterwards. Their ops take tens of microseconds; with two OpenMP threads on a busy 2-core
+    box (other test processes running) each op waits on a descheduled peer and a forward slows ~40x
+    (measured 19 ms -> 1.5 s), while one thread stays at ~35 ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,19 +26,7 @@ from omnistream.model.token2wav import (
 )
 from omnistream.model.token2wav_jobs import batch_invariant_convs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's DiT/BigVGAN on one intra-op thread, restoring the setting afterwards.
-
-    The tiny DiT's ops take tens of microseconds; with two OpenMP threads on a busy 2-core box
-    (other test processes running) each op waits on a descheduled peer and a forward slows ~40x
-    (measured 19 ms -> 1.5 s), while one thread stays at ~35 ms.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _voice(tiny, name="Chelsie"):

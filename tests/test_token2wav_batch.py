@@ -20,13 +20,7 @@ CFG = StreamingConfig(chunk_codes=12, left_codes=12, right_codes=6, vocoder_cont
 STEPS = 4  # 3 RK4 steps = 12 DiT evaluations per window: the same code path as 10 steps, 3x cheaper
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny DiT's ops are tens of microseconds (see test_token2wav.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _voices(tiny):

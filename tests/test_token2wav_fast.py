@@ -23,19 +23,9 @@ from omnistream.model.token2wav_jobs import (
     batch_invariant_convs,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny models' ops are tens of microseconds (see test_token2wav.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-def _voice(tiny, name="Chelsie"):
-    v = tiny.voices[name]
-    return v["cond"][None].float(), v["ref_mel"].float()  # (1, 192), (1, T, 80)
 
 
 @pytest.mark.parametrize("channels,frames", [(32, 17), (8, 400), (1, 1202), (2, 13440)])
@@ -102,6 +92,8 @@ def test_block_attention_equals_masked_full_attention(tiny, frames):
 
 def test_default_dit_is_transformers_sample_bitwise_and_block_sparse_is_close(tiny):
     t2w = tiny.token2wav
+    from test_token2wav import _voice
+
     cond, ref_mel = _voice(tiny, "Ethan")
     codes = torch.randint(0, 8192, (1, 45), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
