@@ -49,12 +49,24 @@ def make_thinker(tiny, kind):
 def run_schedule(tiny, kinds, batched):
     """Greedy decode of every session by SCHEDULE; returns (thinkers, tokens per session, logits per
     session, the tick each window cache first evicted)."""
-    ths = [make_thinker(tiny, k) for k in kinds]
-    for th, p in zip(ths, PROMPTS):
+    return decode_schedule([make_thinker(tiny, k) for k in kinds], PROMPTS, SCHEDULE, batched)
+
+
+def decode_schedule(ths, prompts, schedule, batched, barge=None):
+    """Prefill ``prompts[i]`` into ``ths[i]``, then decode greedily: session i joins at tick
+    ``schedule[i][0]`` for ``schedule[i][1]`` steps, all live sessions in one ``step_tokens`` per tick
+    (``batched``) or one by one; ``barge`` = (session, tick, tokens dropped) truncates that session
+    before that tick. Returns (thinkers, tokens per session, logits per session, the tick each window
+    cache first evicted)."""
+    for th, p in zip(ths, prompts):
         th.append_text(p)
     toks, logits, evicted_at = [[] for _ in ths], [[] for _ in ths], {}
-    for tick in range(max(j + n for j, n in SCHEDULE)):
-        live = [i for i, (j, n) in enumerate(SCHEDULE) if j <= tick < j + n]
+    for tick in range(max(j + n for j, n in schedule)):
+        if barge is not None and tick == barge[1]:
+            th = ths[barge[0]]
+            th.truncate(th.n_tokens - barge[2])
+            del toks[barge[0]][-barge[2]:]
+        live = [i for i, (j, n) in enumerate(schedule) if j <= tick < j + n]
         new = [int(torch.argmax(ths[i].next_token_logits())) for i in live]
         if batched:
             step_tokens([ths[i] for i in live], new)

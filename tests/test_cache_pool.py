@@ -67,28 +67,10 @@ def pool(tiny):
 
 
 def run(tiny, make, batched):
-    ths = [make(tiny) for _ in PROMPTS]
-    for th, p in zip(ths, PROMPTS):
-        th.append_text(p)
-    toks, logits, evicted_at = [[] for _ in ths], [[] for _ in ths], {}
-    for tick in range(max(j + n for j, n in SCHEDULE)):
-        if tick == BARGE[1]:
-            th = ths[BARGE[0]]
-            th.truncate(th.n_tokens - BARGE[2])
-            del toks[BARGE[0]][-BARGE[2]:]
-        live = [i for i, (j, n) in enumerate(SCHEDULE) if j <= tick < j + n]
-        new = [int(torch.argmax(ths[i].next_token_logits())) for i in live]
-        if batched:
-            step_tokens([ths[i] for i in live], new)
-        else:
-            for i, t in zip(live, new):
-                ths[i].append_text([t])
-        for i, t in zip(live, new):
-            toks[i].append(t)
-            logits[i].append(ths[i].next_token_logits().clone())
-            if ths[i].cache.evicted:
-                evicted_at.setdefault(i, tick)
-    return ths, toks, logits, evicted_at
+    """SCHEDULE decoded over thinkers made by ``make``, with the BARGE (test_batched_decode's loop)."""
+    from test_batched_decode import decode_schedule
+
+    return decode_schedule([make(tiny) for _ in PROMPTS], PROMPTS, SCHEDULE, batched, BARGE)
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["rotated", "kernel"])
