@@ -72,6 +72,37 @@ def test_one_chunk_equals_transformers_offline(tiny):
     assert torch.equal(out2.mel, out.mel)
 
 
+def test_merge_tail_ends_a_reply_in_the_window_that_spans_it(tiny):
+    """A reply that ends inside a chunk's look-ahead (DEFAULT: first chunk 24 + look-ahead 24 codes; a
+    40-code reply) is one DiT window over all its codes and one vocoder span: exactly transformers'
+    sample + BigVGAN on the whole reply (the oracle of test a), whatever the push size. Without
+    ``merge_tail`` the same reply runs that window twice (the second time for its last 16 codes) and
+    vocodes it in two spans."""
+    t2w = tiny.token2wav
+    cond, ref_mel = _voice(tiny)
+    codes = _codes(40, 1)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        mel = t2w.code2wav_dit_model.sample(cond, ref_mel, codes)
+        with batch_invariant_convs():
+            wav = t2w.code2wav_bigvgan_model(mel).numpy()
+    runs = {}
+    for merge in (True, False):
+        cfg = StreamingConfig(**{**DEFAULT.__dict__, "merge_tail": merge})
+        for push in (1, 7, 40):
+            st = StreamingToken2Wav.from_config(t2w, cond, ref_mel, cfg, seed=7)
+            assert [c for i in range(0, 40, push) for c in st.push(codes[0, i : i + push])] == []  # < 48 codes
+            chunks = st.finish()
+            runs[merge, push] = (np.concatenate(chunks), st.mel, st.dit_evals, len(chunks))
+    pcm, got_mel, evals, n_chunks = runs[True, 1]
+    assert torch.equal(got_mel, mel) and np.array_equal(pcm, wav) and n_chunks == 1
+    assert runs[False, 1][2] == 2 * evals and runs[False, 1][3] == 2
+    assert np.abs(runs[False, 1][0] - wav).max() <= 1e-4  # the split span: another rounding near its seam
+    for merge in (True, False):
+        for push in (7, 40):
+            assert np.array_equal(runs[merge, push][0], runs[merge, 1][0])
+
+
 @pytest.mark.slow
 def test_presets_stream_close_to_offline(tiny):
     """(b) Both presets on the same 200 codes (8 s), vs transformers' sample + BigVGAN."""

@@ -15,8 +15,9 @@ from omnistream.model.token2wav import StreamingConfig, StreamingToken2Wav
 from omnistream.model.token2wav_jobs import DiTJob, VocoderJob, batch_invariant_convs, run_jobs, step_batch
 
 # One DiT block (24 frames) = 12 codes: steady windows are 36 codes, first ones 12 and 24.
+# merge_tail as DEFAULT: a reply ending inside a look-ahead is finished by that window.
 CFG = StreamingConfig(chunk_codes=12, left_codes=12, right_codes=6, vocoder_context_frames=8, first_chunk_codes=6,
-                      block_align=True)
+                      block_align=True, merge_tail=True)
 STEPS = 4  # 3 RK4 steps = 12 DiT evaluations per window: the same code path as 10 steps, 3x cheaper
 
 

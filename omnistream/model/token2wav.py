@@ -69,6 +69,7 @@ class StreamingConfig:
     vocoder_context_frames: int  # mel frames of context on each side of a vocoded span
     first_chunk_codes: int | None = None  # None: same as chunk_codes
     block_align: bool = False  # move each window start down to a DiT block boundary
+    merge_tail: bool = False  # at the end of a reply, the last chunk takes every code its window holds
 
     def __post_init__(self):
         for name in ("chunk_codes", "left_codes", "right_codes", "vocoder_context_frames"):
@@ -109,10 +110,13 @@ QWEN_REFERENCE = StreamingConfig(chunk_codes=36, left_codes=24, right_codes=12, 
 # windows start on DiT block boundaries (misaligned windows cost ~35-50 dB on the tiny model). Same
 # 48-code first packet with the same DiT work and less vocoder work (48 vs 72 frames); every later
 # chunk keeps Qwen's 36-code cadence. The vocoder context stays at Qwen's 20 frames: 32 measured
-# no better.
+# no better. ``merge_tail``: a reply that ends inside a chunk's look-ahead is finished by that
+# chunk's window, which already spans every code left (Qwen's scheme runs a second window over the
+# same codes for the last few): one DiT window and one vocoder span fewer on about 40% of replies
+# and on every reply of 25-47 codes, whose whole audio then comes in one piece.
 DEFAULT = StreamingConfig(
     chunk_codes=36, left_codes=48, right_codes=24, vocoder_context_frames=20,
-    first_chunk_codes=24, block_align=True,
+    first_chunk_codes=24, block_align=True, merge_tail=True,
 )
 
 
@@ -181,12 +185,12 @@ class StreamingToken2Wav:
 
     def __init__(self, token2wav, conditioning, reference_mel, *, chunk_codes: int, left_codes: int,
                  right_codes: int, vocoder_context_frames: int, first_chunk_codes: int | None = None,
-                 block_align: bool = False, num_steps: int = 10, guidance_scale: float = 0.5,
+                 block_align: bool = False, merge_tail: bool = False, num_steps: int = 10, guidance_scale: float = 0.5,
                  sway_coefficient: float | None = -1.0, seed: int | None = None,
                  generator: torch.Generator | None = None, noise: torch.Tensor | SeededNoise | None = None,
                  return_numpy: bool = True, block_sparse: bool = False):
         self.config = StreamingConfig(chunk_codes, left_codes, right_codes, vocoder_context_frames,
-                                      first_chunk_codes, block_align)
+                                      first_chunk_codes, block_align, merge_tail)
         if guidance_scale < 1e-5:
             raise ValueError("guidance_scale 0 (no CFG) is not supported by the streaming DiT")
         self.dit = token2wav.code2wav_dit_model
@@ -236,7 +240,7 @@ class StreamingToken2Wav:
         c = config or DEFAULT
         return cls(token2wav, conditioning, reference_mel, chunk_codes=c.chunk_codes, left_codes=c.left_codes,
                    right_codes=c.right_codes, vocoder_context_frames=c.vocoder_context_frames,
-                   first_chunk_codes=c.first_chunk_codes, block_align=c.block_align, **kw)
+                   first_chunk_codes=c.first_chunk_codes, block_align=c.block_align, merge_tail=c.merge_tail, **kw)
 
     # ---------------------------------------------------------------- public API
     @property
@@ -299,8 +303,10 @@ class StreamingToken2Wav:
             n, a = len(self.codes), self._next_chunk
             if a < n:
                 b = self._chunk_end(a)
-                if self._finished or b + self.config.right_codes <= n:
-                    return [self._plan_dit(a, min(b, n))]
+                if b + self.config.right_codes <= n:  # the chunk has its look-ahead
+                    return [self._plan_dit(a, b)]
+                if self._finished:  # the reply ended inside the chunk's look-ahead: its window ends at n
+                    return [self._plan_dit(a, n if self.config.merge_tail else min(b, n))]
             if not self._finished or self._flushed:
                 return []
             self._flushed, self._vocode_due = True, True  # the tail: vocode every frame left
