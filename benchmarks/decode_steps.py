@@ -15,6 +15,11 @@ device time means the step is bound by kernel launches and Python, which CUDA gr
 ``--talker both`` (default) measures the Talker step twice in one run: ``eager`` (transformers'
 forward over BatchCache) and ``static`` (omnistream.model.graphs: static rows, replayed as CUDA
 graphs on CUDA); ``talker_static_speedup`` is the ratio per batch size.
+The same two modes apply to the Thinker on window caches (``thinker_window_step_ms``: B
+``window_thinker`` sessions, rotated layout, whose caches are rows of one RowPool): ``eager`` is
+``step_tokens``' PoolBatch forward, ``static`` the static step of omnistream.model.thinker_graphs
+(CUDA graphs on CUDA); ``thinker_static_speedup`` is the ratio per batch size. ``thinker_step_ms``
+(growing caches, BatchCache) has no static path: it is the same in both modes.
 ``talker_budget_ms`` is one codec token of speech (20 ms: 50 codes per second);
 ``max_sessions_talker_realtime`` is the largest B whose Talker step fits that budget (the Thinker,
 Token2Wav and the encoders share the same GPU on top of it).
@@ -42,9 +47,11 @@ from first_packet import force_length  # noqa: E402
 
 from omnistream.checkpoints import check_device, load_omni  # noqa: E402
 from omnistream.engine.turns import SpeechRates  # noqa: E402
+from omnistream.memory.window_cache import WindowConfig  # noqa: E402
 from omnistream.model.graphs import disable_talker_graphs, enable_talker_graphs  # noqa: E402
 from omnistream.model.talker import StreamingTalker, TalkerConfig, step_talkers  # noqa: E402
-from omnistream.model.thinker import StreamingThinker, step_tokens  # noqa: E402
+from omnistream.model.thinker import StreamingThinker, step_tokens, window_thinker  # noqa: E402
+from omnistream.model.thinker_graphs import disable_thinker_graphs, enable_thinker_graphs  # noqa: E402
 from omnistream.random_checkpoints import make_tiny  # noqa: E402
 
 
@@ -79,7 +86,8 @@ def timed(fn, dev: torch.device, n: int, profile: bool, table: list | None = Non
     return statistics.median(walls), gpu
 
 
-def measure(ck, batch: int, prompt: list[int], steps: int, profile: bool, table: list | None = None) -> dict:
+def measure(ck, batch: int, prompt: list[int], steps: int, profile: bool, table: list | None = None,
+            window: WindowConfig | None = None) -> dict:
     dev = ck.thinker.device
     # the Thinker: B sessions that prefilled the same prompt, stepped together
     ths = [StreamingThinker(ck.thinker) for _ in range(batch)]
@@ -94,6 +102,19 @@ def measure(ck, batch: int, prompt: list[int], steps: int, profile: bool, table:
 
     thinker_tick()  # warm-up (first batched forward)
     th_ms, th_gpu = timed(thinker_tick, dev, steps, profile, table)
+
+    # the Thinker on window caches (rows of one RowPool): PoolBatch, or the static step when enabled
+    wths = [window_thinker(ck.thinker, window or WindowConfig(kernel=False)) for _ in range(batch)]
+    for th in wths:
+        th.append_text(prompt)
+
+    def window_tick():
+        step_tokens(wths, [int(torch.argmax(th.next_token_logits())) for th in wths])
+
+    window_tick()  # warm-up (the static mode captures its bucket's graph here)
+    tw_ms, tw_gpu = timed(window_tick, dev, steps, profile)
+    for th in wths:
+        th.cache.release_row()
 
     # the Talker: prompt rows + the reply's Thinker steps of one solo session, fed to B talkers
     st = StreamingThinker(ck.thinker, record=True)
@@ -116,7 +137,9 @@ def measure(ck, batch: int, prompt: list[int], steps: int, profile: bool, table:
         talker_tick()
     tk_ms, tk_gpu = timed(talker_tick, dev, min(steps, len(reply) - fed[0] - 3 - 1), profile, table)
     return {"batch": batch, "thinker_step_ms": round(th_ms, 3), "thinker_gpu_ms": th_gpu and round(th_gpu[0], 3),
-            "thinker_kernels": th_gpu and th_gpu[1], "talker_step_ms": round(tk_ms, 3),
+            "thinker_kernels": th_gpu and th_gpu[1], "thinker_window_step_ms": round(tw_ms, 3),
+            "thinker_window_gpu_ms": tw_gpu and round(tw_gpu[0], 3), "thinker_window_kernels": tw_gpu and tw_gpu[1],
+            "talker_step_ms": round(tk_ms, 3),
             "talker_gpu_ms": tk_gpu and round(tk_gpu[0], 3), "talker_kernels": tk_gpu and tk_gpu[1],
             "thinker_ms_per_session": round(th_ms / batch, 3), "talker_ms_per_session": round(tk_ms / batch, 3)}
 
@@ -131,16 +154,19 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length per session (default 128)")
     p.add_argument("--no-profile", action="store_true", help="skip the CUDA kernel-time profile")
     p.add_argument("--talker", default="both", choices=["both", "eager", "static"],
-                   help="Talker step: eager (BatchCache), static (static rows; CUDA graphs on CUDA), both side by side")
+                   help="Talker and window-Thinker steps: eager (BatchCache / PoolBatch), static (static rows; "
+                        "CUDA graphs on CUDA), both side by side")
+    p.add_argument("--window", type=int, default=1024, help="window tokens of the window-Thinker sessions (default 1024)")
     p.add_argument("--table", metavar="FILE", help="write the profiler's op tables (Thinker, Talker) at the first batch size")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     args = p.parse_args()
     try:
         batches = [int(b) for b in args.batches.split(",")]
-        if min(batches) < 1 or args.steps < 2 or args.prompt_tokens < 1:
+        if min(batches) < 1 or args.steps < 2 or args.prompt_tokens < 1 or args.window < 1:
             raise ValueError
     except ValueError:
-        p.error("--batches must be positive integers (1,2,4), --steps >= 2, --prompt-tokens >= 1")
+        p.error("--batches must be positive integers (1,2,4), --steps >= 2, --prompt-tokens >= 1, --window >= 1")
+    window = WindowConfig(sink_tokens=4, window_tokens=args.window, kernel=False)  # rotated layout: static-capable
     device = check_device(args.device)
     if args.model == ".cache/tiny-omni" and not Path(args.model).exists():
         make_tiny(args.model)
@@ -153,10 +179,12 @@ def main() -> int:
     modes = ["eager", "static"] if args.talker == "both" else [args.talker]
     for i, (mode, b) in enumerate((m, b) for m in modes for b in batches):
         disable_talker_graphs(ck.talker)
+        disable_thinker_graphs(ck.thinker)
         if mode == "static":
             enable_talker_graphs(ck.talker, rows=max(batches))
+            enable_thinker_graphs(ck.thinker)
         tables = [] if args.table and i == 0 else None
-        results.append({"talker": mode, **measure(ck, b, prompt, args.steps, not args.no_profile, tables)})
+        results.append({"talker": mode, **measure(ck, b, prompt, args.steps, not args.no_profile, tables, window)})
         if tables:
             named = zip(("Thinker", "Talker"), tables)
             Path(args.table).write_text("\n\n".join(f"{name} step, batch {b}\n{t}" for name, t in named))
@@ -165,12 +193,16 @@ def main() -> int:
     fits = {m: max([r["batch"] for r in results if r["talker"] == m and r["talker_step_ms"] <= budget], default=0)
             for m in modes}
     ratio = {r["batch"]: r["talker_step_ms"] for r in results if r["talker"] == "eager"}
+    th_ratio = {r["batch"]: r["thinker_window_step_ms"] for r in results if r["talker"] == "eager"}
     out = {"benchmark": "decode_steps", "model": args.model, "device": str(ck.thinker.device),
            "dtype": str(ck.thinker.dtype), "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
            "talker_budget_ms": budget, "max_sessions_talker_realtime": max(fits.values()),
            "max_sessions_talker_realtime_by_mode": fits,
            "talker_static_speedup": {r["batch"]: round(ratio[r["batch"]] / r["talker_step_ms"], 2) for r in results
                                      if r["talker"] == "static" and r["batch"] in ratio},
+           "thinker_static_speedup": {r["batch"]: round(th_ratio[r["batch"]] / r["thinker_window_step_ms"], 2)
+                                      for r in results if r["talker"] == "static" and r["batch"] in th_ratio},
+           "window_tokens": args.window,
            "loadavg": os.getloadavg()[0], "results": results}
     print(json.dumps(out, indent=None if args.json else 1))
     return 0

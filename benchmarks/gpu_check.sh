@@ -116,7 +116,8 @@ import contextlib, io, json, sys
 import pytest
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
-    rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_talker_graphs.py", "tests/test_kernels.py",
+    rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_talker_graphs.py",
+                          "tests/test_thinker_graphs.py", "tests/test_kernels.py",
                           "tests/test_window_cache.py", "tests/test_wire.py", "tests/test_batched_decode.py",
                           "-k", "not test_window_cache or kernel", "-rs"]))
 print(json.dumps({"rc": rc, "tail": buf.getvalue().splitlines()[-15:]}))

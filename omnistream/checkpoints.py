@@ -319,16 +319,20 @@ def load_omni(
     except Exception as e:  # safetensors, tokenizers and hub errors have no common base
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
     model.to(device).eval()
-    graphs = False
     if talker:
         model.token2wav.float()  # the DiT ODE and the vocoder run in fp32, as upstream does
-        from omnistream.model.graphs import enable_talker_graphs, graphs_wanted
+    from omnistream.model.graphs import enable_talker_graphs, graphs_wanted
+    from omnistream.model.thinker_graphs import enable_thinker_graphs
 
-        if graphs := graphs_wanted(device):  # Talker decode steps replayed as CUDA graphs
+    if graphs := graphs_wanted(device):  # decode steps replayed as CUDA graphs
+        enable_thinker_graphs(model.thinker)
+        if talker:
             enable_talker_graphs(model.talker)
-    log.info("loaded %s on %s in %s (attention %s%s%s)", path, device, dtype, attn_implementation,
-             ", Talker CUDA graphs" if graphs else "", ", random weights" if random_init is not None else "")
-    return OmniCheckpoint(
+    forced = os.environ.get(FORCE_LENGTH_ENV, "0") == "1"
+    log.info("loaded %s on %s in %s (attention %s%s%s%s)", path, device, dtype, attn_implementation,
+             ", CUDA graphs" if graphs else "", ", random weights" if random_init is not None else "",
+             f", replies forced to their configured length ({FORCE_LENGTH_ENV}=1)" if forced else "")
+    ck = OmniCheckpoint(
         path=str(path),
         model=model,
         tokenizer=tokenizer,
@@ -336,6 +340,37 @@ def load_omni(
         vision=vision,
         voices=dict(model.speaker_map),
     )
+    if forced:
+        force_length(ck)
+    return ck
+
+
+FORCE_LENGTH_ENV = "OMNISTREAM_FORCE_LENGTH"
+"""``OMNISTREAM_FORCE_LENGTH=1``: every :func:`load_omni` of the process (and of the stage processes it
+starts, which inherit it) applies :func:`force_length` -- for benchmarks on random weights."""
+
+
+def force_length(ck: OmniCheckpoint) -> list:
+    """Suppress the Thinker's stop tokens and the Talker's end / special codes (-inf logits), so replies
+    run to their configured length (``max_new_tokens``, ``max_speech_s``). Why: random weights end a
+    reply after a few dozen codes, and a benchmark of such short replies measures start-up, not the
+    steady state a real conversation runs in. Returns the hook handles (``.remove()`` undoes it)."""
+    gen = ck.model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    stop = sorted({t for t in eos + [ck.tokenizer.eos_token_id, ck.tokenizer.pad_token_id] if t is not None})
+
+    def mask(head, ids):
+        idx = torch.tensor(ids, device=head.weight.device)  # made once: a hook inside a CUDA graph copies nothing
+
+        def hook(module, inputs, out):  # out (..., V)
+            return out.index_fill_(-1, idx, float("-inf"))
+        return head.register_forward_hook(hook)
+
+    handles = [mask(ck.thinker.lm_head, stop)]
+    if getattr(ck.model, "has_talker", False):
+        num_codes = ck.config.token2wav_config.dit_config.num_embeds - 1  # 8192 speech codes
+        handles.append(mask(ck.talker.codec_head, list(range(num_codes, ck.config.talker_config.vocab_size))))
+    return handles
 
 
 def random_model(cls, config, device, dtype: torch.dtype, attn: str, seed: int):

@@ -36,7 +36,7 @@ and its masked attention reads one row, where ``index_select`` reads and writes 
 session replies takes the plain view. A row's slots past its own ``L_b`` hold stale or zero keys of its own session:
 the same padding mask hides them (``finfo.min`` before the softmax: an exact zero weight). Slicing
 the slots to ``L_max`` keeps young sessions from attending over the whole window; a CUDA-graph capture
-would take all ``S`` slots and power-of-two row buckets instead (static shapes; not done here).
+takes all ``S`` slots and power-of-two row buckets instead (static shapes: :mod:`omnistream.model.thinker_graphs`).
 
 Attention over ragged rows:
 

@@ -27,6 +27,10 @@ re-made, graphs re-captured) when a talker finds no free row or a row would over
 
 Without CUDA (or ``graphs=False``) the same static step runs eagerly: tests/test_talker_graphs.py
 compares it with the BatchCache step on CPU, and the replay with the eager static step on CUDA.
+
+The Thinker's batched decode step over window-cache rows is captured the same way, with the pieces
+shared from here (:class:`StaticRows`, :func:`padding_mask`, :func:`capture_graph`):
+:mod:`omnistream.model.thinker_graphs`.
 """
 
 from __future__ import annotations
@@ -40,19 +44,30 @@ ATTR = "_omnistream_graphs"
 
 
 class StaticRows(Cache):
-    """Rows [0, B) of the static buffers as a transformers Cache for one decode forward (1 token per row)."""
+    """Rows [0, B) of the static buffers as a transformers Cache for one decode forward (1 token per row).
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lens: torch.Tensor):
+    ``active`` (B,) 0/1, optional: a row with 0 rewrites the slot ``lens[b]`` with what it held (a
+    gather before the scatter), so its buffers do not change; without it every row writes its new
+    key/value (the Talker's idle rows write a free slot instead, see the module docstring)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lens: torch.Tensor,
+                 active: torch.Tensor | None = None):
         super().__init__(layers=[])
         self.keys, self.values, self.lens = keys, values, lens  # per layer (B, H_kv, C, D); (B,)
+        self.active = None if active is None else active.view(-1, 1, 1, 1).bool()  # (B, 1, 1, 1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``key_states``/``value_states`` (B, H_kv, 1, D) go to slot ``lens[b]`` of row b; returns all C slots."""
         K, V = self.keys[layer_idx], self.values[layer_idx]
         B, H, _, D = key_states.shape
         at = self.lens.view(B, 1, 1, 1).expand(B, H, 1, D)
-        K.scatter_(2, at, key_states.to(K.dtype))
-        V.scatter_(2, at, value_states.to(V.dtype))
+        at_v = self.lens.view(B, 1, 1, 1).expand(B, H, 1, V.shape[-1])
+        k, v = key_states.to(K.dtype), value_states.to(V.dtype)
+        if self.active is not None:
+            k = torch.where(self.active, k, K.gather(2, at))  # (B, H_kv, 1, D)
+            v = torch.where(self.active, v, V.gather(2, at_v))
+        K.scatter_(2, at, k)
+        V.scatter_(2, at_v, v)
         return K, V
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -180,9 +195,7 @@ class TalkerGraphs:
         """The static step over rows [0, B): what the graph of bucket B captures."""
         x = self.talker.thinker_to_talker_proj(self.x[:B])  # (B, 1, D_talker)
         lens = self.lens[:B]
-        held = self.slots[None, :] <= lens[:, None]  # (B, C): the held slots and the new one
-        mask = torch.zeros(held.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(~held, torch.finfo(self.dtype).min)[:, None, None, :]  # (B, 1, 1, C)
+        mask = padding_mask(self.slots, lens + 1, self.dtype)  # (B, 1, 1, C): the held slots and the new one
         out = self.model(
             inputs_embeds=x,
             position_ids=self.pos[:, :B],  # (3, B, 1)
@@ -198,21 +211,38 @@ class TalkerGraphs:
         if not self.graphs_on:
             return self._forward(B)
         if B not in self.graphs:
-            active = self.active.clone()
-            self.active.zero_()  # the warm-up runs for real: it must not move the lengths
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._forward(B)  # cuBLAS handles, SDPA choice: outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.active.copy_(active)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(B)
-            self.graphs[B] = (graph, out)
+            self.graphs[B] = capture_graph(lambda: self._forward(B), self.device, self.pool, self.active)
         graph, out = self.graphs[B]
         graph.replay()
         return out
+
+
+def padding_mask(slots: torch.Tensor, n_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (B, 1, 1, C) of a one-token decode over C static slots: 0 on the slots
+    ``< n_valid[b]`` of row b, the dtype's minimum elsewhere (an exact zero weight after the softmax).
+    ``slots``: ``arange(C)``; ``n_valid`` (B,)."""
+    held = slots[None, :] < n_valid[:, None]  # (B, C)
+    mask = torch.zeros(held.shape, dtype=dtype, device=slots.device)
+    return mask.masked_fill(~held, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def capture_graph(fn, device, pool, active: torch.Tensor):
+    """Capture ``fn()`` (a static step over fixed buffers) as a CUDA graph: returns (graph, fn's output).
+
+    The warm-up (cuBLAS handles, SDPA's kernel choice: outside the capture) runs for real on a side
+    stream with ``active`` zeroed, so it moves no row's state; the capture itself runs nothing."""
+    saved = active.clone()
+    active.zero_()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    active.copy_(saved)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def enable_talker_graphs(talker, **kw) -> TalkerGraphs:
@@ -228,7 +258,8 @@ def disable_talker_graphs(talker) -> None:
 
 
 def graphs_wanted(device) -> bool:
-    """Opt-in for now (``OMNISTREAM_CUDA_GRAPHS=1``, CUDA devices only): the static step equals the
-    eager one on CPU (tests), but the captured replay has not yet run on a GPU here (the GPU check's
-    tests/test_talker_graphs.py and benchmarks/decode_steps.py do that); make it the default once they pass."""
+    """Opt-in for now (``OMNISTREAM_CUDA_GRAPHS=1``, CUDA devices only), for the Talker's and the
+    Thinker's static steps: they equal the eager ones on CPU (tests), but the captured replay has not
+    yet run on a GPU here (the GPU check's tests/test_talker_graphs.py, tests/test_thinker_graphs.py and
+    benchmarks/decode_steps.py do that); make it the default once they pass."""
     return torch.device(device).type == "cuda" and os.environ.get("OMNISTREAM_CUDA_GRAPHS", "0") == "1"

@@ -364,6 +364,7 @@ def step_tokens(thinkers: Sequence[StreamingThinker], tokens: Sequence[int]) -> 
     open; everything is checked before any row advances.
     """
     from omnistream.memory.batch import batch_cache, cache_kind, check_model
+    from omnistream.model.thinker_graphs import ATTR as GRAPHS_ATTR
 
     if len(thinkers) != len(tokens):
         raise ValueError(f"{len(thinkers)} thinkers but {len(tokens)} tokens")
@@ -384,6 +385,9 @@ def step_tokens(thinkers: Sequence[StreamingThinker], tokens: Sequence[int]) -> 
             idx = [idx[j] for j in batch.order]  # a pooled batch runs in pool-row order
         runs.append(([thinkers[i] for i in idx], [int(tokens[i]) for i in idx], batch))
     for rows, toks, batch in runs:
+        graphs = getattr(_base_lm(rows[0]), GRAPHS_ATTR, None)  # omnistream.model.thinker_graphs, when enabled
+        if graphs is not None and graphs.step(rows, toks):
+            continue
         if batch is None:
             rows[0].append_text(toks)
         else:
