@@ -6,7 +6,8 @@
 
 For N = 1, 2, ... sessions at once, every session streams the same spoken question at real-time
 pace (40 ms appends of 24 kHz pcm16, server VAD decides the end of the turn) and receives a spoken
-reply. A session keeps real time when no reply audio delta arrives after its playout deadline: a
+reply of ``--speech-s`` seconds (forced: random weights would end it after ~0.6 s, see
+``--natural-length``). A session keeps real time when no reply audio delta arrives after its playout deadline: a
 client that starts playing ``jitter_s`` after the first delta and plays continuously needs delta k
 by ``t_first + jitter_s + (samples before k) / 24000``; every late delta is an *underrun*. N passes
 when no session has an underrun and every first audio arrives within ``--first-audio-max-s``. The
@@ -150,11 +151,13 @@ async def ramp(client, args) -> dict:
             ok = len(firsts) == n and max(firsts) <= args.first_audio_max_s and sum(r["underruns"] for r in res) == 0
             row = {"sessions": n, "realtime": ok, "underruns": sum(r["underruns"] for r in res),
                    "first_audio_p95_s": round(p95(firsts), 3) if firsts else None,
+                   "reply_audio_s": round(sum(r["audio_s"] for r in res) / n, 2),
                    "audio_s_per_wall_s": round(sum(r["audio_s"] for r in res) / max(r["wall_s"] for r in res), 3),
                    "batched_equals_solo": same, "loadavg": os.getloadavg()[0]}
             rows.append(row)
             print(f"  {n:2d} sessions: real time {ok!s:5}  underruns {row['underruns']:3d}  first audio p95 "
-                  f"{row['first_audio_p95_s']} s  audio {row['audio_s_per_wall_s']} s/s  equal {same}", file=sys.stderr)
+                  f"{row['first_audio_p95_s']} s  reply {row['reply_audio_s']} s  audio {row['audio_s_per_wall_s']} s/s"
+                  f"  equal {same}", file=sys.stderr)
             if ok and best == n - 1:  # the capacity: every N up to it kept real time
                 best = n
             elif n >= 8 and not ok:  # past the capacity, on to 8 for throughput_scaling_8
@@ -190,6 +193,9 @@ def main() -> int:
     p.add_argument("--max-sessions", type=int, default=12, help="ramp up to this many sessions (default 12; the "
                    "ramp goes on past the first N that falls behind until 8, for throughput_scaling_8)")
     p.add_argument("--speech-s", type=float, default=3.0, help="reply speech per session, seconds (default 3)")
+    p.add_argument("--natural-length", action="store_true", help="let replies end where the (random) model ends "
+                   "them: on the tiny checkpoint after ~0.6 s, which measures start-up, not the steady state "
+                   "(default: replies forced to --speech-s, OMNISTREAM_FORCE_LENGTH=1)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="reply text tokens (default 24)")
     p.add_argument("--jitter-s", type=float, default=0.3, help="the client's playout buffer (default 0.3 s)")
     p.add_argument("--first-audio-max-s", type=float, default=3.0, help="first audio later than this fails N")
@@ -205,7 +211,11 @@ def main() -> int:
     import torch
 
     torch.set_flush_denormal(True)
-    out = {"loadavg_start": os.getloadavg()[0]}
+    if not args.natural_length:  # every load_omni, here and in the stage processes, forces the length
+        from omnistream.checkpoints import FORCE_LENGTH_ENV
+
+        os.environ[FORCE_LENGTH_ENV] = "1"
+    out = {"loadavg_start": os.getloadavg()[0], "reply_length": "natural" if args.natural_length else "forced"}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             from omnistream.random_checkpoints import make_tiny

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from omnistream.chat import SYSTEM_PROMPT, OmniChat  # noqa: E402
-from omnistream.checkpoints import check_device, load_omni  # noqa: E402
+from omnistream.checkpoints import check_device, force_length, load_omni  # noqa: E402
 from omnistream.model.talker import TalkerConfig  # noqa: E402
 from omnistream.model.token2wav import (  # noqa: E402
     DEFAULT,
@@ -51,27 +51,6 @@ from omnistream.model.token2wav import (  # noqa: E402
 from omnistream.random_checkpoints import SHAPES, make_tiny  # noqa: E402
 
 QUESTION = "Tell me about the red sofa by the window."
-
-
-def force_length(ck) -> list:
-    """Suppress the Thinker's stop tokens and the Talker's end / special codes (-inf logits) so that
-    replies run to the configured length; returns the hook handles."""
-    gen = ck.model.generation_config
-    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    stop = sorted({t for t in eos + [ck.tokenizer.eos_token_id, ck.tokenizer.pad_token_id] if t is not None})
-
-    def mask(head, ids):
-        idx = torch.tensor(ids, device=head.weight.device)  # made once: a hook inside a CUDA graph copies nothing
-
-        def hook(module, inputs, out):  # out (..., V)
-            return out.index_fill_(-1, idx, float("-inf"))
-        return head.register_forward_hook(hook)
-
-    handles = [mask(ck.thinker.lm_head, stop)]
-    if getattr(ck.model, "has_talker", False):
-        num_codes = ck.config.token2wav_config.dit_config.num_embeds - 1  # 8192 speech codes
-        handles.append(mask(ck.talker.codec_head, list(range(num_codes, ck.config.talker_config.vocab_size))))
-    return handles
 
 
 def offline(ck, text_tokens: int, codes: int, voice: str, seed: int) -> dict:

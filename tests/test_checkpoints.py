@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from omnistream.checkpoints import CheckpointError, load_omni
+from omnistream.checkpoints import CheckpointError, force_length, load_omni
 from omnistream.random_checkpoints import SPECIAL_TOKENS
 
 
@@ -207,3 +207,31 @@ def test_device_dtype_and_attention_are_checked_before_loading(tiny_dir, tmp_pat
     ck = load_omni(tiny_dir, talker=False, dtype="bf16", attn_implementation="eager")
     assert {p.dtype for p in ck.thinker.parameters()} == {torch.bfloat16}
     assert ck.thinker.config.get_text_config()._attn_implementation == "eager"
+
+
+def test_force_length_env_masks_every_way_a_reply_can_end(tiny_dir, monkeypatch):
+    """``OMNISTREAM_FORCE_LENGTH=1`` (benchmarks on random weights): the loaded Thinker can never draw a
+    stop token and the Talker never an end / special code -- and nothing else changes; the hooks come
+    off again. Oracle: the same checkpoint loaded without it."""
+    plain = load_omni(tiny_dir)
+    monkeypatch.setenv("OMNISTREAM_FORCE_LENGTH", "1")
+    forced = load_omni(tiny_dir)
+    ids = plain.tokenizer("<|im_start|>user\nhello<|im_end|>\n", return_tensors="pt").input_ids
+    gen = plain.model.generation_config
+    stop = {*(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]),
+            plain.tokenizer.eos_token_id, plain.tokenizer.pad_token_id} - {None}
+    with torch.no_grad():
+        a, b = (ck.thinker(input_ids=ids).logits[0, -1] for ck in (plain, forced))  # (V,)
+        h = torch.randn(3, plain.talker.codec_head.in_features)
+        ca, cb = plain.talker.codec_head(h), forced.talker.codec_head(h)  # (3, talker vocab)
+    codes = plain.config.token2wav_config.dit_config.num_embeds - 1
+    keep = torch.ones_like(a, dtype=torch.bool)
+    keep[sorted(stop)] = False
+    assert torch.isinf(b[~keep]).all() and torch.isfinite(a[~keep]).all() and torch.equal(a[keep], b[keep])
+    assert torch.isinf(cb[:, codes:]).all() and torch.equal(ca[:, :codes], cb[:, :codes])
+    handles = force_length(plain)  # the same hooks by hand; removed, the model is as loaded
+    with torch.no_grad():
+        assert torch.equal(plain.thinker(input_ids=ids).logits[0, -1], b)
+        for hook in handles:
+            hook.remove()
+        assert torch.equal(plain.thinker(input_ids=ids).logits[0, -1], a)
