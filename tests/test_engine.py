@@ -145,6 +145,24 @@ def test_load_meter_admits_by_measured_cost():
     assert m.admission(5) is None and "at most 6" in m.admission(6)
 
 
+def test_load_meter_counts_speech_served_not_wall_time():
+    """Two speaking replies that got 1 s of speech each in 2 s of wall time (behind real time) with the
+    engine 1.8 s busy: each takes 0.9 of the engine per second of speech -- room for one session, not
+    the two that wall time (1.8 s / 4 session-seconds = 0.45) would claim. A third, text-only reply
+    counts its wall time. The speech figure is a running total: only its growth counts."""
+    import time
+
+    m = LoadMeter(window_s=100, headroom=0.9, min_sample_s=1.0)
+    m.record(0.0, replying=0, speech_s=5.0)  # the worker's total before the window: not counted
+    m._last = time.monotonic() - 2.0
+    m.record(1.8, replying=2, speaking=2, speech_s=7.0)
+    assert m.cost() == pytest.approx(0.9, rel=1e-3) and m.capacity() == 1
+    assert "at most 1" in m.admission(1)
+    m._last = time.monotonic() - 2.0
+    m.record(0.2, replying=3, speaking=2, speech_s=11.0)  # now ahead (4 s in 2 s) + 2 s of a text reply
+    assert m.cost() == pytest.approx(2.0 / (2.0 + 4.0 + 2.0), rel=1e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_a_served_hour_of_audio_and_video_stays_bounded(tiny):

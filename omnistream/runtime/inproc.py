@@ -28,6 +28,7 @@ from omnistream.runtime import wire
 from omnistream.runtime.client import ClientError
 from omnistream.runtime.layout import PIPELINE
 from omnistream.runtime.wireclient import WireClient
+from omnistream.runtime.worker import load_figures
 
 log = logging.getLogger("omnistream.inproc")
 
@@ -138,8 +139,9 @@ class InProcClient(WireClient):
                 except Exception:  # a worker bug must not stop the engine
                     log.exception("%s: tick failed", w.name)
                 self._drain_local()
-            replying = max(w.replying() for w in self.workers.values())
-            self.load.record(time.perf_counter() - t0, replying, did_work=bool(n) or busy)
+            replying, speaking, speech_s = load_figures(self.workers.values())
+            self.load.record(time.perf_counter() - t0, replying, did_work=bool(n) or busy, speaking=speaking,
+                             speech_s=speech_s)
 
     def _deliver_external(self, msg) -> None:
         if isinstance(msg, wire.Epoch):  # barge-in reaches every worker at once

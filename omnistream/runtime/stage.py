@@ -44,6 +44,7 @@ import zmq
 from omnistream.engine.load import LoadMeter
 from omnistream.runtime import wire
 from omnistream.runtime.layout import WORKERS, Layout, StageSpec
+from omnistream.runtime.worker import load_figures
 
 log = logging.getLogger("omnistream.stage")
 
@@ -243,9 +244,6 @@ class Stage:
     def _sessions(self) -> int:
         return max((len(getattr(w, "slots", ())) for w in self.workers.values()), default=0)
 
-    def _replying(self) -> int:
-        return max((w.replying() for w in self.workers.values() if hasattr(w, "replying")), default=0)
-
     def drain(self) -> None:
         if self.draining_since is None:
             log.info("%s: draining", self.spec.name)
@@ -278,7 +276,9 @@ class Stage:
                 t = time.monotonic()
                 busy = w.tick() or busy
                 self._slow(t, f"{w.name} tick")
-            self.meter.record(time.perf_counter() - t_work, self._replying(), did_work=bool(n) or busy)
+            replying, speaking, speech_s = load_figures(self.workers.values())
+            self.meter.record(time.perf_counter() - t_work, replying, did_work=bool(n) or busy, speaking=speaking,
+                              speech_s=speech_s)
             if self.orphan_s is not None and time.monotonic() - self.last_ping > self.orphan_s:
                 log.error("%s: no ping from the supervisor for %.0fs: exiting", self.spec.name, self.orphan_s)
                 self.orphaned = True

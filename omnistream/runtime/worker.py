@@ -38,6 +38,7 @@ class Worker:
     forwards: tuple[type, ...] = (wire.OpenSession, wire.CloseSession)  # passed on after handling
     batchers: dict = {}  # Need kind -> batched call (see omnistream.engine.scheduler)
     prefill_tokens = 0  # per-tick budget of prefill tokens (0: unbudgeted)
+    speech_s: float | None = None  # a speech worker's running total of speech produced, seconds (else None)
 
     def __init__(self, ck, send: Send, device: str = "cpu", *, max_batch: int = 64):
         self.ck, self.send, self.device = ck, send, device
@@ -174,6 +175,11 @@ class Worker:
         """Sessions with a reply in progress here (what the load meter divides busy time by)."""
         return sum(s.run is not None for s in self.slots.values())
 
+    def speaking(self) -> int:
+        """Of those, the replies this worker turns into speech (0: not a speech worker)."""
+        return 0
+
+
     def status(self) -> dict:
         """Batch sizes and call times of this worker's scheduler (``/status``)."""
         return {"sessions": len(self.slots), "running": sum(s.run is not None for s in self.slots.values()),
@@ -223,3 +229,15 @@ class Worker:
 def _check_voice(ck, voice) -> None:
     if voice is not None and voice not in ck.voices:
         raise ValueError(f"unknown voice {voice!r}; this checkpoint has {sorted(ck.voices)}")
+
+
+def load_figures(workers) -> tuple[int, int, float | None]:
+    """What an engine loop records in its :class:`~omnistream.engine.load.LoadMeter` for ``workers`` (the
+    ones it runs): sessions replying, and, from the last speech worker of the chain (Token2Wav, else the
+    Talker), its speaking replies and its running total of speech seconds (None without one)."""
+    workers = [w for w in workers if isinstance(w, Worker)]  # (a stage's echo worker has no replies)
+    replying = max((w.replying() for w in workers), default=0)
+    speech = [w for w in workers if w.speech_s is not None]
+    if not speech:
+        return replying, 0, None
+    return replying, speech[-1].speaking(), speech[-1].speech_s

@@ -339,6 +339,7 @@ class TalkerWorker(Worker):
     handles = (wire.PromptRows, wire.TruncatePrompt, wire.Respond, wire.Step, wire.EndReply)
     forwards = Worker.forwards + (wire.Respond,)
     batchers = {"talker.step": talker_steps}
+    speech_s = 0.0  # seconds of speech coded (codes sent / codes per second)
 
     def build(self, options, sid):
         from omnistream.model.talker import StreamingTalker, TalkerConfig
@@ -362,6 +363,9 @@ class TalkerWorker(Worker):
 
     def replying(self):
         return sum(s.state is not None and s.state.started for s in self.slots.values())
+
+    def speaking(self):
+        return self.replying()
 
     def priority(self, s):
         """Seconds of speech coded ahead of real time since the reply's first code (lower: more urgent)."""
@@ -397,6 +401,7 @@ class TalkerWorker(Worker):
     def _send_codes(self, s: Slot, epoch: int, codes: list[int]) -> None:
         if codes:
             s.t_first_code = getattr(s, "t_first_code", None) or time.perf_counter()
+            self.speech_s += len(codes) / SpeechRates.from_checkpoint(self.ck).codes_per_second
             self.send("token2wav", wire.Codes(session=s.sid, epoch=epoch, codes=codes))
 
     def _decode(self, s: Slot, epoch: int, last: bool) -> Generator:
@@ -449,6 +454,7 @@ class Token2WavWorker(Worker):
     handles = (wire.Respond, wire.Codes, wire.EndReply)
     forwards = ()
     batchers = {"token2wav.job": run_t2w_jobs}
+    speech_s = 0.0  # seconds of speech sent
 
     def build(self, options, sid):
         return _Voice()
@@ -460,6 +466,9 @@ class Token2WavWorker(Worker):
 
     def replying(self):
         return sum(s.state.t2w is not None for s in self.slots.values())
+
+    def speaking(self):
+        return self.replying()
 
     def priority(self, s):
         return s.state.lead_s()  # the session closest to running dry goes first
@@ -497,6 +506,7 @@ class Token2WavWorker(Worker):
                 pcm = np.ascontiguousarray(pcm, dtype=np.float32)
                 v.seq += 1
                 v.samples += pcm.shape[0]
+                self.speech_s += pcm.shape[0] / SAMPLE_RATE
                 v.t_first = v.t_first or time.perf_counter()
                 self.send("client", wire.AudioChunk(session=s.sid, epoch=v.epoch, seq=v.seq, sample_rate=SAMPLE_RATE,
                                                     pcm=pcm))
