@@ -398,6 +398,7 @@ def _check(raw) -> None:
         json.dumps(ServerEvents().session("s", cfg, cfg.voice, cfg.max_output_tokens))
 
 
+@pytest.mark.slow  # 400 examples, ~2.7 s (make test runs it)
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_event)
 def test_fuzz_event_shaped(ev):

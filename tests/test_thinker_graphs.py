@@ -105,6 +105,7 @@ def test_static_step_equals_step_tokens(tiny, graphs):
     assert g.steps == max(j + n + (i == IDLE[1]) for i, (j, n) in enumerate(SCHEDULE))  # every tick's step went static
 
 
+@pytest.mark.slow  # torch.compile's first call: ~3.5 s (make test runs it; make test-fast skips it)
 def test_compiled_static_step_equals_eager_static(tiny, graphs):
     """``torch.compile`` of the static step function (the graph-capture unit) == the eager static step."""
     g = graphs(graphs=False)

@@ -87,9 +87,9 @@ def test_merge_tail_ends_a_reply_in_the_window_that_spans_it(tiny):
         with batch_invariant_convs():
             wav = t2w.code2wav_bigvgan_model(mel).numpy()
     runs = {}
-    for merge in (True, False):
+    for merge, pushes in ((True, (1, 7, 40)), (False, (1,))):
         cfg = StreamingConfig(**{**DEFAULT.__dict__, "merge_tail": merge})
-        for push in (1, 7, 40):
+        for push in pushes:
             st = StreamingToken2Wav.from_config(t2w, cond, ref_mel, cfg, seed=7)
             assert [c for i in range(0, 40, push) for c in st.push(codes[0, i : i + push])] == []  # < 48 codes
             chunks = st.finish()
@@ -98,9 +98,8 @@ def test_merge_tail_ends_a_reply_in_the_window_that_spans_it(tiny):
     assert torch.equal(got_mel, mel) and np.array_equal(pcm, wav) and n_chunks == 1
     assert runs[False, 1][2] == 2 * evals and runs[False, 1][3] == 2
     assert np.abs(runs[False, 1][0] - wav).max() <= 1e-4  # the split span: another rounding near its seam
-    for merge in (True, False):
-        for push in (7, 40):
-            assert np.array_equal(runs[merge, push][0], runs[merge, 1][0])
+    for push in (7, 40):
+        assert np.array_equal(runs[True, push][0], runs[True, 1][0])
 
 
 @pytest.mark.slow
