@@ -235,6 +235,9 @@ if ds:
     extra["max_sessions_talker_realtime_" + ("tiny" if smoke else "7b")] = ds.get("max_sessions_talker_realtime")
     for r in ds["results"]:
         extra[f"talker_step_ms_{r['talker']}_b{r['batch']}"] = f"{r['talker_step_ms']} (kernels {r['talker_gpu_ms']} ms)"
+        extra[f"thinker_window_step_ms_{r['talker']}_b{r['batch']}"] = (
+            f"{r['thinker_window_step_ms']} (kernels {r['thinker_window_gpu_ms']} ms)")
+    extra["thinker_static_speedup"] = ds.get("thinker_static_speedup")
 pt, err = load("pytest.json")
 if pt:
     extra["pytest"] = (pt["tail"] or ["?"])[-1]
