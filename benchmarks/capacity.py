@@ -179,11 +179,11 @@ def build_client(args, layout: str):
         return MultiProcClient(args.model, layout=layout, max_sessions=args.max_sessions + 1, device=args.device,
                                hang_timeout_s=120, headroom=args.headroom or None)
     from omnistream.checkpoints import load_omni
-    from omnistream.runtime.inproc import InProcClient, engine_threads
+    from omnistream.runtime.inproc import InProcClient, engine_options
 
     kw = {"device": args.device} | ({"dtype": args.dtype} if args.dtype != "auto" else {})
     return InProcClient(load_omni(args.model, **kw), max_sessions=args.max_sessions + 1,
-                        threads=engine_threads(args.device, args.threads), headroom=args.headroom or None)
+                        **engine_options(args.device, args.threads), headroom=args.headroom or None)
 
 
 def main() -> int:

@@ -126,9 +126,9 @@ def build_client(args):
 
         return MultiProcClient(args.model, layout=args.layout)
     from omnistream.checkpoints import load_omni
-    from omnistream.runtime.inproc import InProcClient, engine_threads
+    from omnistream.runtime.inproc import InProcClient, engine_options
 
-    return InProcClient(load_omni(args.model), threads=engine_threads("cpu"))  # as serve
+    return InProcClient(load_omni(args.model), **engine_options("cpu"))  # as serve
 
 
 async def main_async(args) -> dict:

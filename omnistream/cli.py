@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "on a CPU, audio within 6e-5 of the exact path (not bit-equal; default: exact)")
     s.add_argument("--threads", type=_positive_int, default=None,
                    help="without --layout: torch threads of the in-process engine (default on a CPU: all cores but "
-                   "one, which the event loop needs for VAD and the WebSockets; with --layout each stage sets its own)")
+                   "one, which the event loop needs for VAD and the WebSockets, shared by the engine's two threads: "
+                   "Token2Wav runs on its own; with --layout each stage sets its own)")
     s.add_argument("--hang-s", type=_positive, default=30.0,
                    help="with --layout: a stage that answers no ping for this long is restarted (default 30)")
     s.add_argument("--max-turn-s", type=_positive, default=120.0,

@@ -30,7 +30,8 @@ from omnistream.runtime.procclient import MultiProcClient
 VOICE = SessionOptions(voice="Chelsie", max_new_tokens=8, max_speech_s=1.0)
 TEXT = SessionOptions(max_new_tokens=8)
 # stage processes cost seconds each to start, and the tiny Token2Wav is slow on a loaded CPU
-KINDS = ["inproc", pytest.param("all-in-one", marks=pytest.mark.slow), pytest.param("split", marks=pytest.mark.slow)]
+KINDS = ["inproc", "inproc-speech-thread", pytest.param("all-in-one", marks=pytest.mark.slow),
+         pytest.param("split", marks=pytest.mark.slow)]
 
 
 def speech(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
@@ -60,17 +61,17 @@ class Runner:
 
 @pytest.fixture(scope="module", params=KINDS)
 def cl(request, tiny_dir):
-    if request.param == "inproc":
+    if request.param.startswith("inproc"):  # Token2Wav on its own engine thread, as serve runs it on a CPU
         from omnistream.checkpoints import load_omni
 
-        client = InProcClient(load_omni(tiny_dir))
+        client = InProcClient(load_omni(tiny_dir), speech_thread=request.param == "inproc-speech-thread")
     else:  # generous hang timeout: a DiT chunk of the tiny model can take seconds on a loaded CI box
         client = MultiProcClient(tiny_dir, request.param, hang_timeout_s=300)
     r = Runner(client)
     r.kind = request.param
     yield r
     r.close()
-    if request.param != "inproc":  # its private ipc:// directory goes with it
+    if not request.param.startswith("inproc"):  # its private ipc:// directory goes with it
         assert not os.path.exists(client.run_dir)
 
 
@@ -272,16 +273,18 @@ def test_several_sessions_at_once_get_their_own_replies(cl):
 def test_status_names_the_stages(cl):
     st = cl.client.status()
     assert st["stages"] and all(s["alive"] for s in st["stages"])
-    if cl.kind != "inproc":
-        names = {"all-in-one": {"pipeline"}, "split": {"encoders", "thinker", "talker", "token2wav"}}[cl.kind]
-        assert {s["name"] for s in st["stages"]} == names and all(s["pid"] for s in st["stages"])
+    names = {"inproc": {"all"}, "inproc-speech-thread": {"engine", "speech"}, "all-in-one": {"pipeline"},
+             "split": {"encoders", "thinker", "talker", "token2wav"}}[cl.kind]
+    assert {s["name"] for s in st["stages"]} == names
+    if not cl.kind.startswith("inproc"):
+        assert all(s["pid"] for s in st["stages"])
     assert not [s for s in st["sessions"]]  # every test closed its sessions
 
 
 @pytest.mark.timeout(600)
 def test_drain_lets_running_replies_finish_then_stops_the_stages(cl):
     """The SIGTERM path of a server (runs last for each client: it closes the module's client)."""
-    if cl.kind == "inproc":
+    if cl.kind.startswith("inproc"):
         pytest.skip("the in-process client has no stage processes to drain")
     c = cl.client
     pids = [s["pid"] for s in c.status()["stages"]]

@@ -526,12 +526,12 @@ def build_client(args):
         return MultiProcClient(args.model, layout=lay, spares=getattr(args, "spares", False),
                                hang_timeout_s=getattr(args, "hang_s", 30.0), **opts)
     from omnistream.checkpoints import load_omni
-    from omnistream.runtime.inproc import InProcClient, engine_threads
+    from omnistream.runtime.inproc import InProcClient, engine_options
 
     device = getattr(args, "device", "cpu")
     ck = load_omni(args.model, device=device, dtype=getattr(args, "dtype", "auto"),
                    attn_implementation=getattr(args, "attn", "sdpa"))
-    return InProcClient(ck, threads=engine_threads(device, getattr(args, "threads", None)), **opts)
+    return InProcClient(ck, **engine_options(device, getattr(args, "threads", None)), **opts)
 
 
 def bind_socket(host: str, port) -> socket.socket:
