@@ -217,13 +217,15 @@ def _anti_aliased(mod, x: torch.Tensor) -> torch.Tensor:
     b, c, t = x.shape
     xp = F.pad(x, (up.pad, up.pad), mode="replicate")  # (B, C, T + 2 pad)
     f, z = _taps(up.filter), x.new_empty(b, c, r, t)  # z: the upsampled signal by phase, (B, C, r, T)
+    term = x.new_empty(b, c, t)  # one buffer for every tap's product (the sums are the same, in place)
     for q in range(r):
-        acc = None
-        for k, o in taps[q]:
-            term = xp[..., o : o + t] * f[k]
-            acc = term if acc is None else acc + term
-        torch.mul(acc, r, out=z[:, :, q])
-    y = mod.act(z.view(b, c, r * t)).view(b, c, r, t)  # SnakeBeta, elementwise: the phases stay apart
+        acc = z[:, :, q]
+        for i, (k, o) in enumerate(taps[q]):
+            torch.mul(xp[..., o : o + t], f[k], out=acc if i == 0 else term)
+            if i:
+                acc.add_(term)
+        acc.mul_(r)
+    y = _snake_beta(mod.act, z.view(b, c, r * t)).view(b, c, r, t)  # elementwise: the phases stay apart
     # -- downsample: output n = sum over taps k, ascending, of f[k] z_padded[r n + k], z padded by
     # replicating its first/last sample: tap k reads phase (k - pad_left) mod r at n + (k - pad_left) // r
     f, pl = _taps(down.filter), down.pad_left
@@ -232,11 +234,26 @@ def _anti_aliased(mod, x: torch.Tensor) -> torch.Tensor:
     left, right = max(0, -min(offs)), max(0, n - 1 + max(offs) - (t - 1))
     first, last = y[:, :, 0, :1], y[:, :, r - 1, -1:]  # z[0] and z[rT - 1], (B, C, 1) each
     phases = [torch.cat([first.expand(b, c, left), y[:, :, q], last.expand(b, c, right)], dim=-1) for q in range(r)]
-    acc = None
+    acc, term = x.new_empty(b, c, n), x.new_empty(b, c, n)
     for k, o in enumerate(offs):
-        term = phases[(k - pl) % r][..., left + o : left + o + n] * f[k]
-        acc = term if acc is None else acc + term
+        torch.mul(phases[(k - pl) % r][..., left + o : left + o + n], f[k], out=acc if k == 0 else term)
+        if k:
+            acc.add_(term)
     return acc  # (B, C, n)
+
+
+def _snake_beta(act, x: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5OmniSnakeBeta.forward`` -- x + 1 / (e^beta + eps) * sin(x e^alpha)^2 -- with the same
+    operations in the same order, done in place on one new tensor instead of five (pow(., 2) is x * x
+    in ATen, and products and sums commute bit for bit). x: (B, C, T) -> (B, C, T)."""
+    if not all(hasattr(act, a) for a in ("alpha", "beta", "no_div_by_zero")):
+        return act(x)
+    alpha = torch.exp(act.alpha.unsqueeze(0).unsqueeze(-1))  # (1, C, 1)
+    inv_beta = 1.0 / (torch.exp(act.beta.unsqueeze(0).unsqueeze(-1)) + act.no_div_by_zero)  # (1, C, 1)
+    s = x * alpha
+    s.sin_()
+    s.mul_(s)
+    return s.mul_(inv_beta).add_(x)
 
 
 def _taps(filt: torch.Tensor) -> list:
