@@ -140,6 +140,8 @@ def test_batched_dit_windows_equal_transformers_sample_one_by_one(tiny):
     assert [type(j) for j in jobs] == [DiTJob] * 4 and len({j.key for j in jobs}) == 1
     batched = run_jobs(jobs)  # each (1, 80, 24)
     single = [run_jobs([j])[0] for j in jobs]
+    halves = run_jobs(jobs, threads=2)  # two batches of 2 at once, on two threads: the same bits
+    assert all(torch.equal(h, b) for h, b in zip(halves, batched))
     for k, (voice, st) in enumerate(zip(voices, streams)):
         with torch.no_grad():
             torch.manual_seed(30 + k)
@@ -157,6 +159,9 @@ def test_batched_vocoder_spans_equal_bigvgan_one_by_one(tiny):
     streams = [_stream(tiny, v, 1) for v in _voices(tiny)[:3]]
     jobs = [VocoderJob(st, 0, 30, 0, 30, mels[i : i + 1]) for i, st in enumerate(streams)]
     got = run_jobs(jobs)
+    # on 3 threads at once (one row each): the same bits, and the convolution switch is restored after
+    assert all(torch.equal(a, b) for a, b in zip(run_jobs(jobs, threads=3), got))
+    assert torch._C._get_mkldnn_enabled()
     # Oracle on the streams' conv backend: ATen vs oneDNN convs differ by ~1e-5 here (see test_token2wav.py)
     with torch.no_grad(), batch_invariant_convs():
         for i in range(3):

@@ -74,7 +74,8 @@ class InProcClient(WireClient):
     """Sessions over the pipeline's workers on engine threads of this process (see the module doc)."""
 
     def __init__(self, ck, *, max_sessions: int = 8, max_batch: int = 64, op_timeout_s: float = 120.0,
-                 headroom: float | None = 0.9, threads: int | None = None, speech_thread: bool = False):
+                 headroom: float | None = 0.9, threads: int | None = None, speech_thread: bool = False,
+                 speech_rows: int = 1):
         super().__init__(max_sessions=max_sessions, op_timeout_s=op_timeout_s)
         self.threads = threads  # torch intra-op threads, set when the engine starts (None: leave torch's; see engine_options)
         from omnistream.runtime.workers import WORKER_TYPES
@@ -83,11 +84,16 @@ class InProcClient(WireClient):
         self.workers = {name: WORKER_TYPES[name](ck, partial(self._route, name), max_batch=max_batch)
                         for name in PIPELINE}
         self.headroom = headroom  # None: no admission control beyond max_sessions
+        self.workers["token2wav"].set_row_threads(speech_rows)  # Token2Wav batches split over threads
         groups = [PIPELINE[:-1], PIPELINE[-1:]] if speech_thread else [PIPELINE]
         names = ["engine", "speech"] if speech_thread else ["all"]
         self.engines = [_Engine(n, {w: self.workers[w] for w in g}, headroom or 0.9) for n, g in zip(names, groups)]
         self._engine_of = {w: e for e in self.engines for w in e.workers}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # With Token2Wav on its own thread, its vocoder's switch to batch-invariant convolutions (process-wide,
+        # model/token2wav_jobs.py) would flip the encoders' convolutions on the other thread at random moments,
+        # and their bits with it: the client holds the switch for its whole life instead.
+        self._convs = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -96,6 +102,11 @@ class InProcClient(WireClient):
             import torch
 
             torch.set_num_threads(self.threads)  # (process-wide: the engine threads run every forward)
+        if len(self.engines) > 1:  # see _convs
+            from omnistream.model.token2wav_jobs import batch_invariant_convs
+
+            self._convs = batch_invariant_convs()
+            self._convs.__enter__()
         for e in self.engines:
             e.thread = threading.Thread(target=self._run, args=(e,), name=f"omnistream-{e.name}", daemon=True)
             e.thread.start()
@@ -111,6 +122,9 @@ class InProcClient(WireClient):
         for e in self.engines:
             if e.thread is not None:
                 await asyncio.to_thread(e.thread.join, 10)
+        if self._convs is not None:
+            self._convs.__exit__(None, None, None)
+            self._convs = None
 
     async def _ready(self) -> None:
         if self._closed:

@@ -33,6 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Generator
+from functools import partial
 
 import numpy as np
 
@@ -424,11 +425,12 @@ class TalkerWorker(Worker):
 
 
 # ====================================================================== token2wav
-def run_t2w_jobs(jobs: list) -> list:
-    """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked."""
+def run_t2w_jobs(jobs: list, threads: int = 1) -> list:
+    """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked
+    (split into ``threads`` batches run at once, see ``run_jobs``)."""
     from omnistream.model.token2wav_jobs import run_jobs
 
-    return run_jobs(jobs)
+    return run_jobs(jobs, threads=threads)
 
 
 class _Voice:
@@ -466,6 +468,10 @@ class Token2WavWorker(Worker):
 
     def replying(self):
         return sum(s.state.t2w is not None for s in self.slots.values())
+
+    def set_row_threads(self, n: int) -> None:
+        """Run each batched call as ``n`` batches at once on ``n`` threads (``run_jobs(threads=n)``)."""
+        self.scheduler.batchers = {**self.scheduler.batchers, "token2wav.job": partial(run_t2w_jobs, threads=n)}
 
     def speaking(self):
         return self.replying()
