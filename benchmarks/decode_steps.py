@@ -19,7 +19,7 @@ The same two modes apply to the Thinker on window caches (``thinker_window_step_
 ``window_thinker`` sessions, rotated layout, whose caches are rows of one RowPool): ``eager`` is
 ``step_tokens``' PoolBatch forward, ``static`` the static step of omnistream.model.thinker_graphs
 (CUDA graphs on CUDA); ``thinker_static_speedup`` is the ratio per batch size. ``thinker_step_ms``
-(growing caches, BatchCache) has no static path: it is the same in both modes.
+(growing caches, PoolBatch over a growable RowPool) has no static path: it is the same in both modes.
 ``talker_budget_ms`` is one codec token of speech (20 ms: 50 codes per second);
 ``max_sessions_talker_realtime`` is the largest B whose Talker step fits that budget (the Thinker,
 Token2Wav and the encoders share the same GPU on top of it).

@@ -19,8 +19,12 @@ K/V per layer per step, the same order of memory traffic as the attention's own 
 
 Design (rows of a pool, no copy): :class:`PoolBatch`, when every row is a ``WindowCache`` kept in a
 row of the same :class:`~omnistream.memory.pool.RowPool` (``window_thinker`` caches; rotated layout or
-kernel mode, whose pre-RoPE rows go to the kernel as one strided view with per-row slot positions
-gathered once per forward, ``(B, 3, L_max)`` int32, not per layer). Each row's cache still does its
+kernel mode) or every row a :class:`~omnistream.memory.growing_cache.GrowingCache` of the same growable
+pool (the ``StreamingThinker``'s default cache: tokens in order in slots ``[0, n)``, post-RoPE, the
+padding mask as for a rotated window; a growable pool that would overflow doubles its slots in
+:meth:`PoolBatch.prepare`, before the forward). Kernel-mode window rows (pre-RoPE) go to the kernel as
+one strided view with per-row slot positions gathered once per forward, ``(B, 3, L_max)`` int32, not
+per layer. Each row's cache still does its
 own update (bookkeeping and the write of its new K/V, in its own row), then the step attends over the
 pool's rows themselves: rows ``[lo, lo + B)`` and slots ``[0, L_max)`` of the per-layer
 ``(R, H, S, D)`` buffer are one strided view (no copy) when the batch's rows are consecutive pool rows
@@ -60,6 +64,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
+from .growing_cache import GrowingCache
 from .window_cache import WindowCache
 
 __all__ = ["BatchCache", "PoolBatch", "batch_cache", "cache_kind", "check_model"]
@@ -233,8 +238,11 @@ class BatchCache(Cache):
 
 
 def _pooled(cache) -> bool:
-    """A WindowCache whose buffers are a pool row, with a scratch slot for the step's token."""
-    return isinstance(cache, WindowCache) and cache.pool_row is not None and cache.T >= 1
+    """A cache whose buffers are a pool row with room for the step's token: a WindowCache with a scratch
+    slot, or a GrowingCache (its pool grows in ``PoolBatch.prepare`` when a row would overflow)."""
+    if isinstance(cache, WindowCache):
+        return cache.pool_row is not None and cache.T >= 1
+    return isinstance(cache, GrowingCache) and cache.pool_row is not None
 
 
 def batch_cache(caches: Sequence) -> BatchCache:
@@ -263,7 +271,8 @@ class PoolBatch(BatchCache):
     def __init__(self, caches: Sequence):
         super().__init__(caches)
         if not all(_pooled(c) for c in self.rows) or len({id(c.pool) for c in self.rows}) != 1:
-            raise ValueError("PoolBatch rows must be window caches in rows of one RowPool, with chunk_tokens >= 1")
+            raise ValueError("PoolBatch rows must be window caches (chunk_tokens >= 1) or growing caches "
+                             "in rows of one RowPool")
         self.pool = self.rows[0].pool
         self._prows: list[int] = []
         self._lo = 0  # first pool row of the forward (view modes)
@@ -272,8 +281,9 @@ class PoolBatch(BatchCache):
 
     def prepare(self, positions: Sequence[torch.Tensor], device) -> torch.Tensor:
         """As :meth:`BatchCache.prepare`; in span mode the positions and the valid slots cover the span."""
-        self.pool.compact()  # a finalizer may have freed rows since batch_cache: nothing moves mid-forward
+        self.pool.trim()  # a finalizer may have freed rows since batch_cache: nothing moves mid-forward
         pos = super().prepare(positions, device)  # (3, B, 1)
+        self.pool.ensure_slots(max(self.lengths))  # growing rows: the pool grows now, not inside a layer
         B = len(self.rows)
         self._prows = rows = [c.pool_row for c in self.rows]
         lo, hi = min(rows), max(rows) + 1

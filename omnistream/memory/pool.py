@@ -23,6 +23,17 @@ quarter of its rows are held. A cache releases its row when it is garbage-collec
 collector runs at any allocation), so :meth:`release` only marks the row; the row copies of compaction
 run at safe points, between forwards (:meth:`compact`: at the next :meth:`take` and before a batched
 step). The pool is used from one thread (the engine's); a finalizer may run anywhere, hence marks only.
+
+Growable pools (``growable=True``, :func:`growing_pool`): the rows of growing caches
+(:class:`~omnistream.memory.growing_cache.GrowingCache`: a session's tokens in order in slots ``[0, n)``).
+Their slot count doubles when a row would overflow (:meth:`ensure_slots`: all rows re-made, the held
+slots copied, every live cache re-pointed; amortised O(1) per token, as a list's append) and halves at
+safe points (:meth:`trim`: a new row, a batched step) while every live row holds at most half of it, so
+a lone session holds less than twice what its ``DynamicCache`` held at its peak (above the 16-slot floor). No
+hysteresis is needed for decode (a row that just doubled holds more than half); a crop across a
+power of two followed by an append costs one extra halving and doubling. Slots only move between
+forwards or before any layer of a forward has written (the cache asks at its first layer; a batched
+step asks in ``PoolBatch.prepare``).
 """
 
 from __future__ import annotations
@@ -31,9 +42,10 @@ import weakref
 
 import torch
 
-__all__ = ["RowPool", "Ticket", "row_pool"]
+__all__ = ["RowPool", "Ticket", "growing_pool", "row_pool"]
 
 ATTR = "_omnistream_row_pools"
+GROWING_MIN_SLOTS = 16  # a growable pool's smallest slot count
 
 
 class Ticket:
@@ -48,10 +60,12 @@ class Ticket:
 class RowPool:
     """Rows of per-layer K/V buffers ``(R, H_kv, slots, D)`` (see the module docstring)."""
 
-    def __init__(self, slots: int, rows: int = 1):
+    def __init__(self, slots: int, rows: int = 1, *, growable: bool = False):
         if slots < 1 or rows < 1:
             raise ValueError("a RowPool needs slots >= 1 and rows >= 1")
         self.slots, self.rows = int(slots), int(rows)
+        self.growable = bool(growable)  # slots double on demand and halve when little is held (growing caches)
+        self.min_slots = self.slots
         self.K: list[torch.Tensor] = []  # per layer (R, H_kv, slots, D)
         self.V: list[torch.Tensor] = []
         self.spec: tuple | None = None  # (layers, H_kv, D_k, D_v, dtype, device), fixed by the first take
@@ -75,7 +89,8 @@ class RowPool:
 
     def take(self, cache, layers: int, key_states: torch.Tensor, value_states: torch.Tensor) -> Ticket:
         """A free row for ``cache`` (lowest first; doubles the rows when none is free). Its slots are
-        zeroed. ``cache`` must have ``_repoint()`` (called whenever its row or the buffers move)."""
+        zeroed. ``cache`` must have ``_repoint()`` (called whenever its row or the buffers move) and, in a
+        growable pool, ``slots_held()`` (the slots of its row it needs kept)."""
         if not self.fits(layers, key_states, value_states):
             raise ValueError("this RowPool holds caches of another shape, dtype or device")
         if self.spec is None:
@@ -83,7 +98,7 @@ class RowPool:
             self.spec = (layers, h, d, value_states.shape[-1], key_states.dtype, key_states.device)
             self._inference = torch.is_inference_mode_enabled()
             self._alloc(self.rows)
-        self.compact()
+        self.trim()  # (a growable pool gives back the slots its remaining rows no longer need)
         if None in self.tickets:
             r = self.tickets.index(None)
         else:
@@ -136,18 +151,51 @@ class RowPool:
         while rows > 1 and self.used <= rows // 4:
             rows //= 2
         if rows < self.rows:
-            self._alloc(rows)
+            self._alloc(rows, self._trimmed_slots())
 
-    def _alloc(self, rows: int) -> None:
-        """(Re)make the buffers with ``rows`` rows (more, or fewer after compaction), keeping the held
-        rows; re-points every live cache."""
+    def _trimmed_slots(self) -> int:
+        """A growable pool's slot count after halving while every live row holds at most half of it."""
+        if not self.growable:
+            return self.slots
+        need = max([c.slots_held() for c in (o() for o in self.owner if o is not None) if c is not None] or [0])
+        slots = self.slots
+        while slots > self.min_slots and need <= slots // 2:
+            slots //= 2
+        return slots
+
+    def trim(self) -> None:
+        """Compact, then give back slots no live row needs (growable pools; between forwards only)."""
+        self.compact()
+        slots = self._trimmed_slots()
+        if slots < self.slots and self.spec is not None:
+            self._alloc(self.rows, slots)
+
+    def ensure_slots(self, n: int) -> None:
+        """Make every row hold at least ``n`` slots: a growable pool doubles its slot count (rows re-made and
+        copied, caches re-pointed); a fixed one refuses. Call before a forward's first write, never mid-layer."""
+        if n <= self.slots:
+            return
+        if not self.growable:
+            raise ValueError(f"{n} slots needed in a RowPool of {self.slots} slots")
+        slots = self.slots
+        while slots < n:
+            slots *= 2
+        if self.spec is None:
+            self.slots = slots
+        else:
+            self._alloc(self.rows, slots)
+
+    def _alloc(self, rows: int, slots: int | None = None) -> None:
+        """(Re)make the buffers with ``rows`` rows (more, or fewer after compaction) and ``slots`` slots
+        (growable pools; default unchanged), keeping the held rows' first slots; re-points every live cache."""
         layers, h, dk, dv, dtype, device = self.spec
+        slots = self.slots if slots is None else int(slots)
         with torch.inference_mode(self._inference):
             def grown(old: torch.Tensor | None, d: int) -> torch.Tensor:
-                new = torch.zeros(rows, h, self.slots, d, dtype=dtype, device=device)
+                new = torch.zeros(rows, h, slots, d, dtype=dtype, device=device)
                 if old is not None:
-                    n = min(rows, old.shape[0])
-                    new[:n].copy_(old[:n])
+                    n, s = min(rows, old.shape[0]), min(slots, old.shape[2])
+                    new[:n, :, :s].copy_(old[:n, :, :s])
                 return new
 
             old_k = self.K or [None] * layers
@@ -156,7 +204,7 @@ class RowPool:
             self.V = [grown(old_v[i], dv) for i in range(layers)]
         self.tickets = (self.tickets + [None] * rows)[:rows]
         self.owner = (self.owner + [None] * rows)[:rows]
-        self.rows = rows
+        self.rows, self.slots = rows, slots
         for o in self.owner:
             cache = o() if o is not None else None
             if cache is not None:
@@ -172,6 +220,14 @@ class RowPool:
     def nbytes(self) -> int:
         """Bytes of all rows' buffers (held and free)."""
         return sum(t.numel() * t.element_size() for t in (*self.K, *self.V))
+
+
+def growing_pool(model) -> RowPool:
+    """The growable pool of ``model`` (the language model) for its sessions' growing caches."""
+    pools = model.__dict__.setdefault(ATTR, {})
+    if (0, "growing") not in pools:
+        pools[0, "growing"] = RowPool(GROWING_MIN_SLOTS, growable=True)
+    return pools[0, "growing"]
 
 
 def row_pool(model, slots: int, kind: str = "rotated") -> RowPool:

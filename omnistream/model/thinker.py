@@ -1,10 +1,12 @@
 """Incremental prefill and decode of the Qwen2.5-Omni Thinker against a persistent KV cache.
 
 :class:`StreamingThinker` appends text, encoded audio blocks and encoded video patches to one
-``DynamicCache`` as they arrive, with TMRoPE positions carried across chunks and turns
-(:mod:`omnistream.encoders.tmrope`). Encoded features take the place of the placeholder tokens'
-embeddings, exactly as the model's ``masked_scatter`` does for an offline forward. ``generate``
-decodes token by token (a generator), and ``truncate`` rolls the cache and positions back.
+growing KV cache as they arrive (a :class:`~omnistream.memory.growing_cache.GrowingCache`, a row of a
+pool shared by the model's sessions; a ``DynamicCache`` for sliding-window models), with TMRoPE
+positions carried across chunks and turns (:mod:`omnistream.encoders.tmrope`). Encoded features take
+the place of the placeholder tokens' embeddings, exactly as the model's ``masked_scatter`` does for an
+offline forward. ``generate`` decodes token by token (a generator), and ``truncate`` rolls the cache and
+positions back.
 
 For the Talker, ``record=True`` keeps, per appended token, its layer-0 input embedding (zeros at
 audio/image/video feature slots, as ``Qwen2_5OmniForConditionalGeneration.generate`` zeroes them)
@@ -45,13 +47,11 @@ class StreamingThinker:
     KEEP_HIDDEN = 256  # cut points (ends of recent appends) whose logits truncate() can restore
 
     def __init__(self, thinker, rope: TMRoPE | None = None, tokenizer=None, *, record: bool = False):
-        from transformers import DynamicCache
-
         self.thinker = thinker
         self.lm = thinker.model.language_model
         self.embed = thinker.get_input_embeddings()
         self.rope = rope if rope is not None else TMRoPE.from_config(thinker.config, tokenizer)
-        self._cache_cls = DynamicCache
+        self._cache_cls = growing_cache_cls(self.lm)
         self.record = record  # keep per-token (embed, hidden) for a Talker; see records()
         self.reset()
 
@@ -357,9 +357,10 @@ def step_tokens(thinkers: Sequence[StreamingThinker], tokens: Sequence[int]) -> 
 
     Rows are grouped by language model and by :func:`~omnistream.memory.batch.cache_kind` (a kernel-mode
     window cache holds pre-RoPE keys and cannot share a forward with post-RoPE caches); one forward per
-    group, a group of one runs the solo path. Each row attends to its own session's cache: window
-    caches of a ``window_thinker`` live in rows of one pool and are attended in place
-    (:class:`~omnistream.memory.batch.PoolBatch`); other caches are gathered into padded buffers per step
+    group, a group of one runs the solo path. Each row attends to its own session's cache: growing
+    caches (the default) and the window caches of a ``window_thinker`` live in rows of one pool per kind
+    and are attended in place (:class:`~omnistream.memory.batch.PoolBatch`); other caches (a
+    ``DynamicCache``, a mix of pools) are gathered into padded buffers per step
     (:class:`~omnistream.memory.batch.BatchCache`). The thinkers must be distinct, with no media segment
     open; everything is checked before any row advances.
     """
@@ -392,6 +393,20 @@ def step_tokens(thinkers: Sequence[StreamingThinker], tokens: Sequence[int]) -> 
             rows[0].append_text(toks)
         else:
             _step_group(rows, toks, batch)
+
+
+def growing_cache_cls(lm):
+    """The growing cache of a session on ``lm``: a :class:`~omnistream.memory.growing_cache.GrowingCache`
+    in a row of the model's growable pool (batched steps attend the rows in place), or a ``DynamicCache``
+    where the model has sliding-window layers (which a padding mask and a flat row cannot serve)."""
+    from transformers import DynamicCache
+
+    from omnistream.memory.growing_cache import GrowingCache, pooled_growing_ok
+    from omnistream.memory.pool import growing_pool
+
+    if getattr(lm, "has_sliding_layers", False) or not pooled_growing_ok(lm.config):
+        return DynamicCache
+    return partial(GrowingCache, pool=growing_pool(lm))
 
 
 def _base_lm(th: StreamingThinker):
