@@ -30,8 +30,10 @@ from omnistream.runtime.procclient import MultiProcClient
 VOICE = SessionOptions(voice="Chelsie", max_new_tokens=8, max_speech_s=1.0)
 TEXT = SessionOptions(max_new_tokens=8)
 # stage processes cost seconds each to start, and the tiny Token2Wav is slow on a loaded CPU
-KINDS = ["inproc", "inproc-speech-thread", pytest.param("all-in-one", marks=pytest.mark.slow),
-         pytest.param("split", marks=pytest.mark.slow)]
+# inproc-speech-thread is what serve runs on a CPU (Token2Wav on its own engine thread); the one-thread
+# engine is what most other in-process tests run, so make test-fast leaves its copy here out
+KINDS = [pytest.param("inproc", marks=pytest.mark.slow), "inproc-speech-thread",
+         pytest.param("all-in-one", marks=pytest.mark.slow), pytest.param("split", marks=pytest.mark.slow)]
 
 
 def speech(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:

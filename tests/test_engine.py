@@ -29,6 +29,8 @@ SCRIPTS = {  # session -> (options, user turn, join delay s)
 
 
 async def _one(c, options, text, delay, barge_at=None):
+    """One session's turn; ``barge_at``: cancel after that many text deltas (mid-reply: its speech, which
+    trails the text, has not all been made -- a short reply's audio can come in one piece)."""
     await asyncio.sleep(delay)
     sid = await c.open_session(options)
     await c.commit(sid, text)
@@ -36,10 +38,10 @@ async def _one(c, options, text, delay, barge_at=None):
     async for ev in c.respond(sid):
         if isinstance(ev, TextDelta):
             texts.append(ev.text)
+            if barge_at is not None and len(texts) == barge_at:
+                await c.cancel(sid)
         elif isinstance(ev, AudioDelta):
             pcm.append(ev.pcm)
-            if barge_at is not None and len(pcm) == barge_at:
-                await c.cancel(sid)
         elif isinstance(ev, ResponseDone):
             done = ev
     await c.close_session(sid)
@@ -79,7 +81,7 @@ def test_sessions_in_a_batch_get_what_they_get_alone(tiny):
 @pytest.mark.timeout(900)
 def test_a_barge_in_drops_one_row_and_never_disturbs_the_others(tiny):
     scripts = {k: SCRIPTS[k] for k in ("short", "long", "late")}
-    batched, _ = _run(tiny, scripts, barge={"short": 1})
+    batched, _ = _run(tiny, scripts, barge={"short": 2})
     assert batched["short"][2].cancelled
     for name in ("long", "late"):
         alone, _ = _run(tiny, {name: scripts[name]})
