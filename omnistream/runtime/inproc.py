@@ -74,8 +74,7 @@ class InProcClient(WireClient):
     """Sessions over the pipeline's workers on engine threads of this process (see the module doc)."""
 
     def __init__(self, ck, *, max_sessions: int = 8, max_batch: int = 64, op_timeout_s: float = 120.0,
-                 headroom: float | None = 0.9, threads: int | None = None, speech_thread: bool = False,
-                 speech_rows: int = 1):
+                 headroom: float | None = 0.9, threads: int | None = None, speech_thread: bool = False):
         super().__init__(max_sessions=max_sessions, op_timeout_s=op_timeout_s)
         self.threads = threads  # torch intra-op threads, set when the engine starts (None: leave torch's; see engine_options)
         from omnistream.runtime.workers import WORKER_TYPES
@@ -84,7 +83,6 @@ class InProcClient(WireClient):
         self.workers = {name: WORKER_TYPES[name](ck, partial(self._route, name), max_batch=max_batch)
                         for name in PIPELINE}
         self.headroom = headroom  # None: no admission control beyond max_sessions
-        self.workers["token2wav"].set_row_threads(speech_rows)  # Token2Wav batches split over threads
         groups = [PIPELINE[:-1], PIPELINE[-1:]] if speech_thread else [PIPELINE]
         names = ["engine", "speech"] if speech_thread else ["all"]
         self.engines = [_Engine(n, {w: self.workers[w] for w in g}, headroom or 0.9) for n, g in zip(names, groups)]

@@ -176,8 +176,9 @@ class Worker:
         return sum(s.run is not None for s in self.slots.values())
 
     def speaking(self) -> int:
-        """Of those, the replies this worker turns into speech (0: not a speech worker)."""
-        return 0
+        """Of those, the replies this worker turns into speech: all of them at a speech worker (one that
+        counts ``speech_s``), none elsewhere."""
+        return self.replying() if self.speech_s is not None else 0
 
 
     def status(self) -> dict:

@@ -33,7 +33,6 @@ import logging
 import math
 import time
 from collections.abc import Generator
-from functools import partial
 
 import numpy as np
 
@@ -365,9 +364,6 @@ class TalkerWorker(Worker):
     def replying(self):
         return sum(s.state is not None and s.state.started for s in self.slots.values())
 
-    def speaking(self):
-        return self.replying()
-
     def priority(self, s):
         """Seconds of speech coded ahead of real time since the reply's first code (lower: more urgent)."""
         t0 = getattr(s, "t_first_code", None)
@@ -425,12 +421,11 @@ class TalkerWorker(Worker):
 
 
 # ====================================================================== token2wav
-def run_t2w_jobs(jobs: list, threads: int = 1) -> list:
-    """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked
-    (split into ``threads`` batches run at once, see ``run_jobs``)."""
+def run_t2w_jobs(jobs: list) -> list:
+    """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked."""
     from omnistream.model.token2wav_jobs import run_jobs
 
-    return run_jobs(jobs, threads=threads)
+    return run_jobs(jobs)
 
 
 class _Voice:
@@ -469,12 +464,6 @@ class Token2WavWorker(Worker):
     def replying(self):
         return sum(s.state.t2w is not None for s in self.slots.values())
 
-    def set_row_threads(self, n: int) -> None:
-        """Run each batched call as ``n`` batches at once on ``n`` threads (``run_jobs(threads=n)``)."""
-        self.scheduler.batchers = {**self.scheduler.batchers, "token2wav.job": partial(run_t2w_jobs, threads=n)}
-
-    def speaking(self):
-        return self.replying()
 
     def priority(self, s):
         return s.state.lead_s()  # the session closest to running dry goes first
