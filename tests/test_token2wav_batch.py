@@ -153,18 +153,65 @@ def test_batched_dit_windows_equal_transformers_sample_one_by_one(tiny):
     assert streams[0].accept(jobs[0], batched[0]) == [] and isinstance(streams[0].pending()[0], VocoderJob)
 
 
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="the split needs a second core")
+def test_served_batches_use_the_second_core_with_the_same_bits(tiny, monkeypatch):
+    """The Token2Wav worker's batched call, where torch runs one intra-op thread (this module's fixture,
+    as serve on 2 cores): 4 DiT windows and 4 vocoder spans run as halves on two threads, a batch of 2
+    on the caller alone (a lone-row part would delay the first audio of two sessions); the bits equal
+    one batch each. A DiT part never runs beside a vocoder part: the vocoder's switch to ATen convs is
+    process-wide and would change the DiT's bits (it did in the split layout's token2wav stage)."""
+    import threading
+    import time
+
+    from omnistream.model import token2wav_jobs
+    from omnistream.runtime.workers import run_t2w_jobs
+
+    assert torch.get_num_threads() == 1
+    dits, vocs = [], []
+    mels = torch.randn(4, 80, 30, generator=torch.Generator().manual_seed(4)) - 4.0
+    for k, voice in enumerate(_voices(tiny)):
+        st = _stream(tiny, voice, 60 + k)
+        st.feed(_codes(12, 70 + k))
+        dits += st.pending()
+        vocs.append(VocoderJob(_stream(tiny, voice, 1), 0, 30, 0, 30, mels[k : k + 1]))
+    jobs = dits + vocs
+    want = run_jobs(dits) + run_jobs(vocs)
+    ran = []  # (kind, thread, rows, start, end) of each batched forward: observed, the runners unchanged
+
+    def observe(kind, runner):
+        def wrapped(js):
+            t0 = time.perf_counter()
+            out = runner(js)
+            ran.append((kind, threading.get_ident(), len(js), t0, time.perf_counter()))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(token2wav_jobs, "_run_dit", observe("dit", token2wav_jobs._run_dit))
+    monkeypatch.setattr(token2wav_jobs, "_run_vocoder", observe("vocoder", token2wav_jobs._run_vocoder))
+    got = run_t2w_jobs(jobs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for kind in ("dit", "vocoder"):
+        mine = [r for r in ran if r[0] == kind]
+        assert sorted(r[2] for r in mine) == [2, 2] and len({r[1] for r in mine}) == 2, ran
+    dit_end = max(r[4] for r in ran if r[0] == "dit")
+    assert all(r[3] >= dit_end for r in ran if r[0] == "vocoder"), "a vocoder part ran beside a DiT part"
+    ran.clear()
+    assert all(torch.equal(a, b) for a, b in zip(run_t2w_jobs(dits[:2]), want[:2]))
+    assert [(r[1], r[2]) for r in ran] == [(threading.get_ident(), 2)]
+
+
 def test_batched_vocoder_spans_equal_bigvgan_one_by_one(tiny):
     t2w = tiny.token2wav
-    mels = torch.randn(3, 80, 30, generator=torch.Generator().manual_seed(3)) - 4.0
-    streams = [_stream(tiny, v, 1) for v in _voices(tiny)[:3]]
+    mels = torch.randn(4, 80, 30, generator=torch.Generator().manual_seed(3)) - 4.0
+    streams = [_stream(tiny, v, 1) for v in _voices(tiny)]
     jobs = [VocoderJob(st, 0, 30, 0, 30, mels[i : i + 1]) for i, st in enumerate(streams)]
     got = run_jobs(jobs)
-    # on 3 threads at once (one row each): the same bits, and the convolution switch is restored after
-    assert all(torch.equal(a, b) for a, b in zip(run_jobs(jobs, threads=3), got))
+    # on 2 threads at once (two rows each): the same bits, and the convolution switch is restored after
+    assert all(torch.equal(a, b) for a, b in zip(run_jobs(jobs, threads=2), got))
     assert torch._C._get_mkldnn_enabled()
     # Oracle on the streams' conv backend: ATen vs oneDNN convs differ by ~1e-5 here (see test_token2wav.py)
     with torch.no_grad(), batch_invariant_convs():
-        for i in range(3):
+        for i in range(4):
             want = t2w.code2wav_bigvgan_model(mels[i : i + 1])  # (7200,)
             assert got[i].shape == want.shape == (240 * 30,)
             assert (got[i] - want).abs().max().item() <= 1e-5

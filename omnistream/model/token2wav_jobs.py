@@ -91,19 +91,21 @@ def run_jobs(jobs: list, threads: int = 1) -> list:
     """Run ``jobs`` of any streams, one batched forward per group of equal :attr:`key`; results in
     ``jobs`` order (a DiT job's (1, 80, W) mel, a vocoder job's (240 (e - s),) samples).
 
-    ``threads`` > 1: each group's rows are split into that many batches, run at once on as many threads
-    (torch's ops release the GIL): on a CPU whose other cores are idle while a session speaks, two
-    half batches take ~0.6x the time of the whole (the rows are batch-invariant, so the bits are the
-    same). A job whose stream is cancelled -- before or while its batch runs -- gets None; a batch stops
-    early only when every stream in it is cancelled, so one cancel never disturbs the others."""
+    ``threads`` > 1: each group's rows are split into up to that many parts of two rows or more, run
+    at once by the caller and ``threads - 1`` helper threads (torch's ops release the GIL; the rows are
+    batch-invariant, so the bits are the same). On a CPU whose other core is idle while sessions speak,
+    two halves of a batch of 8 take ~0.6x the time of the whole. A part keeps two rows because one-row
+    parts also split the first windows of two sessions that start together, which delayed their first
+    audio by 0.3-0.4 s in benchmarks/capacity.py. Groups run one after another: a vocoder part turns
+    oneDNN off process-wide (:func:`batch_invariant_convs`), which would send a DiT part running beside
+    it through other conv kernels (the speaker encoder's and position convs'), and other bits.
+
+    A job whose stream is cancelled -- before or while its batch runs -- gets None; a batch stops early
+    only when every stream in it is cancelled, so one cancel never disturbs the others."""
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         if not job.stream.cancelled:
             groups.setdefault(job.key, []).append(i)
-    batches = []  # contiguous, balanced parts of each group: one batched forward each
-    for idx in groups.values():
-        n = max(1, min(threads, len(idx)))
-        batches += [idx[k * len(idx) // n : (k + 1) * len(idx) // n] for k in range(n)]
 
     def run(idx: list[int]):
         group = [jobs[i] for i in idx]
@@ -112,11 +114,14 @@ def run_jobs(jobs: list, threads: int = 1) -> list:
         except _Cancelled:
             return idx, None
 
-    done = map(run, batches) if threads <= 1 or len(batches) < 2 else _pool(threads).map(run, batches)
     results: list = [None] * len(jobs)
-    for idx, outs in done:
-        for i, out in zip(idx, outs or ()):
-            results[i] = None if jobs[i].stream.cancelled else out
+    for idx in groups.values():  # one group at a time (see the docstring)
+        n = max(1, min(threads, len(idx) // 2))  # parts of 2+ rows (a lone row runs at batch 1's cost per row)
+        parts = [idx[k * len(idx) // n : (k + 1) * len(idx) // n] for k in range(n)]
+        helpers = [_pool(threads - 1).submit(run, part) for part in parts[1:]]
+        for part, outs in [run(parts[0])] + [h.result() for h in helpers]:
+            for i, out in zip(part, outs or ()):
+                results[i] = None if jobs[i].stream.cancelled else out
     return results
 
 

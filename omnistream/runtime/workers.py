@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Generator
 
@@ -422,10 +423,19 @@ class TalkerWorker(Worker):
 
 # ====================================================================== token2wav
 def run_t2w_jobs(jobs: list) -> list:
-    """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked."""
+    """Token2Wav's batched call: DiT windows / BigVGAN spans of all sessions, equal shapes stacked.
+
+    Where torch runs one intra-op thread on a CPU of 2+ cores (``serve``'s engine threads on 2 cores,
+    each stage of ``split`` there), a batch of 4+ rows runs as two halves on two threads, so the DiT
+    also uses the time the other core's work leaves idle (a spoken reply's codes come early, its DiT
+    windows take the rest of the reply). Measured with 3-s replies on 2 cores (benchmarks/capacity.py,
+    in process): 3 -> 4 sessions at real time with the block-sparse DiT, first audio unchanged."""
+    import torch
+
     from omnistream.model.token2wav_jobs import run_jobs
 
-    return run_jobs(jobs)
+    cpu = jobs[0].stream.device.type == "cpu"
+    return run_jobs(jobs, threads=2 if cpu and torch.get_num_threads() == 1 and (os.cpu_count() or 1) >= 2 else 1)
 
 
 class _Voice:
