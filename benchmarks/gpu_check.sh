@@ -31,6 +31,9 @@
 #                       kernel time by batch size, the Talker eager and on static rows + CUDA graphs side by side
 #                       (launch-bound or not; sessions the Talker holds at 50 codes/s)
 #                                                                                     -> decode_steps.json
+#   token2wav     90 s  benchmarks/token2wav_batch.py on the 7B shape: DiT window + vocoder span per session at
+#                       batch 1 and 8, the DiT eager / block-sparse / CUDA graphs (model/token2wav_graphs.py)
+#                                                                                     -> token2wav.json
 # Then a summary table (summary.txt, summary.json) with the keys kernel_fraction_of_peak,
 # first_audio_s_7b_bf16, max_realtime_sessions_7b, nav_step_ms_7b (null where a step could not measure
 # it, with the reason). Exit status: the number of failed steps.
@@ -117,7 +120,7 @@ import pytest
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = int(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_talker_graphs.py",
-                          "tests/test_thinker_graphs.py", "tests/test_kernels.py",
+                          "tests/test_thinker_graphs.py", "tests/test_token2wav_graphs.py", "tests/test_kernels.py",
                           "tests/test_window_cache.py", "tests/test_wire.py", "tests/test_batched_decode.py",
                           "-k", "not test_window_cache or kernel", "-rs"]))
 print(json.dumps({"rc": rc, "tail": buf.getvalue().splitlines()[-15:]}))
@@ -174,6 +177,15 @@ if [[ $SMOKE == 0 ]]; then
 else
   step decode_steps decode_steps.json 120 "$PY" benchmarks/decode_steps.py --json --model "$MODEL" --device $DEV \
     --dtype $DT --batches 1,4 --steps 3 --prompt-tokens 32
+fi
+
+# 8. Token2Wav windows by batch size: the DiT eager, block-sparse and as CUDA graphs (one replay per window)
+if [[ $SMOKE == 0 ]]; then
+  step token2wav token2wav.json 90 "$PY" benchmarks/token2wav_batch.py --json --model "$MODEL" --device $DEV \
+    --batches 1,8 --repeat 2
+else
+  step token2wav token2wav.json 120 "$PY" benchmarks/token2wav_batch.py --json --model "$MODEL" --device $DEV \
+    --batches 1,2 --repeat 1 --graphs
 fi
 
 # summary: the four headline keys (null with a reason where not measured), then what each step said
@@ -238,6 +250,11 @@ if ds:
         extra[f"thinker_window_step_ms_{r['talker']}_b{r['batch']}"] = (
             f"{r['thinker_window_step_ms']} (kernels {r['thinker_window_gpu_ms']} ms)")
     extra["thinker_static_speedup"] = ds.get("thinker_static_speedup")
+tw, err = load("token2wav.json")
+if tw:  # DiT window ms per call by variant and batch, and the speech a session gets per second of it
+    extra["token2wav_dit_ms"] = tw.get("dit_ms")
+    extra["token2wav_realtime_sessions"] = tw.get("realtime_sessions_per_core")
+    extra["token2wav_graphs_diff_vs_exact"] = (tw.get("max_abs_diff_vs_exact") or {}).get("graphs")
 pt, err = load("pytest.json")
 if pt:
     extra["pytest"] = (pt["tail"] or ["?"])[-1]

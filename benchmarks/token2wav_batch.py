@@ -37,7 +37,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from omnistream.checkpoints import load_omni  # noqa: E402
 from omnistream.model.token2wav import DEFAULT, StreamingToken2Wav  # noqa: E402
-from omnistream.model.token2wav_jobs import DiTJob, VocoderJob, run_jobs  # noqa: E402
+from omnistream.model.token2wav_graphs import DiTGraphs, disable_dit_graphs  # noqa: E402
+from omnistream.model.token2wav_jobs import GRAPHS_ATTR, DiTJob, VocoderJob, run_jobs  # noqa: E402
 from omnistream.random_checkpoints import make_tiny  # noqa: E402
 
 BATCHES = (1, 2, 4, 8)
@@ -101,6 +102,22 @@ def load_baseline(path: str):
     return mod.run_jobs
 
 
+def graphed(ck, max_rows: int):
+    """``run_jobs`` with the DiT's windows through :class:`DiTGraphs` (captured at the first call of
+    each batch bucket: the warm-up call of :func:`timed`)."""
+    dit = ck.token2wav.code2wav_dit_model
+    graphs = DiTGraphs(dit, max_rows=max_rows)
+
+    def run(jobs):
+        setattr(dit, GRAPHS_ATTR, graphs)
+        try:
+            return run_jobs(jobs)
+        finally:
+            delattr(dit, GRAPHS_ATTR)
+
+    return run
+
+
 def with_block_sparse(jobs: list, on: bool) -> list:
     for j in jobs:
         j.stream.block_sparse = on
@@ -116,6 +133,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
     p.add_argument("--batches", default="1,2,4,8", help="comma list of batch sizes (default 1,2,4,8)")
     p.add_argument("--baseline", help="an older token2wav_jobs.py to time side by side (see above)")
+    p.add_argument("--graphs", action="store_true", help="also time the DiT through model/token2wav_graphs.py "
+                   "(always on CUDA, where a window is one graph replay; on CPU its static function runs eagerly)")
     args = p.parse_args()
     try:
         batches = sorted({int(b) for b in args.batches.split(",")})
@@ -130,12 +149,15 @@ def main() -> int:
     if args.model == ".cache/tiny-omni" and not Path(args.model, "config.json").exists():
         make_tiny(args.model)
     ck = load_omni(args.model, device=args.device)
+    disable_dit_graphs(ck.token2wav)  # ("exact" is the eager path, whatever OMNISTREAM_CUDA_GRAPHS says)
     dits, vocs = steady_jobs(ck, max(batches), args.device)
     alone_dit = [run_jobs([j])[0] for j in dits]
     alone_voc = [run_jobs([j])[0] for j in vocs]
     variants = {"exact": (run_jobs, False), "block_sparse": (run_jobs, True)}
     if args.baseline:
         variants["baseline"] = (load_baseline(args.baseline), False)
+    if args.graphs or args.device.startswith("cuda"):
+        variants["graphs"] = (graphed(ck, max(batches)), False)
 
     chunk_s = DEFAULT.chunk_codes / 50  # a steady chunk's speech: 36 codes at 50 Hz
     out = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),

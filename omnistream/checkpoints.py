@@ -324,10 +324,13 @@ def load_omni(
     from omnistream.model.graphs import enable_talker_graphs, graphs_wanted
     from omnistream.model.thinker_graphs import enable_thinker_graphs
 
-    if graphs := graphs_wanted(device):  # decode steps replayed as CUDA graphs
+    if graphs := graphs_wanted(device):  # decode steps and Token2Wav's DiT windows replayed as CUDA graphs
         enable_thinker_graphs(model.thinker)
         if talker:
+            from omnistream.model.token2wav_graphs import enable_dit_graphs
+
             enable_talker_graphs(model.talker)
+            enable_dit_graphs(model.token2wav)
     forced = os.environ.get(FORCE_LENGTH_ENV, "0") == "1"
     log.info("loaded %s on %s in %s (attention %s%s%s%s)", path, device, dtype, attn_implementation,
              ", CUDA graphs" if graphs else "", ", random weights" if random_init is not None else "",

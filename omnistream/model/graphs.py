@@ -226,19 +226,22 @@ def padding_mask(slots: torch.Tensor, n_valid: torch.Tensor, dtype: torch.dtype)
     return mask.masked_fill(~held, torch.finfo(dtype).min)[:, None, None, :]
 
 
-def capture_graph(fn, device, pool, active: torch.Tensor):
+def capture_graph(fn, device, pool, active: torch.Tensor | None = None):
     """Capture ``fn()`` (a static step over fixed buffers) as a CUDA graph: returns (graph, fn's output).
 
     The warm-up (cuBLAS handles, SDPA's kernel choice: outside the capture) runs for real on a side
-    stream with ``active`` zeroed, so it moves no row's state; the capture itself runs nothing."""
-    saved = active.clone()
-    active.zero_()
+    stream with ``active`` zeroed, so it moves no row's state (None: ``fn`` has no state to move);
+    the capture itself runs nothing."""
+    saved = None if active is None else active.clone()
+    if active is not None:
+        active.zero_()
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream(device).wait_stream(side)
-    active.copy_(saved)
+    if active is not None:
+        active.copy_(saved)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
@@ -259,7 +262,8 @@ def disable_talker_graphs(talker) -> None:
 
 def graphs_wanted(device) -> bool:
     """Opt-in for now (``OMNISTREAM_CUDA_GRAPHS=1``, CUDA devices only), for the Talker's and the
-    Thinker's static steps: they equal the eager ones on CPU (tests), but the captured replay has not
-    yet run on a GPU here (the GPU check's tests/test_talker_graphs.py, tests/test_thinker_graphs.py and
-    benchmarks/decode_steps.py do that); make it the default once they pass."""
+    Thinker's static steps and Token2Wav's DiT windows: they equal the eager ones on CPU (tests), but
+    the captured replay has not yet run on a GPU here (the GPU check's tests/test_*_graphs.py,
+    benchmarks/decode_steps.py and benchmarks/token2wav_batch.py do that); make it the default once
+    they pass."""
     return torch.device(device).type == "cuda" and os.environ.get("OMNISTREAM_CUDA_GRAPHS", "0") == "1"

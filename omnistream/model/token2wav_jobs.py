@@ -137,7 +137,9 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 @torch.no_grad()
 def _run_dit(jobs: list[DiTJob]) -> list[torch.Tensor]:
     """``Qwen2_5OmniToken2WavDiTModel.sample`` for B windows of equal length, the initial noise passed
-    in (same ops, same order as transformers), per-window constants computed once, not per evaluation."""
+    in (same ops, same order as transformers), per-window constants computed once, not per evaluation.
+    With :mod:`~omnistream.model.token2wav_graphs` enabled on the DiT (CUDA), the whole window's ODE is
+    one graph replay."""
     first = jobs[0].stream
     n_frames = jobs[0].noise.shape[1]
     code = torch.cat([j.code for j in jobs])  # (B, W / r)
@@ -145,25 +147,69 @@ def _run_dit(jobs: list[DiTJob]) -> list[torch.Tensor]:
     cond = torch.cat([j.stream.cond for j in jobs])  # (B, enc_emb_dim)
     spk = [j.stream._speaker_features() for j in jobs]  # each (2, enc_dim): [voice, CFG zeros]
     spk = torch.cat([f[:1] for f in spk] + [f[1:] for f in spk])  # (2B, enc_dim): guided rows, then null rows
+    graphs = getattr(first.dit, GRAPHS_ATTR, None)
+    if graphs is not None:
+        mel = graphs.run(code, x0, cond, spk, num_steps=first.num_steps, sway=first.sway,
+                         guidance=first.guidance_scale, block_sparse=first.block_sparse)  # (B, 80, W) or None
+        if mel is not None:
+            for j in jobs:  # the replay ran every evaluation (a cancel is seen between windows, not inside one)
+                j.stream.dit_evals += 4 * (first.num_steps - 1)
+                j.stream.dit_frame_evals += 4 * (first.num_steps - 1) * n_frames
+            return [mel[i : i + 1] for i in range(len(jobs))]
+    t = ode_times(first.num_steps, first.sway, cond.dtype, cond.device)
     window = _DiTWindow(first.dit, code, cond, spk, n_frames, block_sparse=first.block_sparse)
-    g = first.guidance_scale
 
-    def ode_function(time_step, hidden_states):  # (B, W, 80) -> (B, W, 80)
+    def on_eval():
         live = [j.stream for j in jobs if not j.stream.cancelled]
         if not live:
             raise _Cancelled
         for st in live:
             st.dit_evals += 1
             st.dit_frame_evals += n_frames
-        guided, null = torch.chunk(window(hidden_states, time_step), 2, dim=0)  # (B, W, 80) each
-        return guided + (guided - null) * g
 
-    t = torch.linspace(0, 1, first.num_steps, dtype=cond.dtype, device=cond.device)
-    if first.sway is not None:
-        t += first.sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
-    trajectory = RungeKutta4ODESolver(function=ode_function, initial_value=x0).integrate(t)
-    mel = trajectory[-1].permute(0, 2, 1)  # (B, 80, W)
+    mel = integrate(window, x0, t, first.guidance_scale, on_eval)  # (B, W, 80)
+    mel = mel.permute(0, 2, 1)  # (B, 80, W)
     return [mel[i : i + 1] for i in range(len(jobs))]
+
+
+GRAPHS_ATTR = "_omnistream_dit_graphs"  # a DiT model's DiTGraphs (omnistream.model.token2wav_graphs)
+
+
+def ode_times(num_steps: int, sway: float | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """The ODE's time points, as ``sample`` makes them: (num_steps,), sway-sampled."""
+    t = torch.linspace(0, 1, num_steps, dtype=dtype, device=device)
+    if sway is not None:
+        t += sway * (torch.cos(torch.pi / 2 * t) - 1 + t)
+    return t
+
+
+def integrate(window: _DiTWindow, x0: torch.Tensor, t: torch.Tensor, guidance: float, on_eval=None, *,
+              increasing: bool | None = None) -> torch.Tensor:
+    """``RungeKutta4ODESolver(cfg_function, x0).integrate(t)[-1]``: x0 (B, W, 80) -> the mel (B, W, 80).
+
+    The same ``_compute_step`` calls and additions as transformers' ``integrate``, without its
+    per-step host syncs (a Python ``while`` over tensor comparisons, there to interpolate at time
+    points that fall inside a step): for strictly increasing ``t`` every step ends on the next time
+    point, where that interpolation returns the step's value itself -- so the bits are the same, and
+    the loop can be captured in a CUDA graph. Other ``t`` go through transformers' own ``integrate``.
+    ``increasing``: whether ``t`` is strictly increasing, if the caller knows (checking is itself a
+    host sync, which a graph capture refuses). ``on_eval``: called before each DiT evaluation
+    (counters, cancellation; never inside a graph)."""
+
+    def cfg_function(time_step, x):  # (B, W, 80) -> (B, W, 80)
+        if on_eval is not None:
+            on_eval()
+        guided, null = torch.chunk(window(x, time_step), 2, dim=0)  # (B, W, 80) each
+        return guided + (guided - null) * guidance
+
+    solver = RungeKutta4ODESolver(function=cfg_function, initial_value=x0)
+    if not (increasing if increasing is not None else bool((t[1:] > t[:-1]).all())):
+        return solver.integrate(t)[-1]
+    x = x0
+    for t0, t1 in zip(t[:-1], t[1:]):
+        delta, _ = solver._compute_step(cfg_function, t0, t1 - t0, t1, x)
+        x = x + delta
+    return x
 
 
 @contextmanager
