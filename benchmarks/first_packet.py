@@ -131,6 +131,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="reply length in seconds of speech (default 10)")
     p.add_argument("--text-tokens", type=int, default=40, help="Thinker reply length limit (default 40)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warm-up", action="store_true",
+                   help="answer once, untimed, before the timed reply: what is made at first use (CUDA kernels and "
+                   "autotuning, cuBLAS handles, CUDA graphs with OMNISTREAM_CUDA_GRAPHS=1) is paid once by a server")
     args = p.parse_args()
     try:
         check_device(args.device)
@@ -152,7 +155,12 @@ def main() -> int:
     codes = int(args.seconds * SAMPLE_RATE / 480)  # 50 codec tokens per second
 
     out = {"model": args.model, "device": args.device, "dtype": str(next(ck.thinker.parameters()).dtype),
-           "load_s": load_s, "force_length": args.force_length, "threads": torch.get_num_threads()}
+           "load_s": load_s, "force_length": args.force_length, "threads": torch.get_num_threads(),
+           "warm_up": args.warm_up}
+    if args.warm_up:
+        t = time.perf_counter()
+        streaming(ck, args.text_tokens, codes, args.voice, args.seed)
+        out["warm_up_s"] = time.perf_counter() - t
     st, chat, pcm = streaming(ck, args.text_tokens, codes, args.voice, args.seed)
     out |= st
     if args.device.startswith("cuda"):

@@ -20,7 +20,9 @@
 #   kernels       80 s  benchmarks/kernel_bench.py: Triton decode attention vs SDPA / FlexAttention, bf16+fp16,
 #                       2k..128k contexts, fraction of the H200's 4.8 TB/s            -> kernels.json
 #   first_packet 100 s  benchmarks/first_packet.py on the published 7B shape in bf16, replies forced to
-#                       their configured length (random weights must not end them early) -> first_packet.json
+#                       their configured length (random weights must not end them early), after one untimed
+#                       reply (--warm-up: first-use costs, which a server pays once; 2026-12-04's figures
+#                       were cold)                                                    -> first_packet.json
 #   capacity     120 s  benchmarks/capacity.py (the lead's): concurrent real-time sessions on the 7B shape,
 #                       in-process layout (null with the reason when the script is not there) -> capacity.json
 #   nav_step      90 s  benchmarks/nav_step.py on the JanusVLN-7B shape in bf16 (`nav make-tiny --shape 7b`:
@@ -136,7 +138,7 @@ fi
 # 3. first audio packet, 7B shape in bf16, forced lengths
 if [[ $SMOKE == 0 ]]; then
   step first_packet first_packet.json 100 "$PY" benchmarks/first_packet.py --json --model "$MODEL" --device $DEV \
-    --dtype $DT --force-length --no-offline --seconds 4 --text-tokens 24
+    --dtype $DT --force-length --no-offline --seconds 4 --text-tokens 24 --warm-up
 else
   step first_packet first_packet.json 180 "$PY" benchmarks/first_packet.py --json --model "$MODEL" --device $DEV \
     --dtype $DT --force-length --no-offline --seconds 1 --text-tokens 4
