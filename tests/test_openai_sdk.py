@@ -28,6 +28,7 @@ def _models() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_openai_sdk_voice_turn(tiny):
     from omnistream.encoders.audio import PolyphaseResampler
     from omnistream.encoders.media import read_audio

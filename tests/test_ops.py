@@ -97,6 +97,7 @@ def underruns(arrivals: list[tuple[float, int]], slack: float) -> int:
 
 
 # ---------------------------------------------------------------------------------- metrics + logs
+@pytest.mark.slow
 def test_metrics_move_after_one_voice_turn(tiny, hello24k, caplog):  # noqa: F811 (the fixture)
     """Every listed metric is exposed; after one voice turn the event figures moved, and the
     per-turn latencies equal what the client measured itself (within the loopback's delays)."""

@@ -64,6 +64,7 @@ class _CountingModel:
         return getattr(self.model, name)
 
 
+@pytest.mark.slow
 def test_a_huge_append_does_not_stall_other_sessions(tiny, monkeypatch):
     """One session appends 60 s of audio at once (server VAD on); meanwhile another session's
     round trips and the event loop itself stay responsive. Bound: a third of what the VAD on
@@ -191,6 +192,7 @@ def test_rate_limit_counts_audio_time_not_events(tiny):
     run(body())
 
 
+@pytest.mark.slow
 def test_a_turn_is_capped_at_max_turn_s(tiny):
     """A user turn that reaches max_turn_s is committed as it is (no reply), with a
     ``turn_too_long`` error; what follows is a new turn, and the session goes on."""
@@ -403,6 +405,7 @@ def test_turn_tokens_are_checked_against_the_context(tiny):
     assert c.thinker.n_tokens > n0 + turn
 
 
+@pytest.mark.slow
 def test_a_turn_over_the_context_gets_an_error_and_the_session_goes_on(tiny):
     """Over the Realtime API: items within the per-item limit that add up past the model's context
     (32k tokens) get ``turn_too_long`` at commit, in well under the time prefilling them would take."""

@@ -178,6 +178,7 @@ def test_manual_turn_beta_dialect(tiny, hello24k):
     run(body())
 
 
+@pytest.mark.slow
 def test_cancel_clear_and_client_truncate(tiny, hello24k):
     """response.cancel ends a reply as cancelled; conversation.item.truncate cuts the pipeline's
     context to the given audio_end_ms; input_audio_buffer.clear drops the open turn."""
@@ -289,6 +290,7 @@ def _png(img: np.ndarray, fmt: str = "PNG") -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+@pytest.mark.slow
 def test_image_items(tiny):
     """input_image items (video frames) reach the vision encoder; with server VAD an idle camera
     keeps only its latest frame."""

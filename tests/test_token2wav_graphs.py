@@ -57,6 +57,7 @@ def test_static_windows_equal_the_eager_batch(tiny, dit_graphs, block_sparse):
     assert {k[1] for k in dit_graphs.entries} == {4, 1, 2}  # buckets made: 3 -> 4, 1, 6 -> 4 + 2
 
 
+@pytest.mark.slow
 def test_a_whole_reply_through_static_windows_equals_its_solo_run(tiny, dit_graphs):
     """A 70-code reply (first, steady and tail windows of three lengths) with 10 ODE steps, pushed in
     pieces: the PCM equals the same reply without graphs."""

@@ -200,6 +200,7 @@ def test_events_per_turn_in_order_before_response_done(tiny):
     assert updated["session"]["audio"]["input"]["transcription"]["model"] == "whisper-1"
 
 
+@pytest.mark.slow
 def test_no_events_when_transcription_is_off_and_beta_names(tiny):
     off = {**GA, "audio": {"input": {"turn_detection": None, "transcription": None}}}
     events = _serve(InProcClient(tiny), off, TURNS[:1])
