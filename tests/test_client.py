@@ -27,7 +27,8 @@ from omnistream.runtime.client import (
 )
 from omnistream.runtime.procclient import MultiProcClient
 
-VOICE = SessionOptions(voice="Chelsie", max_new_tokens=8, max_speech_s=1.0)
+# seeded: an unseeded random Talker can end a reply before its first code
+VOICE = SessionOptions(voice="Chelsie", max_new_tokens=8, max_speech_s=1.0, seed=0)
 TEXT = SessionOptions(max_new_tokens=8)
 # stage processes cost seconds each to start, and the tiny Token2Wav is slow on a loaded CPU
 # inproc-speech-thread is what serve runs on a CPU (Token2Wav on its own engine thread); the one-thread

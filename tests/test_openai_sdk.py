@@ -40,7 +40,7 @@ def test_openai_sdk_voice_turn(tiny):
     models = _models()
 
     async def body():
-        cfg = ServerConfig(port=0, api_key="sk-test", defaults=SessionOptions(max_new_tokens=8, max_speech_s=1.0))
+        cfg = ServerConfig(port=0, api_key="sk-test", defaults=SessionOptions(max_new_tokens=8, max_speech_s=1.0, seed=0))
         async with serving(InProcClient(tiny), cfg) as server:
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-test")
             events = []

@@ -31,7 +31,7 @@ from omnistream.runtime.layout import PIPELINE
 
 pytestmark = pytest.mark.slow
 # long enough replies that a kill lands mid-reply; short enough for a slow shared CPU
-OPTS = SessionOptions(max_new_tokens=16, max_speech_s=1.0)
+OPTS = SessionOptions(max_new_tokens=16, max_speech_s=1.0, seed=0)  # seeded: replies that surely speak
 RECOVERY_S = 10.0  # issue 5: "a new turn works within 10 s"
 
 
