@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a session lent a GPU (one H200: step limits sum to 630 s), resumable.
+# The one prepared script for a session lent a GPU (one H200: step limits sum to 750 s), resumable.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh --smoke    # every step on CPU, tiny shapes (< 10 min)
@@ -33,7 +33,7 @@
 #                       kernel time by batch size, the Talker eager and on static rows + CUDA graphs side by side
 #                       (launch-bound or not; sessions the Talker holds at 50 codes/s)
 #                                                                                     -> decode_steps.json
-#   token2wav     90 s  benchmarks/token2wav_batch.py on the 7B shape: DiT window + vocoder span per session at
+#   token2wav    120 s  benchmarks/token2wav_batch.py on the 7B shape: DiT window + vocoder span per session at
 #                       batch 1 and 8, the DiT eager / block-sparse / CUDA graphs (model/token2wav_graphs.py)
 #                                                                                     -> token2wav.json
 # Then a summary table (summary.txt, summary.json) with the keys kernel_fraction_of_peak,
@@ -183,8 +183,8 @@ fi
 
 # 8. Token2Wav windows by batch size: the DiT eager, block-sparse and as CUDA graphs (one replay per window)
 if [[ $SMOKE == 0 ]]; then
-  step token2wav token2wav.json 90 "$PY" benchmarks/token2wav_batch.py --json --model "$MODEL" --device $DEV \
-    --batches 1,8 --repeat 2
+  step token2wav token2wav.json 120 "$PY" benchmarks/token2wav_batch.py --json --model "$MODEL" --device $DEV \
+    --batches 1,8 --repeat 1
 else
   step token2wav token2wav.json 120 "$PY" benchmarks/token2wav_batch.py --json --model "$MODEL" --device $DEV \
     --batches 1,2 --repeat 1 --graphs
