@@ -14,7 +14,7 @@ import torch
 
 from omnistream.model.token2wav import StreamingConfig, StreamingToken2Wav
 from omnistream.model.token2wav_graphs import DiTGraphs, disable_dit_graphs, enable_dit_graphs
-from omnistream.model.token2wav_jobs import DiTJob, run_jobs
+from omnistream.model.token2wav_jobs import GRAPHS_ATTR, DiTJob, run_jobs
 
 CFG = StreamingConfig(chunk_codes=12, left_codes=12, right_codes=6, vocoder_context_frames=8, first_chunk_codes=6,
                       block_align=True, merge_tail=True)
@@ -50,7 +50,7 @@ def test_static_windows_equal_the_eager_batch(tiny, dit_graphs, block_sparse):
         eager_jobs, static_jobs = _windows(tiny, n, block_sparse=block_sparse), _windows(tiny, n, block_sparse=block_sparse)
         disable_dit_graphs(tiny.token2wav)
         want = run_jobs(eager_jobs)
-        setattr(tiny.token2wav.code2wav_dit_model, "_omnistream_dit_graphs", dit_graphs)
+        setattr(tiny.token2wav.code2wav_dit_model, GRAPHS_ATTR, dit_graphs)
         got = run_jobs(static_jobs)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), n
         assert [j.stream.dit_evals for j in static_jobs] == [j.stream.dit_evals for j in eager_jobs] == [12] * n
@@ -134,8 +134,8 @@ def test_the_static_window_has_no_host_sync(tiny):
     st, dit = job.stream, tiny.token2wav.code2wav_dit_model
     spk, t = st._speaker_features(), ode_times(3, -1.0, torch.float32, "cpu")
 
-    def static(code, cond, spk, x0, t, increasing=True):
-        return integrate(_DiTWindow(dit, code, cond, spk, x0.shape[1]), x0, t, 0.5, increasing=increasing)
+    def static(code, cond, spk, x0, t, rising=True):
+        return integrate(_DiTWindow(dit, code, cond, spk, x0.shape[1]), x0, t, 0.5, rising=rising)
 
     try:
         with torch.no_grad():

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from omnistream.model.graphs import capture_graph
-from omnistream.model.token2wav_jobs import GRAPHS_ATTR, _DiTWindow, integrate, ode_times
+from omnistream.model.token2wav_jobs import GRAPHS_ATTR, _DiTWindow, increasing, integrate, ode_times
 
 
 @dataclass
@@ -108,7 +108,7 @@ class DiTGraphs:
     def _make(self, key, code, x0, cond, spk) -> _Entry | None:
         n_frames, rows, num_steps, sway, guidance, block_sparse, _ = key
         t = ode_times(num_steps, sway, cond.dtype, cond.device)
-        if not bool((t[1:] > t[:-1]).all()):  # (integrate would sync: not capturable)
+        if not increasing(t):  # (integrate would sync: not capturable)
             return None
         like = lambda x, n: x[:1].expand(n, *x.shape[1:]).clone()  # noqa: E731 (static buffers: row 0 repeated)
         e = _Entry(like(code, rows), like(x0, rows), like(cond, rows),
@@ -116,7 +116,7 @@ class DiTGraphs:
 
         def static():  # the eager path's code over the static inputs
             window = _DiTWindow(self.dit, e.code, e.cond, e.spk, n_frames, block_sparse=block_sparse)
-            return integrate(window, e.x0, e.t, guidance, increasing=True)  # (checked above: no sync in a capture)
+            return integrate(window, e.x0, e.t, guidance, rising=True)  # (checked above: no sync in a capture)
 
         e.run = static
         if self.graphs:

@@ -183,8 +183,14 @@ def ode_times(num_steps: int, sway: float | None, dtype: torch.dtype, device) ->
     return t
 
 
+def increasing(t: torch.Tensor) -> bool:
+    """Whether the time points rise strictly, i.e. :func:`integrate` can skip transformers' interpolation
+    (a host sync: check outside a CUDA graph capture)."""
+    return bool((t[1:] > t[:-1]).all())
+
+
 def integrate(window: _DiTWindow, x0: torch.Tensor, t: torch.Tensor, guidance: float, on_eval=None, *,
-              increasing: bool | None = None) -> torch.Tensor:
+              rising: bool | None = None) -> torch.Tensor:
     """``RungeKutta4ODESolver(cfg_function, x0).integrate(t)[-1]``: x0 (B, W, 80) -> the mel (B, W, 80).
 
     The same ``_compute_step`` calls and additions as transformers' ``integrate``, without its
@@ -192,8 +198,8 @@ def integrate(window: _DiTWindow, x0: torch.Tensor, t: torch.Tensor, guidance: f
     points that fall inside a step): for strictly increasing ``t`` every step ends on the next time
     point, where that interpolation returns the step's value itself -- so the bits are the same, and
     the loop can be captured in a CUDA graph. Other ``t`` go through transformers' own ``integrate``.
-    ``increasing``: whether ``t`` is strictly increasing, if the caller knows (checking is itself a
-    host sync, which a graph capture refuses). ``on_eval``: called before each DiT evaluation
+    ``rising``: :func:`increasing` of ``t``, if the caller knows it (checking is itself a host sync,
+    which a graph capture refuses). ``on_eval``: called before each DiT evaluation
     (counters, cancellation; never inside a graph)."""
 
     def cfg_function(time_step, x):  # (B, W, 80) -> (B, W, 80)
@@ -203,7 +209,7 @@ def integrate(window: _DiTWindow, x0: torch.Tensor, t: torch.Tensor, guidance: f
         return guided + (guided - null) * guidance
 
     solver = RungeKutta4ODESolver(function=cfg_function, initial_value=x0)
-    if not (increasing if increasing is not None else bool((t[1:] > t[:-1]).all())):
+    if not (rising if rising is not None else increasing(t)):
         return solver.integrate(t)[-1]
     x = x0
     for t0, t1 in zip(t[:-1], t[1:]):
