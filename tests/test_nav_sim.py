@@ -9,7 +9,7 @@ import pytest
 from omnistream.navigation.episodes import Episode, Goal, Instruction, heading_to_quat
 from omnistream.navigation.planner import Planner, path_length
 from omnistream.navigation.scenes import WALL_THICK, Box, Door, Room, Scene
-from omnistream.navigation.sim import GridSimulator, MujocoSimulator, camera_quat, mat_to_quat, vertical_fov
+from omnistream.navigation.sim import RENDERER_ENV, GridSimulator, MujocoSimulator, camera_quat, mat_to_quat, vertical_fov
 
 T = WALL_THICK / 2
 GREY = (0.8, 0.8, 0.8, 1.0)
@@ -168,7 +168,10 @@ def red_fraction(img):
     return float(((r > 120) & (g < 80) & (b < 80)).mean())
 
 
-def test_mujoco_camera_sees_what_is_ahead_and_to_the_side():
+@pytest.mark.parametrize("renderer", ["default", "raycast"])
+def test_mujoco_camera_sees_what_is_ahead_and_to_the_side(renderer, monkeypatch):
+    if renderer == "raycast":  # (the GL-free camera, tests/test_raycast.py)
+        monkeypatch.setenv(RENDERER_ENV, "raycast")
     red = Box("red sofa", "furniture", (2.5, 0.5, 0.8), (0.6, 0.5, 0.3), (0.9, 0.05, 0.05, 1.0), "office")
     scene = two_rooms([red])
     sim = MujocoSimulator(width=64, height=48)
@@ -176,6 +179,7 @@ def test_mujoco_camera_sees_what_is_ahead_and_to_the_side():
     sim.scene, sim.planner = scene, Planner(scene)
     sim._on_scene_loaded()
     try:
+        assert renderer == "default" or sim.renderer == "raycast"
         obs = sim.reset(episode(scene, [2.5, 0, 3.0], 0.0))  # facing -z, the sofa 2 m ahead
         assert obs.rgb.shape == (48, 64, 3) and obs.rgb.dtype == np.uint8
         assert red_fraction(obs.rgb[:, 24:40]) > 0.2  # in the middle of the image

@@ -11,7 +11,9 @@ MOVE_FORWARD 0.25 m, TURN_LEFT/RIGHT 15 degrees. A move into an obstacle slides 
 into sub-steps and a blocked sub-step keeps its component along the free axis (walls and furniture are
 axis-aligned boxes, so this is exactly the projection onto the wall). `collided` reports it.
 MuJoCo only renders: a 1.25 m high camera with HFOV 79 degrees (VLN-CE's settings), on the CPU through
-`MUJOCO_GL=egl` (Mesa's software renderer) unless MUJOCO_GL is already set (e.g. `osmesa`).
+`MUJOCO_GL=egl` (Mesa's software renderer) unless MUJOCO_GL is already set (e.g. `osmesa`); where no GL
+context can be made (no Mesa libraries), by ray casting (`omnistream.navigation.raycast`, with a warning;
+`OMNISTREAM_RENDERER=gl|raycast` forces one).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from omnistream.navigation.episodes import Episode
 from omnistream.navigation.planner import Planner
 from omnistream.navigation.scenes import Scene, load_scene
 
+log = logging.getLogger(__name__)
 CAMERA_HEIGHT = 1.25
 HFOV_DEG = 79.0
 # MuJoCo picks its GL backend when first imported: headless EGL unless the user chose (e.g. osmesa)
@@ -249,11 +252,53 @@ def camera_quat(heading: float) -> np.ndarray:
     return mat_to_quat(np.array([[c, 0.0, s], [s, 0.0, -c], [0.0, 1.0, 0.0]]))  # columns: right, up, back
 
 
+RENDERER_ENV = "OMNISTREAM_RENDERER"  # gl | raycast | unset: GL, else ray casting where GL cannot load
+
+
+def _mujoco_renderer(model, height: int, width: int, gl_off: str | None = None):
+    """The renderer process's renderer for ``model``: MuJoCo's GL ``Renderer``, or where its GL backend
+    cannot load (no libEGL / OSMesa: a missing system library; ``gl_off`` says why, if the import
+    already knew) :class:`~omnistream.navigation.raycast.RaycastRenderer`. Returns (renderer, None
+    for GL or why it is ray casting)."""
+    import mujoco
+
+    from omnistream.navigation.raycast import RaycastRenderer
+
+    choice = os.environ.get(RENDERER_ENV, "")
+    if choice == "raycast":
+        return RaycastRenderer(model, height, width), f"{RENDERER_ENV}=raycast"
+    if gl_off:
+        return RaycastRenderer(model, height, width), gl_off
+    try:
+        return mujoco.Renderer(model, height, width), None
+    except Exception as e:  # noqa: BLE001 - any GL failure: the ray caster needs none of it
+        if choice == "gl":
+            raise
+        return RaycastRenderer(model, height, width), f"{type(e).__name__}: {e}"
+
+
+def _import_mujoco() -> str | None:
+    """Import mujoco in the renderer process; where its GL backend fails at import (MUJOCO_GL=egl with
+    no libEGL raises AttributeError inside PyOpenGL), import it again with GL off. Returns why GL is
+    off, or None."""
+    try:
+        import mujoco  # noqa: F401
+        return None
+    except Exception as e:  # noqa: BLE001 - the compiled core is loaded; only the GL modules failed
+        if os.environ.get(RENDERER_ENV) == "gl":
+            raise
+        why = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {type(e).__name__}: {e}"
+        os.environ["MUJOCO_GL"] = "disable"
+        import mujoco  # noqa: F401
+        return why
+
+
 def render_worker_main() -> None:
     """The renderer process (`python -c` entry): pickled requests on stdin, pickled replies on stdout.
 
     Requests: ("load", mjcf, width, height, fovy) | ("render", cam_pos, cam_quat) | ("close",).
-    Replies: ("ok", value) | ("error", message). Stray prints go to stderr so they cannot corrupt replies.
+    Replies: ("ok", value) | ("error", message); a load's value is None (GL) or why the camera ray-casts.
+    Stray prints go to stderr so they cannot corrupt replies.
     """
     import pickle
     import signal
@@ -282,6 +327,7 @@ def render_worker_main() -> None:
             if msg[0] == "close":
                 break
             if msg[0] == "load":
+                gl_off = _import_mujoco()
                 import mujoco
 
                 _, mjcf, width, height, fovy = msg
@@ -291,8 +337,8 @@ def render_worker_main() -> None:
                 data = mujoco.MjData(model)
                 cam = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, "agent")
                 model.cam_fovy[cam] = fovy
-                renderer = mujoco.Renderer(model, height, width)
-                send(("ok", None))
+                renderer, why = _mujoco_renderer(model, height, width, gl_off)
+                send(("ok", why))
             elif msg[0] == "render":
                 import mujoco
 
@@ -325,6 +371,7 @@ class MujocoSimulator(GridSimulator):
         self.camera_height = camera_height
         self.timeout_s = timeout_s
         self._proc = None  # the renderer subprocess, started on the first scene
+        self.renderer: str | None = None  # "gl" or "raycast" (no GL context could be made), once a scene loaded
 
     def _call(self, *msg):
         import pickle
@@ -353,12 +400,19 @@ class MujocoSimulator(GridSimulator):
         if status == "error":
             raise RuntimeError(
                 f"MuJoCo rendering failed with MUJOCO_GL={os.environ['MUJOCO_GL']}: {value}; without a GPU install "
-                "libegl1 libegl-mesa0 libgl1-mesa-dri (EGL) or libosmesa6 and set MUJOCO_GL=osmesa")
+                "libegl1 libegl-mesa0 libgl1-mesa-dri (EGL) or libosmesa6 and set MUJOCO_GL=osmesa "
+                f"(or unset {RENDERER_ENV}: the camera then ray-casts where GL cannot load)")
         return value
 
     def _on_scene_loaded(self) -> None:
-        self._call("load", self.scene.to_mjcf(self.width, self.height), self.width, self.height,
-                   vertical_fov(self.hfov_deg, self.width, self.height))
+        why = self._call("load", self.scene.to_mjcf(self.width, self.height), self.width, self.height,
+                         vertical_fov(self.hfov_deg, self.width, self.height))
+        renderer = "gl" if why is None else "raycast"
+        if renderer != self.renderer and renderer == "raycast" and os.environ.get(RENDERER_ENV) != "raycast":
+            log.warning("MuJoCo's GL renderer is unavailable (%s): the camera ray-casts instead (same scene and "
+                        "colours, simpler shading). For GL: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri",
+                        why)
+        self.renderer = renderer
 
     def _render(self) -> np.ndarray:
         x, y, z = self._pos
