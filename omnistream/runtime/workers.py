@@ -474,7 +474,6 @@ class Token2WavWorker(Worker):
     def replying(self):
         return sum(s.state.t2w is not None for s in self.slots.values())
 
-
     def priority(self, s):
         return s.state.lead_s()  # the session closest to running dry goes first
 
