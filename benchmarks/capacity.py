@@ -13,7 +13,9 @@ by ``t_first + jitter_s + (samples before k) / 24000``; every late delta is an *
 when no session has an underrun and every first audio arrives within ``--first-audio-max-s``. The
 ramp goes on past the first failing N up to 8 (``throughput_scaling_8`` needs 8), then stops at a
 failing N; ``max_realtime_sessions`` is the largest N with every N up to it passing. A session the
-server refuses (admission control, HTTP 503) ends the ramp: ``--headroom 0`` turns that off.
+server refuses (admission control, HTTP 503) ends the ramp: ``--headroom 0`` turns that off. Before
+the ramp each server answers one untimed session (``--no-warm-up`` to skip it), as ``first_packet.py
+--warm-up`` does: the 7B shape's first capacity run on an H200 (2026-12-04) timed its N = 1 row cold.
 
 Keys: ``max_realtime_sessions``, ``throughput_scaling_8`` (reply audio seconds per wall second
 with 8 sessions / with 1; the server paces audio at real time, so 8.0 is the ceiling),
@@ -133,8 +135,17 @@ async def ramp(client, args) -> dict:
     rows, solo, best = [], None, 0
     async with serving(client, cfg) as server:
         url = f"ws://127.0.0.1:{server.port}/v1/realtime"
+        if args.warm_up:  # first-use costs (kernel choices, CUDA graph captures, lazy inits) a server pays once
+            await round_of(url, 1, clip, RATE // 4 + end, args.jitter_s)
+        last_s, stopped = 0.0, None
         for n in range(1, args.max_sessions + 1):
+            if n > 1 and time.perf_counter() + 1.5 * last_s > args.deadline:  # (a round takes longer with more sessions)
+                stopped = f"--time-budget-s: {n} sessions would not finish in time"
+                print(f"  stopped: {stopped}", file=sys.stderr)
+                break
+            t_round = time.perf_counter()
             res = await round_of(url, n, clip, RATE // 4 + end, args.jitter_s)
+            last_s = time.perf_counter() - t_round
             refused = [r["refused"] for r in res if "refused" in r]
             if refused:  # the server's own capacity estimate ends the ramp
                 rows.append({"sessions": n, "realtime": False, "refused": len(refused), "status": sorted(set(refused)),
@@ -169,7 +180,7 @@ async def ramp(client, args) -> dict:
             "first_audio_p95_s_8": by[8]["first_audio_p95_s"] if 8 in by else None,
             "underruns": by[best]["underruns"] if best else None,
             "batched_equals_solo": all(r["batched_equals_solo"] for r in rows if "refused" not in r),
-            "ramp": rows}
+            "stopped": stopped, "ramp": rows}
 
 
 def build_client(args, layout: str):
@@ -199,6 +210,9 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=24, help="reply text tokens (default 24)")
     p.add_argument("--jitter-s", type=float, default=0.3, help="the client's playout buffer (default 0.3 s)")
     p.add_argument("--first-audio-max-s", type=float, default=3.0, help="first audio later than this fails N")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false", help="skip the untimed solo session "
+                   "each layout's server answers before the ramp (by default first-use costs, which a server pays "
+                   "once, stay out of the N = 1 row; larger CUDA-graph buckets are still captured at their first use)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-sparse-dit", action="store_true", help="as serve --block-sparse-dit (faster, not bit-equal)")
     p.add_argument("--headroom", type=float, default=0.9, help="in-process admission control as serve's "
@@ -206,8 +220,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="in-process engine's torch threads (default as serve: "
                    "all cores but one on a CPU)")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16 (in-process layout)")
+    p.add_argument("--cuda-graphs", action="store_true", help="Thinker, Talker and DiT steps as CUDA graph replays "
+                   "(OMNISTREAM_CUDA_GRAPHS=1, read by every load_omni here and in the stage processes; CUDA only)")
+    p.add_argument("--time-budget-s", type=float, default=None, help="start no ramp step that would end past "
+                   "this many seconds from the start (estimated from the step before); the JSON says where it "
+                   "stopped (the GPU check: a slow model must still leave figures before the step's time limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
+    args.deadline = time.perf_counter() + args.time_budget_s if args.time_budget_s else float("inf")
     import torch
 
     torch.set_flush_denormal(True)
@@ -215,7 +235,11 @@ def main() -> int:
         from omnistream.checkpoints import FORCE_LENGTH_ENV
 
         os.environ[FORCE_LENGTH_ENV] = "1"
-    out = {"loadavg_start": os.getloadavg()[0], "reply_length": "natural" if args.natural_length else "forced"}
+    if args.cuda_graphs:
+        os.environ["OMNISTREAM_CUDA_GRAPHS"] = "1"
+    out = {"loadavg_start": os.getloadavg()[0], "reply_length": "natural" if args.natural_length else "forced",
+           "cuda_graphs": os.environ.get("OMNISTREAM_CUDA_GRAPHS") == "1" and args.device.startswith("cuda"),
+           "warm_up": args.warm_up}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             from omnistream.random_checkpoints import make_tiny

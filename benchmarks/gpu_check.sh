@@ -24,7 +24,9 @@
 #                       reply (--warm-up: first-use costs, which a server pays once; 2026-12-04's figures
 #                       were cold)                                                    -> first_packet.json
 #   capacity     120 s  benchmarks/capacity.py (the lead's): concurrent real-time sessions on the 7B shape,
-#                       in-process layout (null with the reason when the script is not there) -> capacity.json
+#                       in-process layout, with CUDA graphs (--cuda-graphs) when the pytest step passed,
+#                       after one untimed session, no ramp step started that would end past 90 s
+#                       (null with the reason when the script is not there)          -> capacity.json
 #   nav_step      90 s  benchmarks/nav_step.py on the JanusVLN-7B shape in bf16 (`nav make-tiny --shape 7b`:
 #                       config only, random weights made on the GPU)                  -> nav_step.json
 #   long_session  60 s  benchmarks/long_session.py --device cuda (window cache, kernel mode)
@@ -145,10 +147,15 @@ else
 fi
 
 # 4. capacity: how many real-time sessions one GPU holds (benchmarks/capacity.py is written by the lead)
+# With CUDA graphs where step 1's graph-replay tests passed (the eager figure is on record: 0 sessions on
+# 2026-12-04); the decode_steps and token2wav steps time eager and graphs side by side.
+GRAPHS=()
+"$PY" -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['rc'])" "$OUTDIR/pytest.json" 2>/dev/null \
+  && GRAPHS=(--cuda-graphs)
 if [[ -f benchmarks/capacity.py ]]; then
   step capacity capacity.json $([[ $SMOKE == 1 ]] && echo 180 || echo 120) "$PY" benchmarks/capacity.py --json \
-    --model "$MODEL" --device $DEV --dtype $DT --layouts inproc \
-    --max-sessions $([[ $SMOKE == 1 ]] && echo 2 || echo 8)
+    --model "$MODEL" --device $DEV --dtype $DT --layouts inproc "${GRAPHS[@]}" \
+    --max-sessions $([[ $SMOKE == 1 ]] && echo 2 || echo 8) --time-budget-s $([[ $SMOKE == 1 ]] && echo 150 || echo 90)
 else  # no JSON written: a rerun once the script exists measures it
   echo "step capacity: benchmarks/capacity.py does not exist yet, skipped" | tee -a "$OUTDIR/steps.txt" >&2
 fi
@@ -223,7 +230,10 @@ if cap is None and not pathlib.Path("benchmarks/capacity.py").exists():
 n = cap.get("max_realtime_sessions", cap.get("max_sessions")) if cap else None
 keys["max_realtime_sessions_7b"] = None if smoke else n
 why["max_realtime_sessions_7b"] = (cap.get("reason") if cap and n is None else
-                                   "smoke: tiny shape, below" if smoke and cap else err or "7B shape")
+                                   "smoke: tiny shape, below" if smoke and cap else err or
+                                   "7B shape, " + ("CUDA graphs" if cap.get("cuda_graphs") else "eager"))
+if cap and (cap.get("inproc") or {}).get("stopped"):
+    why["max_realtime_sessions_7b"] += f" (ramp stopped: {cap['inproc']['stopped']})"
 nav, err = load("nav_step.json")
 keys["nav_step_ms_7b"] = None if smoke or not nav else (nav.get("dual") or {}).get("step_ms_at_60")
 why["nav_step_ms_7b"] = err if not nav else "smoke: tiny JanusVLN, below" if smoke else \
