@@ -325,8 +325,11 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(episodes, tmp_path, monk
     code = ("from omnistream.navigation.agents import RandomAgent; RandomAgent.__init__.__defaults__ = (0, 0.0); "
             f"from omnistream.cli import main; raise SystemExit(main({args!r}))")
     cmd = [sys.executable, "-c", code]
+    # Ctrl-C enabled, as a terminal's shell starts a command: where pytest itself runs as a background job
+    # (`make test &` in a script), SIGINT is ignored, a child inherits that, and `nav` would rightly not stop
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TMPDIR": str(tmp)})
+                            env={**os.environ, "TMPDIR": str(tmp)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not _children(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
