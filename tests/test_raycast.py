@@ -114,3 +114,9 @@ def test_gl_forced_where_it_cannot_load_is_one_clear_error(monkeypatch):
         assert "\n" not in str(e.value)
     finally:
         sim.close()
+
+
+def test_unknown_renderer_choice_is_refused_before_any_process(monkeypatch):
+    monkeypatch.setenv(RENDERER_ENV, "vulkan")
+    with pytest.raises(ValueError, match="OMNISTREAM_RENDERER must be gl or raycast.*'vulkan'"):
+        MujocoSimulator(width=64, height=48)

@@ -366,6 +366,9 @@ class MujocoSimulator(GridSimulator):
                  hfov_deg: float = HFOV_DEG, camera_height: float = CAMERA_HEIGHT, timeout_s: float = 120.0, **kw):
         if width <= 0 or height <= 0:
             raise ValueError(f"image size must be positive, got {width}x{height}")
+        if os.environ.get(RENDERER_ENV, "") not in ("", "gl", "raycast"):
+            raise ValueError(f"{RENDERER_ENV} must be gl or raycast (or unset: GL where it loads), "
+                             f"not {os.environ[RENDERER_ENV]!r}")
         super().__init__(scenes_dir, width, height, **kw)
         self.hfov_deg = hfov_deg
         self.camera_height = camera_height
