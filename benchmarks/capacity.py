@@ -235,10 +235,12 @@ def main() -> int:
         from omnistream.checkpoints import FORCE_LENGTH_ENV
 
         os.environ[FORCE_LENGTH_ENV] = "1"
+    from omnistream.model.graphs import GRAPHS_ENV, graphs_wanted
+
     if args.cuda_graphs:
-        os.environ["OMNISTREAM_CUDA_GRAPHS"] = "1"
+        os.environ[GRAPHS_ENV] = "1"
     out = {"loadavg_start": os.getloadavg()[0], "reply_length": "natural" if args.natural_length else "forced",
-           "cuda_graphs": os.environ.get("OMNISTREAM_CUDA_GRAPHS") == "1" and args.device.startswith("cuda"),
+           "cuda_graphs": graphs_wanted(args.device),
            "warm_up": args.warm_up}
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:

@@ -260,10 +260,13 @@ def disable_talker_graphs(talker) -> None:
         delattr(talker, ATTR)
 
 
+GRAPHS_ENV = "OMNISTREAM_CUDA_GRAPHS"  # "1": the opt-in below (read by every load_omni, stage processes too)
+
+
 def graphs_wanted(device) -> bool:
     """Opt-in for now (``OMNISTREAM_CUDA_GRAPHS=1``, CUDA devices only), for the Talker's and the
     Thinker's static steps and Token2Wav's DiT windows: they equal the eager ones on CPU (tests), but
     the captured replay has not yet run on a GPU here (the GPU check's tests/test_*_graphs.py,
     benchmarks/decode_steps.py and benchmarks/token2wav_batch.py do that); make it the default once
     they pass."""
-    return torch.device(device).type == "cuda" and os.environ.get("OMNISTREAM_CUDA_GRAPHS", "0") == "1"
+    return torch.device(device).type == "cuda" and os.environ.get(GRAPHS_ENV, "0") == "1"

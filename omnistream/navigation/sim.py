@@ -18,6 +18,7 @@ context can be made (no Mesa libraries), by ray casting (`omnistream.navigation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -277,10 +278,11 @@ def _mujoco_renderer(model, height: int, width: int, gl_off: str | None = None):
         return RaycastRenderer(model, height, width), f"{type(e).__name__}: {e}"
 
 
+@functools.cache
 def _import_mujoco() -> str | None:
     """Import mujoco in the renderer process; where its GL backend fails at import (MUJOCO_GL=egl with
     no libEGL raises AttributeError inside PyOpenGL), import it again with GL off. Returns why GL is
-    off, or None."""
+    off, or None (once per process: every later scene load gets the first answer, not a GL retry)."""
     try:
         import mujoco  # noqa: F401
         return None
